@@ -1,0 +1,1 @@
+"""vitcae_ray: distributed ViTCAE training on Ray."""

@@ -1,0 +1,105 @@
+"""One epoch of training or evaluation. No Ray here: the launcher passes the loader, the
+(possibly DDP-wrapped) model and the optimizer; metrics are summed across ranks with
+torch.distributed when it is initialised."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import Config
+from .losses import vitcae_loss
+
+TERMS = ("loss", "recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy", "mse")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or its gradient stopped being finite at (epoch, step)."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(
+            f"non-finite loss at epoch {epoch} step {step}; the last good checkpoint is kept: "
+            "lower optim.lr or raise optim.grad_clip and rerun"
+        )
+        self.epoch, self.step = epoch, step
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _reduce_sums(sums: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
+def _as_metrics(prefix: str, sums: torch.Tensor) -> dict[str, float]:
+    """sums: (len(TERMS) + 1,) of sample-weighted sums and the sample count."""
+    vals = (sums[:-1] / sums[-1].clamp_min(1)).tolist()
+    out = {f"{prefix}/{k}": v for k, v in zip(TERMS, vals)}
+    out[f"{prefix}/samples"] = int(sums[-1].item())
+    return out
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    lr_scheduler, epoch: int, cfg: Config, device: torch.device,
+                    amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns metrics averaged over every rank's samples."""
+    model.train()
+    sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    start = time.perf_counter()
+    for step, (x, _) in enumerate(loader):
+        x = x.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            out = model(x)
+        terms = vitcae_loss(out, x, epoch, cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        # DDP has all-reduced the gradients, so this norm (and the check) agrees on every rank.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(epoch, step)
+        optimizer.step()
+        lr_scheduler.step()
+        n = x.shape[0]
+        sums[:-1] += torch.stack([terms[k].detach().double() for k in TERMS]) * n
+        sums[-1] += n
+    sums = _reduce_sums(sums)
+    elapsed = time.perf_counter() - start
+    metrics = _as_metrics("train", sums)
+    metrics["time/epoch_s"] = elapsed
+    metrics["throughput/images_per_s"] = metrics["train/samples"] / max(elapsed, 1e-9)
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, epoch: int, cfg: Config, device: torch.device,
+             amp_dtype: torch.dtype | None = None, seed: int = 0) -> dict[str, float]:
+    """Deterministic validation: latents at the posterior means, MMD against prior samples
+    from a fixed-seed generator. ``val/psnr`` = 10 log10(1 / val/mse) for images in [0, 1]."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            out = model(x, sample=False)
+        terms = vitcae_loss(out, x, epoch, cfg.loss, generator=gen)
+        n = x.shape[0]
+        sums[:-1] += torch.stack([terms[k].double() for k in TERMS]) * n
+        sums[-1] += n
+    metrics = _as_metrics("val", _reduce_sums(sums))
+    metrics["val/psnr"] = 10.0 * math.log10(1.0 / max(metrics["val/mse"], 1e-12))
+    return metrics

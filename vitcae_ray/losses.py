@@ -1,0 +1,75 @@
+"""ViTCAE loss: reconstruction + KL terms + IMQ-MMD (after the curriculum's warm-up) +
+patch-token discrepancy. Every per-sample term is summed over its dimensions and averaged
+over the batch, so the weights in :class:`LossConfig` are comparable across image sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LossConfig
+from .model.vitcae import ViTCAEOutput
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, e^logvar) || N(0, I)) = 1/2 sum(e^logvar + mu^2 - 1 - logvar), batch mean."""
+    kl = 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar)
+    return kl.flatten(1).sum(1).mean()
+
+
+def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor,
+                 mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_q, e^lv_q) || N(mu_p, e^lv_p)) summed over dims, batch mean:
+    1/2 sum(lv_p - lv_q + (e^lv_q + (mu_q - mu_p)^2) / e^lv_p - 1)."""
+    kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
+    return kl.flatten(1).sum(1).mean()
+
+
+def imq_mmd(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> torch.Tensor:
+    """Unbiased MMD^2 between samples x, y (B, d) with the inverse-multiquadric kernel
+    k(a, b) = sum_s C_s / (C_s + ||a - b||^2), C_s = 2 d s (WAE-MMD, prior variance 1):
+    1/(n(n-1)) sum_{i != j} k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)."""
+    x, y = x.flatten(1).float(), y.flatten(1).float()
+    n, d = x.shape
+    if n < 2:
+        return x.new_zeros(())
+    xy = torch.cat([x, y])
+    d2 = torch.cdist(xy, xy).pow(2)  # (2n, 2n)
+    k = sum(2.0 * d * s / (2.0 * d * s + d2) for s in scales)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    off = 1.0 - torch.eye(n, device=x.device)
+    return ((kxx + kyy - kxy - kxy.T) * off).sum() / (n * (n - 1))
+
+
+def curriculum(epoch: int, cfg: LossConfig) -> tuple[float, float]:
+    """(KL factor, MMD factor) at ``epoch`` (0-based): KL only for ``warmup_epochs``, then a
+    linear ramp over ``ramp_epochs`` to KL x ``kl_mix`` + MMD x 1."""
+    if epoch < cfg.warmup_epochs:
+        return 1.0, 0.0
+    r = min(1.0, (epoch - cfg.warmup_epochs + 1) / max(cfg.ramp_epochs, 1))
+    return 1.0 - r * (1.0 - cfg.kl_mix), r
+
+
+def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """All terms for one batch; ``loss`` is the weighted total used for the gradient."""
+    kl_f, mmd_f = curriculum(epoch, cfg)
+    recon = (out.recon.float() - x.float()).pow(2).flatten(1).sum(1).mean()
+    kl_cls = kl_standard_normal(out.mu_cls.float(), out.logvar_cls.float())
+    kl_patch = kl_gaussians(out.mu_patch.float(), out.logvar_patch.float(),
+                            out.prior_mu.float(), out.prior_logvar.float())
+    disc = (out.z_patch.float() - out.z_patch_tilde.float()).pow(2).flatten(1).sum(1).mean()
+    if mmd_f > 0:
+        # posterior samples vs prior samples: z_cls vs N(0, I); z_patch vs p(z_patch | z_cls)
+        z_prior = torch.randn(out.z_cls.shape, device=x.device, generator=generator)
+        eps = torch.randn(out.prior_mu.shape, device=x.device, generator=generator)
+        zp_prior = out.prior_mu.float() + (0.5 * out.prior_logvar.float()).exp() * eps
+        mmd = imq_mmd(out.z_cls, z_prior, cfg.mmd_scales) + imq_mmd(out.z_patch, zp_prior, cfg.mmd_scales)
+    else:
+        mmd = recon.new_zeros(())
+    kl = cfg.kl_cls_weight * kl_cls + cfg.kl_patch_weight * kl_patch
+    loss = (cfg.recon_weight * recon + kl_f * kl + mmd_f * cfg.mmd_weight * mmd
+            + cfg.discrepancy_weight * disc)
+    mse = (out.recon.float() - x.float()).pow(2).mean()
+    return {"loss": loss, "recon": recon, "kl": kl, "kl_cls": kl_cls, "kl_patch": kl_patch,
+            "mmd": mmd, "discrepancy": disc, "mse": mse}

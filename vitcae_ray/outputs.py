@@ -1,0 +1,132 @@
+"""The run directory: ``config.yaml``, ``metrics.jsonl``, TensorBoard events and image grids.
+
+The output may be a local directory or a pyarrow filesystem URI (``s3://bucket/run``); for a
+URI, files are written to a local staging directory and copied up after every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def storage_root(path: str) -> str:
+    """An absolute local path or the URI unchanged (what Ray Train's storage_path expects)."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+class RunDir:
+    """Local view of the run directory; ``sync()`` mirrors it to the URI when there is one."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        if is_uri(output):
+            digest = hashlib.sha1(output.encode()).hexdigest()[:12]
+            self.local = Path.home() / ".cache" / "vitcae_ray" / "runs" / digest
+        else:
+            self.local = Path(storage_root(output))
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def read_text(self, name: str) -> str | None:
+        """A file of the run directory (from the URI when there is one), or None."""
+        if not is_uri(self.output):
+            p = self.local / name
+            return p.read_text() if p.is_file() else None
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(self.output)
+        path = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write atomically (temp file + rename), so an interrupted write never truncates."""
+        p = self.local / name
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, p)
+
+    def sync(self) -> None:
+        if is_uri(self.output):
+            import pyarrow.fs as pafs
+
+            fs, root = pafs.FileSystem.from_uri(self.output)
+            pafs.copy_files(str(self.local), root, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+
+
+class RunLogger:
+    """Rank 0's writer of ``metrics.jsonl`` and TensorBoard events.
+
+    ``history`` (from the checkpoint) is the source of truth: on resume the JSON-lines file is
+    rewritten from it and TensorBoard events past the resumed epoch are purged.
+    """
+
+    def __init__(self, run_dir: RunDir, history: list[dict[str, Any]]) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.run_dir = run_dir
+        self.history = list(history)
+        run_dir.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.history))
+        self.tb = SummaryWriter(str(run_dir.local / "tb"), purge_step=len(self.history))
+
+    def log_epoch(self, metrics: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
+        epoch = int(metrics["epoch"])
+        self.history.append(metrics)
+        with open(self.run_dir.local / METRICS_FILE, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for k, v in metrics.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, epoch)
+        for name, grid in (images or {}).items():
+            self.tb.add_image(name, grid, epoch)
+            save_png(grid, self.run_dir.local / f"{name}.png")
+        self.tb.flush()
+        self.run_dir.sync()
+
+    def close(self) -> None:
+        self.tb.close()
+        self.run_dir.sync()
+
+
+def save_png(grid: torch.Tensor, path: Path) -> None:
+    """(C, H, W) in [0, 1] -> PNG, written atomically."""
+    from PIL import Image
+
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor,
+                upscale: int = 2) -> dict[str, torch.Tensor]:
+    """Reconstruction grid (inputs above reconstructions) and a grid of generated samples."""
+    from torchvision.utils import make_grid
+
+    def grid(t: Iterable[torch.Tensor], nrow: int) -> torch.Tensor:
+        g = make_grid(torch.cat(list(t)).float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+        return torch.nn.functional.interpolate(g[None], scale_factor=upscale, mode="nearest")[0]
+
+    n = inputs.shape[0]
+    return {"reconstructions": grid([inputs, recon], nrow=n), "samples": grid([samples], nrow=n)}
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)

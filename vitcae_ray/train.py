@@ -1,0 +1,370 @@
+"""``python -m vitcae_ray.train``: train ViTCAE with Ray Train (the only Ray Train glue).
+
+The driver resolves the config, checks the run directory, starts (or joins) Ray and runs a
+``TorchTrainer``; every worker runs :func:`train_fn_per_worker`. Rerunning the same command
+resumes from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .config import Config, ConfigError, build_config, dump_yaml, resolve
+from .data import DataError, build_datasets
+from .engine import NonFiniteLossError, evaluate, train_one_epoch
+from .model import ViTCAE, build_model
+from .optim import build_lr_schedule, build_optimizer
+from .outputs import CONFIG_FILE, RunDir, RunLogger, image_grids, storage_root
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Changing these between a run and its resumption would make the checkpoint meaningless.
+RESUME_KEYS = ("model", "loss", "optim", "data.dataset", "data.image_size", "data.channels",
+               "data.val_fraction", "data.split_seed", "train.batch_size", "train.seed")
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+def unwrap(model: torch.nn.Module) -> ViTCAE:
+    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def checkpoint_state(model: ViTCAE, optimizer, lr_sched, epoch: int, cfg: Config,
+                     history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything needed to rebuild the model alone (config + ``model_args``) or to resume."""
+    return {
+        "model": model.state_dict(),
+        "model_args": {"img_size": model.img_size, "in_chans": model.in_chans},
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_sched.state_dict(),
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "history": history,
+    }
+
+
+def load_state(checkpoint_dir: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+
+def model_from_state(state: dict[str, Any]) -> ViTCAE:
+    """Rebuild the model from a checkpoint's own config and weights."""
+    cfg = build_config(state["config"])
+    model = build_model(cfg.model, **state["model_args"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+class LocalCheckpoints:
+    """Ray Train's local mode (``--num-workers 0``) keeps reported checkpoints in memory only;
+    this persists them under the same storage layout so a rerun resumes there too."""
+
+    def __init__(self, storage: str, name: str, keep: int) -> None:
+        import pyarrow.fs as pafs
+
+        self.fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else "file://" + storage)
+        self.root = f"{root.rstrip('/')}/{name}"
+        self.keep = keep
+        self.fs.create_dir(self.root, recursive=True)
+
+    def _dirs(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        done = [i.path for i in infos if i.type == pafs.FileType.Directory
+                and i.base_name.startswith("checkpoint_epoch_")
+                and self.fs.get_file_info(f"{i.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File]
+        return sorted(done)
+
+    def latest(self):
+        import ray.train
+
+        dirs = self._dirs()
+        return ray.train.Checkpoint(dirs[-1], filesystem=self.fs) if dirs else None
+
+    def save(self, local_dir: str, epoch: int, history: list[dict[str, Any]]):
+        import pyarrow.fs as pafs
+        import ray.train
+
+        dest = f"{self.root}/checkpoint_epoch_{epoch:04d}"
+        partial = f"{self.root}/.partial_checkpoint_epoch_{epoch:04d}"
+        self.fs.create_dir(partial, recursive=True)
+        pafs.copy_files(local_dir, partial, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+        if self.fs.get_file_info(dest).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(dest)  # a replayed epoch overwrites
+        self.fs.move(partial, dest)  # a checkpoint appears only when complete
+        # keep the latest and the best `keep` by val/loss
+        by_epoch = {f"{self.root}/checkpoint_epoch_{int(m['epoch']):04d}": m["val/loss"] for m in history}
+        dirs = self._dirs()
+        best = sorted((d for d in dirs if d in by_epoch), key=by_epoch.get)[: self.keep]
+        for d in dirs:
+            if d != dest and d not in best:
+                self.fs.delete_dir(d)
+        return ray.train.Checkpoint(dest, filesystem=self.fs)
+
+
+# --- per-worker loop ---------------------------------------------------------------------
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """Every RNG is a function of (seed, epoch, rank), so a resumed epoch replays exactly."""
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def _progress_line(m: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {int(m['epoch']) + 1}/{epochs} | loss {m['train/loss']:.2f} "
+            f"recon {m['train/recon']:.2f} kl {m['train/kl']:.2f} mmd {m['train/mmd']:.4f} | "
+            f"val loss {m['val/loss']:.2f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB | "
+            f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s")
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's full metrics at INFO under a module-path logger that its
+    LoggingConfig does not reach; the progress line already says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module logs differently
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    _quiet_report_log()
+    cfg = build_config(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    train_set, val_set, channels = build_datasets(cfg.data)
+    t = cfg.train
+    train_loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=True,
+                              num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False,
+                            num_workers=cfg.data.loader_workers)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader)
+
+    model = build_model(cfg.model, cfg.data.image_size, channels).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_sched = build_lr_schedule(optimizer, cfg.optim, t.epochs, len(train_loader))
+
+    local = loop_config["local_mode"]
+    local_ckpts = LocalCheckpoints(loop_config["storage"], t.run_name, t.num_checkpoints) if local else None
+    checkpoint = local_ckpts.latest() if local else ray.train.get_checkpoint()
+    start_epoch, history = 0, []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}", flush=True)
+
+    ddp_model = ray.train.torch.prepare_model(model)
+    logger = RunLogger(RunDir(t.output), history) if rank == 0 else None
+    n_img = min(t.num_image_samples, len(val_set))
+    fixed_batch = torch.stack([val_set[i][0] for i in range(n_img)]).to(device) if rank == 0 else None
+
+    for epoch in range(start_epoch, t.epochs):
+        seed_everything(t.seed, epoch, rank)
+        _set_epoch(train_loader, epoch)
+        try:
+            metrics = train_one_epoch(ddp_model, train_loader, optimizer, lr_sched, epoch, cfg,
+                                      device, amp_dtype)
+        except NonFiniteLossError as e:
+            # Every rank sees the same all-reduced gradient norm, so all stop here together.
+            ray.train.report({"epoch": epoch, "error": str(e)})
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                logger.close()
+            return
+        metrics.update(evaluate(ddp_model, val_loader, epoch, cfg, device, amp_dtype, seed=t.seed))
+        metrics = {"epoch": epoch, **metrics}
+        history.append(metrics)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                images = None
+                if t.log_images:
+                    with torch.no_grad():
+                        model.eval()
+                        recon = model(fixed_batch, sample=False).recon
+                        gen = torch.Generator(device=device).manual_seed(t.seed)
+                        samples = model.generate(n_img, generator=gen)
+                    images = image_grids(fixed_batch, recon, samples)
+                logger.log_epoch(metrics, images)
+                print(_progress_line(metrics, t.epochs), flush=True)
+                torch.save(checkpoint_state(model, optimizer, lr_sched, epoch, cfg, history),
+                           Path(tmp) / CHECKPOINT_FILE)
+                ckpt = (local_ckpts.save(tmp, epoch, history) if local
+                        else ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+    if logger is not None:
+        logger.close()
+
+
+# --- driver ------------------------------------------------------------------------------
+
+def check_run_dir(run_dir: RunDir, cfg: Config) -> None:
+    """Refuse to resume a run directory whose settings differ in ways a checkpoint can't absorb."""
+    import yaml
+
+    text = run_dir.read_text(CONFIG_FILE)
+    if text is None:
+        return
+    old = build_config(yaml.safe_load(text) or {}).to_dict()
+    new = cfg.to_dict()
+
+    def get(d: dict, key: str):
+        for part in key.split("."):
+            d = d[part]
+        return d
+
+    for key in RESUME_KEYS:
+        a, b = get(old, key), get(new, key)
+        if a != b:
+            if isinstance(a, dict):
+                diff = next(k for k in a if a[k] != b[k])
+                key, a, b = f"{key}.{diff}", a[diff], b[diff]
+            raise ConfigError(
+                f"run directory {run_dir.output!r} holds a run with {key}={a!r} (now {b!r}); "
+                "pass another --output to start a new run, or the same settings to resume it"
+            )
+
+
+def run(cfg: Config, verbose: bool = True):
+    """Train ``cfg`` with Ray Train; returns the ``ray.train.Result``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    run_dir = RunDir(t.output)
+    check_run_dir(run_dir, cfg)
+    if t.address is None:  # fail fast on bad data before starting anything
+        build_datasets(cfg.data)
+    run_dir.write_text(CONFIG_FILE, dump_yaml(cfg))
+    run_dir.sync()
+
+    storage = storage_root(t.storage_path or t.output)
+    local = t.num_workers == 0
+    if not local and not ray.is_initialized():
+        # The dashboard's state API lets Ray Train's placement-group cleaner see the run.
+        ray.init(address=t.address)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "local_mode": local, "storage": storage},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=t.run_name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.num_checkpoints, checkpoint_score_attribute="val/loss",
+                checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray Train tees a patched print() into its logger; keep one copy of each line.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    if verbose:
+        print(summary(result, cfg, time.perf_counter() - start), flush=True)
+    return result
+
+
+def summary(result, cfg: Config, wall_s: float) -> str:
+    m = result.metrics or {}
+    if "error" in m:
+        return f"stopped: {m['error']}"
+    lines = [f"done in {wall_s:.0f}s: {int(m.get('epoch', -1)) + 1}/{cfg.train.epochs} epochs"]
+    if "val/mse" in m:
+        lines.append(f"  final val/loss {m['val/loss']:.3f}  val/mse {m['val/mse']:.5f}  "
+                     f"val/psnr {m['val/psnr']:.2f} dB")
+    best = getattr(result, "best_checkpoints", None) or []
+    if best:
+        ckpt, bm = min(best, key=lambda cm: cm[1].get("val/loss", float("inf")))
+        lines.append(f"  best val/loss {bm['val/loss']:.3f} at epoch {int(bm['epoch']) + 1}: {ckpt.path}")
+    out = cfg.train.output
+    lines.append(f"  run directory {out} (tensorboard --logdir {out}/tb)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vitcae_ray.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML preset, e.g. configs/cifar10_small.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--dataset", help="data.dataset: digits (embedded), mnist, fashion_mnist, "
+                   "cifar10, cifar100, celeba, imagefolder, parquet")
+    p.add_argument("--data-root", help="data.root: dataset directory, Parquet path or URI")
+    p.add_argument("--download", action="store_const", const=True, help="data.download")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="train.batch_size (per worker)")
+    p.add_argument("--num-workers", type=int, help="train.num_workers; 0 = Ray Train local mode")
+    p.add_argument("--gpu", action="store_const", const=True, help="train.gpu: one GPU per worker")
+    p.add_argument("--address", help="train.address of a running Ray cluster, e.g. auto")
+    p.add_argument("--output", help="train.output: the run directory (local path or URI)")
+    p.add_argument("--seed", type=int, help="train.seed")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {
+        "data.dataset": args.dataset, "data.root": args.data_root, "data.download": args.download,
+        "train.epochs": args.epochs, "train.batch_size": args.batch_size,
+        "train.num_workers": args.num_workers, "train.gpu": args.gpu,
+        "train.address": args.address, "train.output": args.output, "train.seed": args.seed,
+    }
+    return resolve(args.config, flags, args.set)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = run(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if "error" in (result.metrics or {}) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
