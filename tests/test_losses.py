@@ -48,3 +48,15 @@ def test_curriculum_kl_only_then_ramps_into_the_mix():
     assert mmd == 0.5 and abs(kl - (1 - 0.5 * 0.75)) < 1e-12
     assert curriculum(3, cfg) == (0.25, 1.0)
     assert curriculum(10, cfg) == (0.25, 1.0)
+
+
+def test_free_bits_charge_at_least_lambda_per_dimension_and_stop_its_gradient():
+    from vitcae_ray.losses import kl_free_bits
+
+    mu = torch.zeros(8, 4, requires_grad=True)
+    mu.data[:, 0] = 3.0  # dimension 0 carries 4.5 nats, the others none
+    logvar = torch.zeros(8, 4)
+    kl = kl_free_bits(mu, logvar, 0.5)
+    assert abs(kl.item() - (4.5 + 3 * 0.5)) < 1e-6
+    kl.backward()
+    assert mu.grad[:, 0].abs().sum() > 0 and mu.grad[:, 1:].abs().sum() == 0

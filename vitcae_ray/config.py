@@ -51,8 +51,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    recon_weight: float = 1.0  # weight of the per-image summed squared error
+    recon_weight: float = 10.0  # weight of the per-image summed squared error (1 / 2 sigma^2)
     kl_cls_weight: float = 1.0  # weight of KL(q(z_cls|x) || N(0, I))
+    kl_cls_free_bits: float = 1.0  # nats per z_cls dimension that KL(z_cls) does not charge
     kl_patch_weight: float = 1.0  # weight of KL(q(z_patch|x) || p(z_patch|z_cls))
     mmd_weight: float = 10.0  # weight of the IMQ-MMD terms once the curriculum has ramped in
     discrepancy_weight: float = 0.1  # weight of ||z_patch - Z~_patch||^2
@@ -250,6 +251,8 @@ def validate(cfg: Config) -> None:
     for key in ("warmup_epochs", "ramp_epochs"):
         if getattr(lo, key) < 0:
             raise ConfigError(f"config key 'loss.{key}' must be >= 0, got {getattr(lo, key)}")
+    if lo.kl_cls_free_bits < 0:
+        raise ConfigError(f"config key 'loss.kl_cls_free_bits' must be >= 0, got {lo.kl_cls_free_bits}")
     if not 0.0 <= lo.kl_mix <= 1.0:
         raise ConfigError(f"config key 'loss.kl_mix' must be in [0, 1], got {lo.kl_mix}")
     if not lo.mmd_scales or min(lo.mmd_scales) <= 0:

@@ -17,6 +17,13 @@ def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
+def kl_free_bits(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) with free bits: sum_d max(lambda, E_batch[KL_d]). Below lambda nats a
+    dimension costs nothing, which keeps the global latent from collapsing early in training."""
+    kl_d = (0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar)).flatten(1).mean(0)  # (d,)
+    return kl_d.clamp_min(free_bits).sum()
+
+
 def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor,
                  mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
     """KL(N(mu_q, e^lv_q) || N(mu_p, e^lv_p)) summed over dims, batch mean:
@@ -68,8 +75,13 @@ def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
     else:
         mmd = recon.new_zeros(())
     kl = cfg.kl_cls_weight * kl_cls + cfg.kl_patch_weight * kl_patch
-    loss = (cfg.recon_weight * recon + kl_f * kl + mmd_f * cfg.mmd_weight * mmd
-            + cfg.discrepancy_weight * disc)
+    kl_charged = kl  # free bits change what the gradient sees, not the reported KL
+    if cfg.kl_cls_free_bits > 0:
+        kl_fb = kl_free_bits(out.mu_cls.float(), out.logvar_cls.float(), cfg.kl_cls_free_bits)
+        kl_charged = cfg.kl_cls_weight * kl_fb + cfg.kl_patch_weight * kl_patch
+    loss = cfg.recon_weight * recon + kl_f * kl_charged + cfg.discrepancy_weight * disc
+    if mmd_f > 0:
+        loss = loss + mmd_f * cfg.mmd_weight * mmd
     mse = (out.recon.float() - x.float()).pow(2).mean()
     return {"loss": loss, "recon": recon, "kl": kl, "kl_cls": kl_cls, "kl_patch": kl_patch,
             "mmd": mmd, "discrepancy": disc, "mse": mse}

@@ -1,0 +1,118 @@
+"""End-to-end training through Ray Train on the embedded digits data."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tb_reader import tags
+from vitcae_ray.config import build_config
+from vitcae_ray.train import load_state, main, model_from_state, run
+
+# A small model and 16x16 images keep a 2-worker epoch to a few seconds on 2 cores.
+SMALL = {
+    "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.dec_dim": 32,
+    "model.dec_depth": 1, "model.dec_heads": 2, "model.patch_size": 2, "model.prior_hidden": 64,
+    "data.image_size": 16, "train.batch_size": 32, "train.max_failures": 0,
+    "train.num_image_samples": 8, "loss.recon_weight": 10.0,
+}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path):
+    out = tmp_path / "run"
+    cfg = build_config({**SMALL, "train.epochs": 3, "train.num_workers": 2,
+                        "train.cpus_per_worker": 0.5, "train.output": str(out)})
+    result = run(cfg, verbose=False)
+    assert result.error is None
+    history = _metrics(out)
+    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert history[-1]["val/mse"] < history[0]["val/mse"]
+    for key in ("train/loss", "train/recon", "train/kl", "train/mmd", "val/loss", "val/mse",
+                "val/psnr", "time/epoch_s", "throughput/images_per_s"):
+        assert all(key in m for m in history), key
+    # both workers' samples are counted: the train split (1617 images) less the dropped tails
+    assert history[0]["train/samples"] > 1500
+    assert (out / "config.yaml").is_file()
+    tb = tags(out / "tb")
+    assert tb["val/mse"] == [0, 1, 2] and tb["reconstructions"] == [0, 1, 2]
+    assert "samples" in tb
+    ckpts = sorted((out / "train").glob("checkpoint_epoch_*"))
+    assert ckpts and (ckpts[-1] / "checkpoint.pt").is_file()
+
+    # rerunning the same run with more epochs resumes at epoch 3 with the history intact
+    cfg5 = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 5}})
+    result = run(cfg5, verbose=False)
+    assert result.error is None
+    resumed = _metrics(out)
+    assert [m["epoch"] for m in resumed] == [0, 1, 2, 3, 4]
+    assert resumed[:3] == history
+    state = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
+    assert state["epoch"] == 4 and [m["epoch"] for m in state["history"]] == [0, 1, 2, 3, 4]
+    assert tags(out / "tb")["val/mse"][-2:] == [3, 4]
+
+    # the checkpoint alone rebuilds the model
+    model = model_from_state(state)
+    x = torch.rand(2, 1, 16, 16)
+    assert model(x, sample=False).recon.shape == x.shape
+
+
+def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path):
+    out = tmp_path / "run"
+    cfg = build_config({**SMALL, "train.num_workers": 0, "train.cpus_per_worker": 1.0,
+                        "train.log_images": False, "train.epochs": 3,
+                        "train.num_checkpoints": 3, "train.output": str(out)})
+    run(cfg, verbose=False)
+    straight = _metrics(out)
+    # a crash during epoch 2: its checkpoint never appeared, its metrics line did
+    shutil.rmtree(out / "train" / "checkpoint_epoch_0002")
+    run(cfg, verbose=False)
+    resumed = _metrics(out)
+    assert [m["epoch"] for m in resumed] == [0, 1, 2]
+    assert resumed[:2] == straight[:2]
+    for key in ("train/loss", "val/loss", "val/mse"):
+        assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5), key
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    # the MMD term (weight NaN) enters at epoch 1, after one good epoch and its checkpoint
+    code = main(["--num-workers", "0", "--epochs", "3", "--output", str(out),
+                 *[f"--set={k}={v}" for k, v in SMALL.items()],
+                 "--set", "train.log_images=false", "--set", "loss.warmup_epochs=1",
+                 "--set", "loss.mmd_weight=nan"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 1 step 0" in err
+    assert [m["epoch"] for m in _metrics(out)] == [0]
+    ckpts = sorted((out / "train").glob("checkpoint_epoch_*"))
+    assert [c.name for c in ckpts] == ["checkpoint_epoch_0000"]
+    assert torch.isfinite(load_state(ckpts[0])["model"]["cls_token"]).all()
+
+
+def test_changed_settings_on_an_existing_run_are_refused_without_touching_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["--num-workers", "0", "--epochs", "1", "--output", str(out),
+            *[f"--set={k}={v}" for k, v in SMALL.items()], "--set", "train.log_images=false"]
+    assert main(args) == 0
+    before = (out / "config.yaml").read_text(), (out / "metrics.jsonl").read_text()
+    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", *args,
+                           "--set", "model.depth=3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "model.depth" in proc.stderr
+    assert ((out / "config.yaml").read_text(), (out / "metrics.jsonl").read_text()) == before
+
+
+def test_bad_dataset_root_is_exit_2_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", "--dataset", "cifar10",
+                           "--data-root", str(tmp_path / "nowhere"), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--data-root" in proc.stderr
