@@ -26,10 +26,12 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path):
+def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypatch):
+    # a relative --output (as in the README) is the caller's directory, not the workers'
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     cfg = build_config({**SMALL, "train.epochs": 3, "train.num_workers": 2,
-                        "train.cpus_per_worker": 0.5, "train.output": str(out)})
+                        "train.cpus_per_worker": 0.5, "train.output": "run"})
     result = run(cfg, verbose=False)
     assert result.error is None
     history = _metrics(out)

@@ -14,6 +14,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,8 @@ def run(cfg: Config, verbose: bool = True):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Workers run in their own working directories: hand them absolute paths.
+    cfg = replace(cfg, train=replace(cfg.train, output=storage_root(cfg.train.output)))
     t = cfg.train
     run_dir = RunDir(t.output)
     check_run_dir(run_dir, cfg)
