@@ -1,0 +1,266 @@
+"""Datasets read from files: a class-per-folder image tree and Parquet (local or any pyarrow URI).
+
+Both keep only labels plus paths or encoded bytes in memory and decode one image per item,
+so a bad file surfaces as a :class:`DataError` naming it when that item is loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vitcae_ray.config import DataConfig
+
+from .datasets import (
+    DataError,
+    DatasetTriple,
+    first_line,
+    image_to_tensor,
+    native_channels,
+    pil_mode,
+    register,
+    require_root,
+    split_indices,
+)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Marker left by to_parquet while it writes; its presence means the output is unusable.
+INCOMPLETE_MARKER = "_INCOMPLETE"
+SUCCESS_MARKER = "_SUCCESS"
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class EncodedImageDataset(Dataset):
+    """Base for lazily decoded images; ``mode`` is set once the channel count is decided."""
+
+    def __init__(self, labels: list[int], size: int) -> None:
+        self.labels = labels
+        self.size = size
+        self.mode = "RGB"
+
+    def _open(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def _where(self, i: int) -> str:
+        raise NotImplementedError
+
+    def _load(self, i: int) -> Image.Image:
+        try:
+            img = self._open(i)
+            img.load()
+            return img
+        except _PIL_ERRORS as err:
+            raise DataError(
+                f"{self._where(i)} is not a readable image ({first_line(err)}); fix or remove it"
+            ) from None
+
+    def native_channels(self) -> int:
+        return native_channels(self._load(0))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self._load(i)
+        try:
+            return image_to_tensor(img, self.mode, self.size), self.labels[i]
+        except _PIL_ERRORS as err:
+            raise DataError(
+                f"{self._where(i)} cannot be converted to {self.mode} ({first_line(err)}); fix or remove it"
+            ) from None
+
+
+def _finish(cfg: DataConfig, train: EncodedImageDataset, val: EncodedImageDataset) -> DatasetTriple:
+    """Decide the channel count from the first train image unless ``cfg.channels`` forces it."""
+    channels = cfg.channels or train.native_channels()
+    train.mode = val.mode = pil_mode(channels)
+    return train, val, channels
+
+
+# ---------------------------------------------------------------------------------------------
+# imagefolder
+
+
+class ImageFolderDataset(EncodedImageDataset):
+    def __init__(self, paths: list[str], labels: list[int], classes: list[str], size: int) -> None:
+        super().__init__(labels, size)
+        self.paths = paths
+        self.classes = classes
+
+    def _open(self, i: int) -> Image.Image:
+        return Image.open(self.paths[i])
+
+    def _where(self, i: int) -> str:
+        return f"image file {self.paths[i]!r}"
+
+
+def _class_folders(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"dataset 'imagefolder': folder {folder!r} not found; pass --data-root DIR (one sub-folder per class)"
+        )
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"dataset 'imagefolder': no class folders in {folder!r}; expected one sub-folder of images per class"
+        )
+    return classes
+
+
+def _scan(folder: str, class_to_idx: dict[str, int]) -> tuple[list[str], list[int]]:
+    paths: list[str] = []
+    labels: list[int] = []
+    for name in _class_folders(folder):
+        if name not in class_to_idx:
+            raise DataError(
+                f"dataset 'imagefolder': class folder {os.path.join(folder, name)!r} has no matching train class; "
+                "val/ must use the train class names"
+            )
+        class_dir = os.path.join(folder, name)
+        found = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, files in os.walk(class_dir, followlinks=True)
+            for f in files
+            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+        )
+        if not found:
+            raise DataError(
+                f"dataset 'imagefolder': class folder {class_dir!r} holds no images "
+                f"({', '.join(IMG_EXTENSIONS)}); add images or remove it"
+            )
+        paths += found
+        labels += [class_to_idx[name]] * len(found)
+    return paths, labels
+
+
+@register("imagefolder")
+def _imagefolder(cfg: DataConfig) -> DatasetTriple:
+    root = os.path.expanduser(require_root(cfg, "DIR (one sub-folder of images per class)"))
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    size = cfg.image_size
+    if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+        classes = _class_folders(train_dir)
+        index = {c: i for i, c in enumerate(classes)}
+        train = ImageFolderDataset(*_scan(train_dir, index), classes, size)
+        val = ImageFolderDataset(*_scan(val_dir, index), classes, size)
+    else:
+        classes = _class_folders(root)
+        paths, labels = _scan(root, {c: i for i, c in enumerate(classes)})
+        tr, va = split_indices(len(paths), cfg.val_fraction, cfg.split_seed, f"dataset 'imagefolder' {root!r}")
+        train = ImageFolderDataset([paths[i] for i in tr], [labels[i] for i in tr], classes, size)
+        val = ImageFolderDataset([paths[i] for i in va], [labels[i] for i in va], classes, size)
+    return _finish(cfg, train, val)
+
+
+# ---------------------------------------------------------------------------------------------
+# parquet
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or any pyarrow URI (s3://, gs://, hdfs://, file://) -> (filesystem, path)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DataError(f"cannot open {uri!r}: {first_line(err)}") from None
+    return fs, path.rstrip("/")
+
+
+def join(path: str, *parts: str) -> str:
+    return "/".join([path.rstrip("/"), *parts])
+
+
+class ParquetImageDataset(EncodedImageDataset):
+    def __init__(
+        self, images: pa.Array, labels: list[int], rows: list[int] | None, source: str, size: int
+    ) -> None:
+        super().__init__(labels, size)
+        self.images = images  # one contiguous large_binary array: O(1) lookup, cheap to pickle
+        self.rows = rows
+        self.source = source
+
+    def _open(self, i: int) -> Image.Image:
+        data = self.images[i].as_py()
+        return Image.open(io.BytesIO(data or b""))
+
+    def _where(self, i: int) -> str:
+        row = i if self.rows is None else self.rows[i]
+        return f"dataset 'parquet': row {row} of {self.source!r}"
+
+
+def _read_table(fs: pafs.FileSystem, path: str, shown: str) -> pa.Table:
+    hint = "expected columns 'image' (encoded PNG/JPEG bytes) and 'label' (int)"
+    try:
+        dset = pads.dataset(path, filesystem=fs, format="parquet")
+        files, schema = dset.files, dset.schema
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"dataset 'parquet': cannot read {shown!r} ({first_line(err)})") from None
+    if not files:
+        raise DataError(f"dataset 'parquet': no Parquet files in {shown!r}")
+    for col, ok in (("image", _is_binary), ("label", pa.types.is_integer)):
+        if col not in schema.names:
+            raise DataError(
+                f"dataset 'parquet': {shown!r} has no column {col!r} (columns: {', '.join(schema.names)}); {hint}"
+            )
+        if not ok(schema.field(col).type):
+            raise DataError(
+                f"dataset 'parquet': column {col!r} of {shown!r} has type {schema.field(col).type}; {hint}"
+            )
+    try:
+        table = dset.to_table(columns=["image", "label"])
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"dataset 'parquet': cannot read {shown!r} ({first_line(err)})") from None
+    if table.column("label").null_count:
+        raise DataError(f"dataset 'parquet': column 'label' of {shown!r} has missing values")
+    return table
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    is_view = getattr(pa.types, "is_binary_view", None)  # binary_view needs pyarrow >= 16
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or bool(is_view and is_view(t))
+
+
+def _to_dataset(table: pa.Table, rows: list[int] | None, shown: str, size: int) -> ParquetImageDataset:
+    images = table.column("image").cast(pa.large_binary()).combine_chunks()
+    labels = [int(v) for v in table.column("label").to_pylist()]
+    return ParquetImageDataset(images, labels, rows, shown, size)
+
+
+@register("parquet")
+def _parquet(cfg: DataConfig) -> DatasetTriple:
+    root = require_root(cfg, "PATH_OR_URI of a Parquet file or folder")
+    fs, path = resolve_filesystem(root)
+    shown = root.rstrip("/")
+    try:
+        info = fs.get_file_info(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"dataset 'parquet': cannot access {shown!r} ({first_line(err)})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(
+            f"dataset 'parquet': {shown!r} not found; pass --data-root PATH_OR_URI of a Parquet file or folder "
+            "(write one with python -m vitcae_ray.data.to_parquet)"
+        )
+    size = cfg.image_size
+    if info.type == pafs.FileType.Directory:
+        if fs.get_file_info(join(path, INCOMPLETE_MARKER)).type != pafs.FileType.NotFound:
+            raise DataError(
+                f"dataset 'parquet': {shown!r} is an unfinished to_parquet output; rerun to_parquet with --overwrite"
+            )
+        subs = fs.get_file_info([join(path, "train"), join(path, "val")])
+        if all(s.type == pafs.FileType.Directory for s in subs):
+            train = _to_dataset(_read_table(fs, join(path, "train"), join(shown, "train")), None, join(shown, "train"), size)
+            val = _to_dataset(_read_table(fs, join(path, "val"), join(shown, "val")), None, join(shown, "val"), size)
+            return _finish(cfg, train, val)
+    table = _read_table(fs, path, shown)
+    tr, va = split_indices(table.num_rows, cfg.val_fraction, cfg.split_seed, f"dataset 'parquet' {shown!r}")
+    train = _to_dataset(table.take(tr), tr, shown, size)
+    val = _to_dataset(table.take(va), va, shown, size)
+    return _finish(cfg, train, val)
