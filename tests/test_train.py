@@ -30,12 +30,12 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     # a relative --output (as in the README) is the caller's directory, not the workers'
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    cfg = build_config({**SMALL, "train.epochs": 3, "train.num_workers": 2,
+    cfg = build_config({**SMALL, "train.epochs": 5, "train.num_workers": 2,
                         "train.cpus_per_worker": 0.5, "train.output": "run"})
     result = run(cfg, verbose=False)
     assert result.error is None
     history = _metrics(out)
-    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]
     assert history[-1]["val/mse"] < history[0]["val/mse"]
     for key in ("train/loss", "train/recon", "train/kl", "train/mmd", "val/loss", "val/mse",
                 "val/psnr", "time/epoch_s", "throughput/images_per_s"):
@@ -44,21 +44,21 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     assert history[0]["train/samples"] > 1500
     assert (out / "config.yaml").is_file()
     tb = tags(out / "tb")
-    assert tb["val/mse"] == [0, 1, 2] and tb["reconstructions"] == [0, 1, 2]
+    assert tb["val/mse"] == [0, 1, 2, 3, 4] and tb["reconstructions"] == [0, 1, 2, 3, 4]
     assert "samples" in tb
     ckpts = sorted((out / "train").glob("checkpoint_epoch_*"))
     assert ckpts and (ckpts[-1] / "checkpoint.pt").is_file()
 
-    # rerunning the same run with more epochs resumes at epoch 3 with the history intact
-    cfg5 = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 5}})
-    result = run(cfg5, verbose=False)
+    # rerunning the same run with more epochs resumes at epoch 5 with the history intact
+    more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7}})
+    result = run(more, verbose=False)
     assert result.error is None
     resumed = _metrics(out)
-    assert [m["epoch"] for m in resumed] == [0, 1, 2, 3, 4]
-    assert resumed[:3] == history
+    assert [m["epoch"] for m in resumed] == list(range(7))
+    assert resumed[:5] == history
     state = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
-    assert state["epoch"] == 4 and [m["epoch"] for m in state["history"]] == [0, 1, 2, 3, 4]
-    assert tags(out / "tb")["val/mse"][-2:] == [3, 4]
+    assert state["epoch"] == 6 and [m["epoch"] for m in state["history"]] == list(range(7))
+    assert tags(out / "tb")["val/mse"][-2:] == [5, 6]
 
     # the checkpoint alone rebuilds the model
     model = model_from_state(state)
