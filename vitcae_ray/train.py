@@ -206,8 +206,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         except NonFiniteLossError as e:
             # Every rank sees the same all-reduced gradient norm, so all stop here together.
             ray.train.report({"epoch": epoch, "error": str(e)})
-            if rank == 0:
-                print(f"error: {e}", file=sys.stderr, flush=True)
+            if logger is not None:
                 logger.close()
             return
         metrics.update(evaluate(ddp_model, val_loader, epoch, cfg, device, amp_dtype, seed=t.seed))
@@ -359,6 +358,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import ray.train
+
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -366,7 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 1 if "error" in (result.metrics or {}) else 0
+    except ray.train.TrainingFailedError as e:
+        # the workers' tracebacks are above; this is the line to act on
+        cause = e.__cause__ or e
+        print(f"error: training failed after {cfg.train.max_failures} restarts: "
+              f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}",
+              file=sys.stderr)
+        return 1
+    error = (result.metrics or {}).get("error")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
