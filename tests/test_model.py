@@ -43,7 +43,7 @@ def test_fused_and_manual_attention_agree_with_temperatures():
     torch.manual_seed(0)
     attn = Attention(32, 4, fused=True)
     with torch.no_grad():
-        attn.tau.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
+        attn.tau_active.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
         attn.tau_factor.copy_(torch.tensor([1.0, 0.7, 1.0, 0.4]))
     x = torch.randn(3, 17, 32)
     fused = attn(x)
@@ -53,7 +53,7 @@ def test_fused_and_manual_attention_agree_with_temperatures():
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 17))
     # the temperature really changes the attention: tau = 1 everywhere gives other weights
     with torch.no_grad():
-        attn.tau.fill_(1.0)
+        attn.tau_active.fill_(1.0)
         attn.tau_factor.fill_(1.0)
     _, plain = attn(x, return_attn=True)
     assert not torch.allclose(plain, weights, atol=1e-3)
@@ -75,7 +75,7 @@ def test_cls_readout_equals_manual_attention_cls_row():
     model = _model("tiny", 32, 1)
     for a in model.attention_layers:
         with torch.no_grad():
-            a.tau.uniform_(0.5, 2.0)
+            a.tau_active.uniform_(0.5, 2.0)
     x = torch.rand(5, 1, 32, 32)
     model.set_readout(True)
     model(x, sample=False)

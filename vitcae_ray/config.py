@@ -93,12 +93,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    enabled: bool = True  # False fixes every head's tau factor at 1 (ablation)
+    alpha: float = 5.0  # tau factor^(t+1) = 1 / (1 + alpha * drift_w1^(t))
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    enabled: bool = True  # False never freezes a head (ablation)
+    mode: str = "weights"  # "weights": exact gradients; "detach": cut frozen heads from autograd
+    drift_threshold: float = 0.01  # drift_w1 below this counts as converged (grid units in [0, 1])
+    patience: int = 2  # epochs the drift must stay below the threshold
+    kappa_window: int = 2  # epochs over which kappa must not change
+    min_epoch: int = -1  # no freezing before this epoch; -1 = loss.warmup_epochs
+    max_frozen_frac: float = 1.0  # cap on the fraction of a layer's heads that may freeze
+    probe_size: int = 64  # fixed validation images for the patch->patch attention (kappa)
+    kappa_top_k: int = 8  # eigenvalue magnitudes examined for the cluster-count gap
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -255,6 +276,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.kl_cls_free_bits' must be >= 0, got {lo.kl_cls_free_bits}")
     if not 0.0 <= lo.kl_mix <= 1.0:
         raise ConfigError(f"config key 'loss.kl_mix' must be in [0, 1], got {lo.kl_mix}")
+    fz = cfg.freeze
+    if fz.mode not in ("weights", "detach"):
+        raise ConfigError(f"config key 'freeze.mode' must be 'weights' or 'detach', got {fz.mode!r}")
+    for key in ("patience", "kappa_window", "probe_size", "kappa_top_k"):
+        if getattr(fz, key) < 1:
+            raise ConfigError(f"config key 'freeze.{key}' must be >= 1, got {getattr(fz, key)}")
+    if not 0.0 <= fz.max_frozen_frac <= 1.0:
+        raise ConfigError(f"config key 'freeze.max_frozen_frac' must be in [0, 1], got {fz.max_frozen_frac}")
+    if fz.drift_threshold < 0 or cfg.scheduler.alpha < 0:
+        raise ConfigError("config keys 'freeze.drift_threshold' and 'scheduler.alpha' must be >= 0")
     if not lo.mmd_scales or min(lo.mmd_scales) <= 0:
         raise ConfigError("config key 'loss.mmd_scales' must be a non-empty list of positive numbers")
 
@@ -309,7 +340,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "Config", "ConfigError", "DataConfig", "FreezeConfig", "SchedulerConfig", "LossConfig", "ModelConfig", "OptimConfig",
     "TrainConfig", "MODEL_PRESETS", "build_config", "dump_yaml", "from_dict", "load_yaml",
     "parse_set", "resolve", "to_dict", "validate",
 ]

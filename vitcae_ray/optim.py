@@ -18,7 +18,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
+        leaf = name.rsplit(".", 1)[-1].removesuffix("_active")  # attention's head groups
         if p.ndim < 2 or leaf == "bias" or leaf in NO_DECAY:
             no_decay.append(p)
         else:

@@ -192,6 +192,18 @@ class ViTCAE(nn.Module):
         z_patch = reparameterize(prior_mu, prior_logvar, generator)
         return self.forward_decoder(z_patch, z_cls)
 
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder attention weights summed over the batch: (L, H, 1 + N, 1 + N) (manual path)."""
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed
+        maps = []
+        for blk in self.blocks:
+            _, attn = blk.attn(blk.norm1(t), return_attn=True)  # (B, H, T, T)
+            maps.append(attn.float().sum(0))
+            t = blk(t)
+        return torch.stack(maps)
+
     def set_readout(self, on: bool) -> None:
         """Start (resetting the sums) or stop the encoder's CLS attention readout."""
         for attn in self.attention_layers:
