@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -30,7 +31,10 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     # a relative --output (as in the README) is the caller's directory, not the workers'
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    cfg = build_config({**SMALL, "train.epochs": 5, "train.num_workers": 2,
+    # every head qualifies at epoch 1; the cap freezes half of each layer then
+    freeze = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
+              "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
+    cfg = build_config({**SMALL, **freeze, "train.epochs": 5, "train.num_workers": 2,
                         "train.cpus_per_worker": 0.5, "train.output": "run"})
     result = run(cfg, verbose=False)
     assert result.error is None
@@ -49,6 +53,21 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     ckpts = sorted((out / "train").glob("checkpoint_epoch_*"))
     assert ckpts and (ckpts[-1] / "checkpoint.pt").is_file()
 
+    # heads froze mid-run, identically on both ranks, and the step got cheaper
+    total = 2 * 2  # depth x heads of SMALL
+    assert [m["heads/frozen"] for m in history] == [0, 0, 2, 2, 2]
+    assert all(m["heads/total"] == total for m in history)
+    assert all(m["ddp/rank_spread"] == 0.0 for m in history)
+    assert history[2]["comm/grad_elements"] < history[1]["comm/grad_elements"]
+    assert history[1]["flops/saved_frac"] == 0.0 < history[2]["flops/saved_frac"]
+    assert 0.0 < history[4]["flops/cumulative_saved_frac"] < history[4]["flops/saved_frac"]
+    table = pq.read_table(out / "heads.parquet").to_pylist()
+    assert len(table) == 5 * total
+    frozen_rows = [r for r in table if r["epoch"] == 4 and r["frozen"]]
+    assert len(frozen_rows) == 2 and all(r["frozen_epoch"] == 1 for r in frozen_rows)
+    assert {"heads/drift_w1", "heads/tau", "heads/frozen"} <= set(tb)
+    before = load_state(ckpts[-1])
+
     # rerunning the same run with more epochs resumes at epoch 5 with the history intact
     more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7}})
     result = run(more, verbose=False)
@@ -59,6 +78,17 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     state = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
     assert state["epoch"] == 6 and [m["epoch"] for m in state["history"]] == list(range(7))
     assert tags(out / "tb")["val/mse"][-2:] == [5, 6]
+    # the resumed run restored the frozen set and the frozen heads' temperatures
+    assert state["frozen_heads"] == before["frozen_heads"]
+    assert [m["heads/frozen"] for m in resumed[5:]] == [2, 2]
+    for layer, heads in enumerate(state["frozen_heads"]):
+        prefix = f"blocks.{layer}.attn."
+        for h in heads:
+            assert torch.equal(state["model"][prefix + "tau"][h], before["model"][prefix + "tau"][h])
+            assert torch.equal(state["model"][prefix + "tau_factor"][h],
+                               before["model"][prefix + "tau_factor"][h])
+            assert torch.equal(state["model"][prefix + "qkv_weight"][:, h],
+                               before["model"][prefix + "qkv_weight"][:, h])
 
     # the checkpoint alone rebuilds the model
     model = model_from_state(state)

@@ -35,6 +35,7 @@ class ModelConfig:
     dec_depth: int = 2  # decoder blocks (FiLM-conditioned on z_cls)
     dec_heads: int = 4  # decoder heads per block
     fused_attn: bool = True  # SDPA on the training path; False uses the manual softmax path
+    conditional_prior: bool = True  # False: p(z_patch) = N(0, I) and Z~_patch = 0 (ablation)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,32 @@ def _reduce_sums(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+@torch.no_grad()
+def head_statistics(model, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epoch's statistics for the convergence controller, summed over every rank:
+
+    - mean CLS->patch attention per (layer, head), (L, H, N): the readout accumulated during
+      the epoch's training steps, over every training image, renormalised over the patches;
+    - mean patch->patch attention per (layer, head), (L, H, N, N), on this rank's share of
+      the fixed probe images (for kappa).
+    Call after a training epoch run with ``model.set_readout(True)``.
+    """
+    cls_sum, count = model.cls_attention()  # (L, H, 1 + N)
+    maps = model.attention_maps(probe) if len(probe) else None  # (L, H, T, T)
+    L, H, T = cls_sum.shape
+    if maps is None:
+        maps = cls_sum.new_zeros(L, H, T, T)
+    flat = torch.cat([cls_sum.double().flatten(), maps.double().flatten(),
+                      cls_sum.new_tensor([count, len(probe)], dtype=torch.float64)])
+    flat = _reduce_sums(flat)
+    n_cls = L * H * T
+    cls = flat[:n_cls].view(L, H, T)[:, :, 1:]
+    patch = flat[n_cls:n_cls + L * H * T * T].view(L, H, T, T)[:, :, 1:, 1:]
+    cls = cls / cls.sum(-1, keepdim=True)
+    patch = patch / patch.sum(-1, keepdim=True)
+    return cls.float().cpu(), patch.float().cpu()
+
+
 def _as_metrics(prefix: str, sums: torch.Tensor) -> dict[str, float]:
     """sums: (len(TERMS) + 1,) of sample-weighted sums and the sample count."""
     vals = (sums[:-1] / sums[-1].clamp_min(1)).tolist()

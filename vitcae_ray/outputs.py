@@ -17,6 +17,8 @@ import torch
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+HEADS_FILE = "heads.parquet"
+PNG_GRIDS = ("reconstructions", "samples")  # also written as PNG files each epoch
 
 
 def is_uri(path: str) -> bool:
@@ -85,7 +87,9 @@ class RunLogger:
         run_dir.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.history))
         self.tb = SummaryWriter(str(run_dir.local / "tb"), purge_step=len(self.history))
 
-    def log_epoch(self, metrics: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
+    def log_epoch(self, metrics: dict[str, Any], images: dict[str, torch.Tensor] | None = None,
+                  head_rows: list[dict[str, Any]] | None = None) -> None:
+        """Append one epoch; ``head_rows`` is the whole per-head table so far (rewritten)."""
         epoch = int(metrics["epoch"])
         self.history.append(metrics)
         with open(self.run_dir.local / METRICS_FILE, "a") as f:
@@ -95,7 +99,10 @@ class RunLogger:
                 self.tb.add_scalar(k, v, epoch)
         for name, grid in (images or {}).items():
             self.tb.add_image(name, grid, epoch)
-            save_png(grid, self.run_dir.local / f"{name}.png")
+            if name in PNG_GRIDS:
+                save_png(grid, self.run_dir.local / f"{name}.png")
+        if head_rows is not None:
+            write_heads_table(self.run_dir.local / HEADS_FILE, head_rows)
         self.tb.flush()
         self.run_dir.sync()
 
@@ -130,3 +137,28 @@ def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+HEADS_SCHEMA_FIELDS = (("epoch", "int64"), ("layer", "int64"), ("head", "int64"),
+                       ("drift_w1", "float64"), ("kappa", "int64"), ("tau", "float64"),
+                       ("tau_factor", "float64"), ("frozen", "bool_"), ("frozen_epoch", "int64"))
+
+
+def write_heads_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per (epoch, layer, head); written to a temp file, then renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, getattr(pa, t)()) for name, t in HEADS_SCHEMA_FIELDS])
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    os.replace(tmp, path)
+
+
+def heatmap(values: torch.Tensor, vmax: float | None = None, cell: int = 16) -> torch.Tensor:
+    """(L, H) values -> (1, L*cell, H*cell) grayscale image in [0, 1]; rows are layers, columns
+    heads; black is 0, white is ``vmax`` (default the maximum); NaN is drawn as 0."""
+    v = torch.nan_to_num(values.float(), nan=0.0)
+    top = vmax if vmax is not None else float(v.max())
+    v = (v / top).clamp(0, 1) if top > 0 else torch.zeros_like(v)
+    return v.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None]

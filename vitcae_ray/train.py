@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import sys
@@ -24,10 +25,13 @@ from torch.utils.data import DataLoader
 
 from .config import Config, ConfigError, build_config, dump_yaml, resolve
 from .data import DataError, build_datasets
-from .engine import NonFiniteLossError, evaluate, train_one_epoch
+from .convergence import HeadController, HeadDecision
+from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch
+from .freezing import (apply_frozen, frozen_heads, grad_elements, rebuild_optimizer,
+                       set_tau_factors, train_step_flops, unfrozen_step_flops)
 from .model import ViTCAE, build_model
 from .optim import build_lr_schedule, build_optimizer
-from .outputs import CONFIG_FILE, RunDir, RunLogger, image_grids, storage_root
+from .outputs import CONFIG_FILE, RunDir, RunLogger, heatmap, image_grids, storage_root
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Changing these between a run and its resumption would make the checkpoint meaningless.
@@ -45,9 +49,14 @@ def unwrap(model: torch.nn.Module) -> ViTCAE:
 
 
 def checkpoint_state(model: ViTCAE, optimizer, lr_sched, epoch: int, cfg: Config,
-                     history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything needed to rebuild the model alone (config + ``model_args``) or to resume."""
+                     history: list[dict[str, Any]], heads: dict[str, Any],
+                     head_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything needed to rebuild the model alone (config + ``model_args``; the weights are
+    the full per-head layout) or to resume, the head controller's whole state included."""
     return {
+        "heads": heads,
+        "frozen_heads": frozen_heads(model),
+        "head_rows": head_rows,
         "model": model.state_dict(),
         "model_args": {"img_size": model.img_size, "in_chans": model.in_chans},
         "optimizer": optimizer.state_dict(),
@@ -66,6 +75,8 @@ def model_from_state(state: dict[str, Any]) -> ViTCAE:
     """Rebuild the model from a checkpoint's own config and weights."""
     cfg = build_config(state["config"])
     model = build_model(cfg.model, **state["model_args"])
+    apply_frozen(model, state.get("frozen_heads") or [[] for _ in range(cfg.model.depth)],
+                 cfg.freeze.mode)
     model.load_state_dict(state["model"])
     return model
 
@@ -139,6 +150,8 @@ def _progress_line(m: dict[str, Any], epochs: int) -> str:
     return (f"epoch {int(m['epoch']) + 1}/{epochs} | loss {m['train/loss']:.2f} "
             f"recon {m['train/recon']:.2f} kl {m['train/kl']:.2f} mmd {m['train/mmd']:.4f} | "
             f"val loss {m['val/loss']:.2f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB | "
+            f"heads {m['heads/frozen']}/{m['heads/total']} frozen (+{m['heads/newly_frozen']}), "
+            f"step FLOPs -{m['flops/saved_frac']:.1%} | "
             f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s")
 
 
@@ -150,6 +163,113 @@ def _quiet_report_log() -> None:
     except ImportError:  # a Ray without that module logs differently
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+class HeadsClient:
+    """A rank's access to the run's head controller: the driver's Ray actor, or in local mode
+    an in-process controller. Both hand back :class:`HeadDecision` objects."""
+
+    def __init__(self, actor_name: str | None, controller_args: tuple) -> None:
+        if actor_name is not None:
+            from .convergence.actor import get_actor
+
+            self.actor, self.local = get_actor(actor_name), None
+        else:
+            self.actor, self.local = None, HeadController(*controller_args)
+
+    def _call(self, method: str, *args):
+        if self.actor is None:
+            return getattr(self.local, method)(*args)
+        import ray
+
+        return ray.get(getattr(self.actor, method).remote(*args))
+
+    def update(self, epoch: int, cls_attn, patch_attn) -> HeadDecision:
+        d = self._call("update", epoch, cls_attn, patch_attn)
+        return d if isinstance(d, HeadDecision) else HeadDecision.from_dict(d)
+
+    def decision(self, epoch: int) -> HeadDecision:
+        d = self._call("decision", epoch)
+        return d if isinstance(d, HeadDecision) else HeadDecision.from_dict(d)
+
+    def state_dict(self) -> dict:
+        return self._call("state_dict")
+
+    def load_state_dict(self, state: dict) -> None:
+        self._call("load_state_dict", state)
+
+
+def controller_args(cfg: Config) -> tuple:
+    """(layers, heads, patch grid, scheduler, freeze, min_epoch) for :class:`HeadController`."""
+    min_epoch = cfg.freeze.min_epoch if cfg.freeze.min_epoch >= 0 else cfg.loss.warmup_epochs
+    return (cfg.model.depth, cfg.model.num_heads, cfg.data.image_size // cfg.model.patch_size,
+            cfg.scheduler, cfg.freeze, min_epoch)
+
+
+def frozen_sets(dec: HeadDecision) -> list[list[int]]:
+    """Per layer, the heads a decision has frozen."""
+    return [[h for h, f in enumerate(row) if f] for row in dec.frozen]
+
+
+def last_decision(cfg: Config, heads_state: dict) -> HeadDecision | None:
+    controller = HeadController(*controller_args(cfg))
+    controller.load_state_dict(heads_state)
+    last = controller.last_epoch
+    return None if last is None else controller.decision(last)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def rank_spread(model: ViTCAE, world: int) -> float:
+    """Largest difference across ranks of (a parameter checksum, the frozen-head signature):
+    0 when every rank holds the same weights and frozen set, as DDP requires."""
+    with torch.no_grad():
+        checksum = sum(p.double().sum() for p in model.parameters()).item()
+    signature = float(sum(2 ** (l * 64 + h) % 1_000_003 for l, hs in enumerate(frozen_heads(model))
+                          for h in hs))
+    if world == 1:
+        return 0.0
+    import torch.distributed as dist
+
+    local = torch.tensor([checksum, signature], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        local = local.cuda()
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    stacked = torch.stack(gathered)
+    return float((stacked.max(0).values - stacked.min(0).values).max())
+
+
+def _head_rows(model: ViTCAE, dec: HeadDecision, factors_used: list[list[float]]) -> list[dict]:
+    rows = []
+    for layer, attn in enumerate(model.attention_layers):
+        tau = attn.tau.tolist()
+        for head in range(attn.num_heads):
+            drift = dec.drift[layer][head]
+            rows.append({
+                "epoch": dec.epoch, "layer": layer, "head": head,
+                "drift_w1": None if drift is None or math.isnan(drift) else float(drift),
+                "kappa": int(dec.kappa[layer][head]),
+                "tau": tau[head] * factors_used[layer][head], "tau_factor": factors_used[layer][head],
+                "frozen": bool(dec.frozen[layer][head]), "frozen_epoch": dec.frozen_epoch[layer][head],
+            })
+    return rows
+
+
+def _head_heatmaps(rows: list[dict], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    def grid(key: str) -> torch.Tensor:
+        t = torch.zeros(num_layers, num_heads)
+        for r in rows:
+            t[r["layer"], r["head"]] = float("nan") if r[key] is None else float(r[key])
+        return t
+
+    return {"heads/drift_w1": heatmap(grid("drift_w1")), "heads/tau": heatmap(grid("tau")),
+            "heads/frozen": heatmap(grid("frozen"), vmax=1.0)}
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -173,33 +293,59 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                             num_workers=cfg.data.loader_workers)
     train_loader = ray.train.torch.prepare_data_loader(train_loader)
     val_loader = ray.train.torch.prepare_data_loader(val_loader)
+    steps_per_epoch = len(train_loader)
 
     model = build_model(cfg.model, cfg.data.image_size, channels).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    lr_sched = build_lr_schedule(optimizer, cfg.optim, t.epochs, len(train_loader))
-
     local = loop_config["local_mode"]
     local_ckpts = LocalCheckpoints(loop_config["storage"], t.run_name, t.num_checkpoints) if local else None
     checkpoint = local_ckpts.latest() if local else ray.train.get_checkpoint()
-    start_epoch, history = 0, []
+    state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_state(d, device)
+
+    # The checkpoint is the source of truth for the heads: push its controller state into the
+    # actor (rank 0) and apply its frozen set before the optimizer sees the parameters.
+    heads = HeadsClient(loop_config.get("heads_actor"), controller_args(cfg))
+    heads_state = (state or {}).get("heads") or HeadController(*controller_args(cfg)).state_dict()
+    if rank == 0:
+        heads.load_state_dict(heads_state)
+    dec = last_decision(cfg, heads_state)
+    if dec is not None:
+        apply_frozen(model, frozen_sets(dec), cfg.freeze.mode)
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_sched = build_lr_schedule(optimizer, cfg.optim, t.epochs, steps_per_epoch)
+    start_epoch, history, head_rows = 0, [], []
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        head_rows = state.get("head_rows", [])
         if rank == 0:
             print(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}", flush=True)
 
+    # What one step costs, counted on the unwrapped model (FLOPs do not depend on the data).
+    flop_x = torch.zeros(t.batch_size, channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    flop_epoch = cfg.loss.warmup_epochs + cfg.loss.ramp_epochs  # the full loss
+    base_flops = unfrozen_step_flops(model, flop_x, cfg, flop_epoch)
+    step_flops = train_step_flops(model, flop_x, cfg, flop_epoch)
     ddp_model = ray.train.torch.prepare_model(model)
+
     logger = RunLogger(RunDir(t.output), history) if rank == 0 else None
     n_img = min(t.num_image_samples, len(val_set))
     fixed_batch = torch.stack([val_set[i][0] for i in range(n_img)]).to(device) if rank == 0 else None
+    probe_all = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
+    probe = probe_all[rank::world].to(device)
+    total_heads = cfg.model.depth * cfg.model.num_heads
 
     for epoch in range(start_epoch, t.epochs):
         seed_everything(t.seed, epoch, rank)
         _set_epoch(train_loader, epoch)
+        frozen_now = sum(len(f) for f in frozen_heads(model))
+        elements = grad_elements(model)
+        factors_used = [a.tau_factor.tolist() for a in model.attention_layers]
+        model.set_readout(True)
         try:
             metrics = train_one_epoch(ddp_model, train_loader, optimizer, lr_sched, epoch, cfg,
                                       device, amp_dtype)
@@ -209,14 +355,48 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.close()
             return
+        finally:
+            model.set_readout(False)
         metrics.update(evaluate(ddp_model, val_loader, epoch, cfg, device, amp_dtype, seed=t.seed))
-        metrics = {"epoch": epoch, **metrics}
+
+        # Convergence: all-reduced statistics -> the run's controller -> one decision for all.
+        cls_attn, patch_attn = head_statistics(model, probe)
+        if rank == 0:
+            heads.update(epoch, cls_attn.numpy(), patch_attn.numpy())
+        _barrier(world)
+        dec = heads.decision(epoch)
+
+        seen = history + [{"flops/train_step": step_flops}]
+        metrics = {
+            "epoch": epoch, **metrics,
+            "heads/frozen": frozen_now, "heads/total": total_heads,
+            "heads/newly_frozen": len(dec.newly_frozen),
+            "flops/train_step": step_flops, "flops/saved_frac": 1.0 - step_flops / base_flops,
+            "flops/cumulative_saved_frac":
+                1.0 - sum(m.get("flops/train_step", base_flops) for m in seen) / (len(seen) * base_flops),
+            "freeze/mean_drift": dec.mean_drift,
+            "comm/grad_elements": elements,
+            "time/step_s": metrics["time/epoch_s"] / max(steps_per_epoch, 1),
+            "ddp/rank_spread": rank_spread(model, world),
+        }
         history.append(metrics)
+        rows = _head_rows(model, dec, factors_used)
+        head_rows.extend(rows)
+
+        # Apply the decision on every rank at the same point: tau factors, then freezing.
+        set_tau_factors(model, dec.tau_factor)
+        if frozen_sets(dec) != frozen_heads(model):
+            del ddp_model  # its reducer holds the old parameters; re-wrap after the change
+            carried = apply_frozen(model, frozen_sets(dec), cfg.freeze.mode, optimizer)
+            optimizer, lr_sched = rebuild_optimizer(model, optimizer, lr_sched, cfg,
+                                                    steps_per_epoch, carried)
+            step_flops = train_step_flops(model, flop_x, cfg, flop_epoch)
+            ddp_model = ray.train.torch.prepare_model(model)
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                images = None
+                images = {}
                 if t.log_images:
                     with torch.no_grad():
                         model.eval()
@@ -224,9 +404,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                         gen = torch.Generator(device=device).manual_seed(t.seed)
                         samples = model.generate(n_img, generator=gen)
                     images = image_grids(fixed_batch, recon, samples)
-                logger.log_epoch(metrics, images)
+                images.update(_head_heatmaps(rows, cfg.model.depth, cfg.model.num_heads))
+                logger.log_epoch(metrics, images, head_rows)
                 print(_progress_line(metrics, t.epochs), flush=True)
-                torch.save(checkpoint_state(model, optimizer, lr_sched, epoch, cfg, history),
+                torch.save(checkpoint_state(model, optimizer, lr_sched, epoch, cfg, history,
+                                            heads.state_dict(), head_rows),
                            Path(tmp) / CHECKPOINT_FILE)
                 ckpt = (local_ckpts.save(tmp, epoch, history) if local
                         else ray.train.Checkpoint.from_directory(tmp))
@@ -285,9 +467,16 @@ def run(cfg: Config, verbose: bool = True):
     if not local and not ray.is_initialized():
         # The dashboard's state API lets Ray Train's placement-group cleaner see the run.
         ray.init(address=t.address)
+    actor, actor_name = None, None
+    if not local:  # the run's head-convergence actor lives with the driver, not a worker
+        from .convergence.actor import actor_name as name_for, create_actor
+
+        actor_name = name_for(storage, t.run_name)
+        actor = create_actor(actor_name, *controller_args(cfg))
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "local_mode": local, "storage": storage},
+        train_loop_config={"config": cfg.to_dict(), "local_mode": local, "storage": storage,
+                           "heads_actor": actor_name},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})},
@@ -305,7 +494,11 @@ def run(cfg: Config, verbose: bool = True):
         ),
     )
     start = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if actor is not None:
+            ray.kill(actor)
     if verbose:
         print(summary(result, cfg, time.perf_counter() - start), flush=True)
     return result

@@ -104,7 +104,7 @@ class ViTCAE(nn.Module):
             nn.Linear(cfg.z_cls_dim, cfg.prior_hidden), nn.GELU(),
             nn.Linear(cfg.prior_hidden, cfg.prior_hidden), nn.GELU(),
             nn.Linear(cfg.prior_hidden, N * 3 * Zp),
-        )
+        ) if cfg.conditional_prior else None
 
         # decoder: patch latents -> tokens, FiLM(z_cls) in every block -> pixels
         Dd = cfg.dec_dim
@@ -150,7 +150,11 @@ class ViTCAE(nn.Module):
 
     # --- prior ---------------------------------------------------------------------------
     def forward_prior(self, z_cls: torch.Tensor):
-        """z_cls (B, Zc) -> prior_mu, prior_logvar, z_patch_tilde, each (B, N, Zp)."""
+        """z_cls (B, Zc) -> prior_mu, prior_logvar, z_patch_tilde, each (B, N, Zp).
+        With ``conditional_prior`` off (ablation) all three are zero: p(z_patch) = N(0, I)."""
+        if not self.cfg.conditional_prior:
+            zeros = z_cls.new_zeros(z_cls.shape[0], self.num_patches, self.cfg.z_patch_dim)
+            return zeros, zeros, zeros
         out = self.prior(z_cls).view(z_cls.shape[0], self.num_patches, 3, self.cfg.z_patch_dim)
         return out[:, :, 0], out[:, :, 1], out[:, :, 2]
 
