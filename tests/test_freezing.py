@@ -47,7 +47,8 @@ def test_weights_mode_keeps_every_trainable_gradient_exact():
             expected = ref[name].grad.index_select(dim, heads)
         else:
             expected = ref[name].grad
-        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)  # summation order
+        # float32 summation order differs between the grouped and the plain matmuls
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
         checked += 1
     assert checked > 20
 

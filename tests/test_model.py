@@ -99,3 +99,12 @@ def test_per_head_weights_are_addressable():
     # head 2's query is the slice computed from qkv_weight[0, 2] alone
     q2 = x @ attn.qkv_weight[0, 2].T + attn.qkv_bias[0, 2]
     torch.testing.assert_close(q_all.view(2, 5, 4, 8)[:, :, 2], q2)
+
+
+def test_unconditional_prior_ablation_uses_a_standard_normal_prior():
+    cfg = build_config({"model.conditional_prior": False})
+    model = build_model(cfg.model, 32, 1)
+    assert model.prior is None
+    out = model(torch.rand(2, 1, 32, 32))
+    assert out.prior_mu.abs().sum() == 0 and out.prior_logvar.abs().sum() == 0
+    assert model.generate(2).shape == (2, 1, 32, 32)

@@ -2,7 +2,7 @@
 
 For each setting (no head frozen; 50% and 100% of the encoder's heads frozen in ``weights`` and
 ``detach`` mode) it counts the step's FLOPs with FlopCounterMode and times full training steps
-(forward, loss, backward, AdamW step), interleaving the settings round by round so machine
+(forward, loss, backward, AdamW step; bf16 autocast on GPUs, as in training), interleaving the settings round by round so machine
 noise hits them alike; it reports medians and ratios to the unfrozen step, measured in one run.
 """
 
@@ -17,12 +17,17 @@ import time
 import torch
 
 from .config import ConfigError, resolve
+from .engine import autocast
 from .freezing import apply_frozen, grad_elements, train_step_flops
 from .losses import vitcae_loss
 from .model import build_model
 from .optim import build_optimizer
 
 SETTINGS = (("none", 0.0), ("weights", 0.5), ("weights", 1.0), ("detach", 0.5), ("detach", 1.0))
+
+
+def _autocast_dtype(device: torch.device):
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def _frozen_sets(num_layers: int, num_heads: int, frac: float) -> list[list[int]]:
@@ -47,7 +52,9 @@ def run_bench(cfg, batch_size: int, rounds: int, steps: int, device: torch.devic
 
     def step(r):
         r["opt"].zero_grad(set_to_none=True)
-        vitcae_loss(r["model"](x), x, epoch, cfg.loss)["loss"].backward()
+        with autocast(device, _autocast_dtype(device)):  # as in training: bf16 on GPUs
+            out = r["model"](x)
+        vitcae_loss(out, x, epoch, cfg.loss)["loss"].backward()
         r["opt"].step()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

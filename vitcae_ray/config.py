@@ -103,9 +103,9 @@ class SchedulerConfig:
 class FreezeConfig:
     enabled: bool = True  # False never freezes a head (ablation)
     mode: str = "weights"  # "weights": exact gradients; "detach": cut frozen heads from autograd
-    drift_threshold: float = 0.01  # drift_w1 below this counts as converged (grid units in [0, 1])
-    patience: int = 2  # epochs the drift must stay below the threshold
-    kappa_window: int = 2  # epochs over which kappa must not change
+    drift_threshold: float = 0.002  # drift_w1 below this counts as converged (grid units in [0, 1])
+    patience: int = 3  # epochs the drift must stay below the threshold
+    kappa_window: int = 3  # epochs over which kappa must not change
     min_epoch: int = -1  # no freezing before this epoch; -1 = loss.warmup_epochs
     max_frozen_frac: float = 1.0  # cap on the fraction of a layer's heads that may freeze
     probe_size: int = 64  # fixed validation images for the patch->patch attention (kappa)

@@ -30,7 +30,7 @@ class NonFiniteLossError(RuntimeError):
         self.epoch, self.step = epoch, step
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -87,7 +87,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     start = time.perf_counter()
     for step, (x, _) in enumerate(loader):
         x = x.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             out = model(x)
         terms = vitcae_loss(out, x, epoch, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
@@ -120,7 +120,7 @@ def evaluate(model: nn.Module, loader: Iterable, epoch: int, cfg: Config, device
     sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
     for x, _ in loader:
         x = x.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             out = model(x, sample=False)
         terms = vitcae_loss(out, x, epoch, cfg.loss, generator=gen)
         n = x.shape[0]

@@ -15,6 +15,7 @@ gradient through them. The state dict is always the full per-head layout (``qkv_
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -67,6 +68,10 @@ class Attention(nn.Module):
         self.register_buffer("inverse", torch.argsort(torch.cat([ia, if_])), persistent=False)
         self.register_buffer("idx_active", ia, persistent=False)
         self.register_buffer("idx_frozen", if_, persistent=False)
+        hd = torch.arange(self.head_dim)
+        for group, idx in (("active", ia), ("frozen", if_)):  # the group's columns of proj
+            cols = (idx[:, None] * self.head_dim + hd).flatten()
+            self.register_buffer(f"cols_{group}", cols, persistent=False)
         for name, full in (("qkv_weight", weight), ("qkv_bias", bias)):
             setattr(self, f"{name}_active", nn.Parameter(full[:, ia].clone()))
             setattr(self, f"{name}_frozen", nn.Parameter(full[:, if_].clone(), requires_grad=False))
@@ -147,49 +152,53 @@ class Attention(nn.Module):
         return attn @ v, attn
 
     @torch.no_grad()
-    def _record(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Accumulate softmax(tau q_cls k^T / sqrt(d)) per head: ``B*H*T*hd`` work, no T x T matrix."""
-        logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0].float(), k.float())
-        probs = torch.softmax(logits / math.sqrt(self.head_dim), dim=-1)  # (B, H, T)
-        s = probs.sum(0)
+    def _record(self, groups: list[tuple[torch.Tensor, ...]]) -> None:
+        """Accumulate softmax(tau q_cls k^T / sqrt(d)) per head: ``B*H*T*hd`` work, no T x T
+        matrix; per group, then put in canonical head order on the small (H, T) sum."""
+        sums = []
+        for q, k, _ in groups:
+            logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0].float(), k.float())
+            sums.append(torch.softmax(logits / math.sqrt(self.head_dim), dim=-1).sum(0))  # (Hg, T)
+        s = torch.cat(sums).index_select(0, self.inverse) if len(sums) > 1 else sums[0]
         self.cls_attn_sum = s if self.cls_attn_sum is None else self.cls_attn_sum + s
-        self.cls_attn_count += q.shape[0]
+        self.cls_attn_count += groups[0][0].shape[0]
 
     def reset_readout(self) -> None:
         self.cls_attn_sum = None
         self.cls_attn_count = 0
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
-        """x: (B, T, D) -> (B, T, D); with ``return_attn`` also the weights (B, H, T, T)."""
+        """x: (B, T, D) -> (B, T, D); with ``return_attn`` also the weights (B, H, T, T).
+
+        Each head group runs its own projection, attention and slice of the output projection,
+        so no activation is concatenated or re-ordered; in ``detach`` mode the frozen group's
+        q/k/v and attention run under ``no_grad`` on the detached input (its output still
+        feeds the trainable output projection)."""
         B, T, D = x.shape
-        detach = self.freeze_mode == "detach" and self.frozen_heads
+        detach = self.freeze_mode == "detach"
+        names = [g for g, hs in (("active", self.active_heads), ("frozen", self.frozen_heads)) if hs]
         groups = []
-        if self.active_heads:
-            groups.append(self._group_qkv(x, "active"))
-        if self.frozen_heads:
-            if detach:
+        for g in names:
+            if g == "frozen" and detach:
                 with torch.no_grad():
-                    groups.append(self._group_qkv(x.detach(), "frozen"))
+                    groups.append(self._group_qkv(x.detach(), g))
             else:
-                groups.append(self._group_qkv(x, "frozen"))
+                groups.append(self._group_qkv(x, g))
         if self.record_cls:
-            q = torch.cat([g[0] for g in groups], 1).index_select(1, self.inverse)
-            k = torch.cat([g[1] for g in groups], 1).index_select(1, self.inverse)
-            self._record(q.detach(), k.detach())
-        if detach:
-            # two attention calls: the frozen heads' one runs outside autograd
-            out_a, attn_a = self._attend(*groups[0], return_attn) if self.active_heads else (None, None)
-            with torch.no_grad():
-                out_f, attn_f = self._attend(*groups[-1], return_attn)
-            outs = [o for o in (out_a, out_f) if o is not None]
-            attns = [a for a in (attn_a, attn_f) if a is not None]
-            out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-            attn = (torch.cat(attns, 1) if len(attns) > 1 else attns[0]) if return_attn else None
-        else:
-            q, k, v = (torch.cat(t, 1) if len(groups) > 1 else t[0] for t in zip(*groups))
-            out, attn = self._attend(q, k, v, return_attn)
-        if self.frozen_heads:  # back to canonical head order
-            out = out.index_select(1, self.inverse)
-            attn = attn.index_select(1, self.inverse) if attn is not None else None
-        out = self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-        return (out, attn) if return_attn else out
+            self._record([(q.detach(), k.detach(), v) for q, k, v in groups])
+        if len(names) == 1:  # every head in one group: one attention, the whole projection
+            with torch.no_grad() if names[0] == "frozen" and detach else contextlib.nullcontext():
+                out, attn = self._attend(*groups[0], return_attn)
+            if attn is not None and names[0] == "frozen":
+                attn = attn.index_select(1, self.inverse)
+            out = self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+            return (out, attn) if return_attn else out
+        y, attns = self.proj.bias, []
+        for g, qkv in zip(names, groups):
+            with torch.no_grad() if g == "frozen" and detach else contextlib.nullcontext():
+                out, attn = self._attend(*qkv, return_attn)  # (B, Hg, T, hd)
+            attns.append(attn)
+            w = self.proj.weight.index_select(1, getattr(self, f"cols_{g}"))  # (D, Hg*hd)
+            y = y + F.linear(out.transpose(1, 2).reshape(B, T, -1), w)
+        attn = torch.cat(attns, 1).index_select(1, self.inverse) if return_attn else None
+        return (y, attn) if return_attn else y
