@@ -228,14 +228,14 @@ def _barrier(world: int) -> None:
 def rank_spread(model: ViTCAE, world: int) -> float:
     """Largest difference across ranks of (a parameter checksum, the frozen-head signature):
     0 when every rank holds the same weights and frozen set, as DDP requires."""
-    with torch.no_grad():
-        checksum = sum(p.double().sum() for p in model.parameters()).item()
-    signature = float(sum(2 ** (l * 64 + h) % 1_000_003 for l, hs in enumerate(frozen_heads(model))
-                          for h in hs))
     if world == 1:
         return 0.0
     import torch.distributed as dist
 
+    with torch.no_grad():
+        checksum = sum(p.double().sum() for p in model.parameters()).item()
+    # hashes of int tuples are the same in every process
+    signature = float(hash(tuple(map(tuple, frozen_heads(model)))) % 2**52)
     local = torch.tensor([checksum, signature], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         local = local.cuda()
