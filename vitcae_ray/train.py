@@ -351,7 +351,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                                       device, amp_dtype)
         except NonFiniteLossError as e:
             # Every rank sees the same all-reduced gradient norm, so all stop here together.
-            ray.train.report({"epoch": epoch, "error": str(e)})
+            # val/loss = inf keeps Tune's metric checks and schedulers working on the stop
+            ray.train.report({"epoch": epoch, "error": str(e), "val/loss": math.inf})
             if logger is not None:
                 logger.close()
             return
@@ -446,8 +447,9 @@ def check_run_dir(run_dir: RunDir, cfg: Config) -> None:
             )
 
 
-def run(cfg: Config, verbose: bool = True):
-    """Train ``cfg`` with Ray Train; returns the ``ray.train.Result``."""
+def run(cfg: Config, verbose: bool = True, callbacks: list | None = None):
+    """Train ``cfg`` with Ray Train; returns the ``ray.train.Result``. ``callbacks`` are Ray
+    Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -489,6 +491,7 @@ def run(cfg: Config, verbose: bool = True):
                 checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
             # Ray Train tees a patched print() into its logger; keep one copy of each line.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),

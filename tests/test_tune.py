@@ -1,0 +1,69 @@
+"""Ray Tune sweeps over the trainer: ASHA, the results table, resume, bad spaces."""
+
+import math
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from vitcae_ray.config import build_config
+from vitcae_ray.tune import SpaceError, load_space, pareto_front, run_sweep
+
+BASE = {
+    "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.dec_dim": 32,
+    "model.dec_depth": 1, "model.dec_heads": 2, "model.patch_size": 2, "model.prior_hidden": 64,
+    "data.image_size": 16, "train.batch_size": 64, "train.max_failures": 0,
+    "train.log_images": False, "train.num_workers": 1, "train.cpus_per_worker": 0.5,
+    "train.epochs": 3, "loss.recon_weight": 10.0,
+}
+
+
+def _space(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return load_space(str(path))
+
+
+def test_smoke_sweep_asha_stops_trials_and_the_table_has_every_trial(ray_session, tmp_path):
+    # the first trial learns; the next three barely move, so ASHA stops them at the first rung
+    space = _space(tmp_path, "optim.lr: {grid: [3.0e-3, 1.0e-7, 2.0e-7, 3.0e-7]}\n"
+                             "scheduler.alpha: {loguniform: [1.0, 10.0]}\n")
+    base = build_config(BASE)
+    results, rows = run_sweep(base, space, str(tmp_path / "exp"), num_samples=1,
+                              grace_period=1, reduction_factor=2)
+    assert len(rows) == 4 and not results.errors
+    by_lr = {r["optim.lr"]: r for r in rows}
+    assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["epochs"] == 3
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert stopped and all(r["epochs"] < 3 for r in stopped)
+    assert rows[0]["optim.lr"] == 3e-3  # sorted best first
+    table = pq.read_table(tmp_path / "exp" / "results.parquet").to_pylist()
+    assert [r["trial_id"] for r in table] == [r["trial_id"] for r in rows]
+    for r in table:
+        assert r["best/val/loss"] <= r["final/val/loss"] and r["epochs"] >= 1
+        assert 1 <= r["scheduler.alpha"] <= 10
+    assert (tmp_path / "exp" / "results.csv").is_file()
+    assert any(r["pareto"] for r in table)
+
+
+def test_bad_space_fails_before_anything_starts(tmp_path):
+    for text, key in [("optim.lrr: {loguniform: [0.001, 0.1]}\n", "optim.lrr"),
+                      ("optim.lr: {lognormal: [0.001, 0.1]}\n", "optim.lr"),
+                      ("freeze.mode: {choice: [weights, sideways]}\n", "freeze.mode"),
+                      ("freeze.patience: {randint: [5, 2]}\n", "freeze.patience")]:
+        with pytest.raises(SpaceError, match=key.replace(".", r"\.")):
+            _space(tmp_path, text)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim.lrr: {loguniform: [0.001, 0.1]}\n")
+    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.tune", "--space", str(bad),
+                           "--output", str(tmp_path / "exp")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "optim.lrr" in proc.stderr
+    assert not (tmp_path / "exp").exists()
+
+
+def test_pareto_front_marks_the_non_dominated_trials():
+    points = [(1.0, 0.9), (2.0, 0.5), (1.5, 0.95), (3.0, 0.5), (math.nan, 0.1)]
+    assert pareto_front(points) == [True, True, False, False, False]

@@ -1,0 +1,323 @@
+"""``python -m vitcae_ray.tune``: ASHA search over the scheduler and freezing hyperparameters.
+
+Each trial is a full Ray Train run (its own ``TorchTrainer`` and head-convergence actor) whose
+per-epoch metrics reach Tune through ``TuneReportCallback``. The experiment directory holds:
+
+    EXP/tune/                 Ray Tune's experiment state (what ``--resume`` restores)
+    EXP/trials/<trial_id>/    each trial's run directory (metrics.jsonl, heads.parquet, tb/,
+                              train/checkpoint_epoch_NNNN/)
+    EXP/results.csv, .parquet one row per trial: parameters, final and best metrics, epochs,
+                              heads frozen, FLOPs saved, and the quality/compute Pareto front
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .config import Config, ConfigError, build_config, resolve
+from .data import DataError
+from .outputs import is_uri, storage_root
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+BASE_KEY = "vitcae_base_config"
+TRIALS_DIR, TUNE_NAME = "trials", "tune"
+RESULT_METRICS = ("val/loss", "val/mse", "val/psnr", "train/loss", "flops/saved_frac",
+                  "flops/cumulative_saved_frac", "heads/frozen")
+
+
+class SpaceError(ConfigError):
+    """A malformed search-space file; one line naming the key."""
+
+
+def load_space(path: str) -> dict[str, tuple[str, list]]:
+    """Read a space file: ``dotted.key: {distribution: args}`` -> {key: (distribution, args)}.
+
+    Every key must be a config key that accepts the distribution's values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SpaceError(f"search space {path!r} not found: pass a file such as tune_spaces/small.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpaceError(f"search space {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not data:
+        raise SpaceError(f"search space {path!r} must map dotted config keys to distributions")
+    space = {}
+    for key, spec in data.items():
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise SpaceError(f"search space key {key!r} needs exactly one distribution, e.g. "
+                             f"{{loguniform: [0.001, 0.1]}}")
+        (dist, args), = spec.items()
+        if dist not in DISTRIBUTIONS:
+            raise SpaceError(f"search space key {key!r}: unknown distribution {dist!r}; "
+                             f"use one of {', '.join(DISTRIBUTIONS)}")
+        if not isinstance(args, list) or not args:
+            raise SpaceError(f"search space key {key!r}: {dist} needs a list of values")
+        if dist in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
+                raise SpaceError(f"search space key {key!r}: {dist} needs [low, high] with low < high")
+            if dist == "loguniform" and args[0] <= 0:
+                raise SpaceError(f"search space key {key!r}: loguniform needs low > 0")
+            samples = args if dist != "randint" else [int(args[0]), int(args[1]) - 1]
+        else:
+            samples = args
+        for value in samples:  # the trainer's own validation: unknown key, wrong type, range
+            try:
+                build_config({key: value})
+            except ConfigError as e:
+                raise SpaceError(f"search space key {key!r}: {e}") from None
+        space[key] = (dist, args)
+    return space
+
+
+def param_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
+    from ray import tune
+
+    make: dict[str, Callable] = {
+        "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(int(a[0]), int(a[1])), "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return {key: make[dist](args) for key, (dist, args) in space.items()}
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def trial_fn(config: dict[str, Any]) -> None:
+    """One Tune trial: the searched keys over the base config, trained with Ray Train."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import run
+
+    base = dict(config[BASE_KEY])
+    experiment = base.pop("experiment")
+    trial_id = tune.get_context().get_trial_id()
+    overrides = {k: v for k, v in config.items() if k != BASE_KEY}
+    cfg = build_config({**base["config"], **overrides,
+                        "train.output": _join(experiment, TRIALS_DIR, trial_id)})
+    run(cfg, verbose=False, callbacks=[TuneReportCallback()])
+
+
+def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    from .outputs import RunDir
+
+    text = RunDir(run_dir).read_text("metrics.jsonl") if not is_uri(run_dir) else None
+    if is_uri(run_dir):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(run_dir)
+        info = fs.get_file_info(f"{path}/metrics.jsonl")
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                text = f.read().decode()
+    return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Non-dominated flags for (quality loss, compute) pairs, both to minimise."""
+    flags = []
+    for i, (q, c) in enumerate(points):
+        dominated = any((q2 <= q and c2 <= c) and (q2 < q or c2 < c)
+                        for j, (q2, c2) in enumerate(points) if j != i)
+        flags.append(not dominated and not (math.isnan(q) or math.isnan(c)))
+    return flags
+
+
+def results_table(results, space_keys: list[str], experiment: str, max_epochs: int,
+                  metric: str, mode: str) -> list[dict[str, Any]]:
+    """One row per trial from its run directory's metrics.jsonl (the source of truth)."""
+    rows = []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1]
+        run_dir = _join(experiment, TRIALS_DIR, trial_id)
+        history = _read_metrics(run_dir)
+        row: dict[str, Any] = {"trial_id": trial_id, "run_dir": run_dir}
+        row.update({k: result.config.get(k) for k in space_keys})
+        row["epochs"] = len(history)
+        row["status"] = ("error" if result.error is not None else
+                         "completed" if len(history) >= max_epochs else "stopped")
+        for key in RESULT_METRICS:
+            values = [m[key] for m in history if isinstance(m.get(key), (int, float))]
+            row[f"final/{key}"] = values[-1] if values else math.nan
+            best = (min if mode == "min" else max) if key == metric else (min if "loss" in key or "mse" in key else max)
+            row[f"best/{key}"] = best(values) if values else math.nan
+        rows.append(row)
+    sign = 1.0 if mode == "min" else -1.0
+    flags = pareto_front([(sign * r[f"best/{metric}"], 1.0 - r["final/flops/cumulative_saved_frac"])
+                          for r in rows])
+    for r, f in zip(rows, flags):
+        r["pareto"] = f
+    rows.sort(key=lambda r: (math.isnan(r[f"best/{metric}"]), sign * r[f"best/{metric}"]))
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], experiment: str) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    fs, root = pafs.FileSystem.from_uri(experiment if is_uri(experiment) else "file://" + experiment)
+    for name, write in (("results.parquet", pq.write_table), ("results.csv", pacsv.write_csv)):
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            write(table, f)
+
+
+def format_results(rows: list[dict[str, Any]], space_keys: list[str], metric: str) -> str:
+    cols = ["trial_id", *space_keys, "status", "epochs", f"best/{metric}", "final/val/mse",
+            "final/heads/frozen", "final/flops/cumulative_saved_frac", "pareto"]
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table)
+
+
+def max_concurrent(workers_per_trial: int, cpus_per_worker: float, gpu: bool,
+                   driver_cpus: float) -> int:
+    """How many trials the cluster's resources hold at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    if gpu:
+        return max(1, int(total.get("GPU", 0) // max(workers_per_trial, 1)))
+    per_trial = workers_per_trial * cpus_per_worker + driver_cpus
+    return max(1, int(total.get("CPU", 1) // per_trial))
+
+
+def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str, num_samples: int,
+              metric: str = "val/loss", mode: str = "min", grace_period: int = 1,
+              reduction_factor: float = 2, search: str = "random", resume: bool = False,
+              driver_cpus: float = 0.25, callbacks: list | None = None):
+    """Run (or resume) the sweep; returns (ResultGrid, rows of the results table)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    experiment = storage_root(experiment)
+    t = base.train
+    trainable = tune.with_resources(trial_fn, {"CPU": driver_cpus})
+    tune_path = _join(experiment, TUNE_NAME)
+    if resume:
+        if not tune.Tuner.can_restore(tune_path):
+            raise ConfigError(f"nothing to resume at {tune_path!r}: run without --resume first")
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if _exists(tune_path):
+            raise ConfigError(f"experiment {experiment!r} already exists: pass --resume to "
+                              "continue it, or another --output")
+        searcher = None
+        if search != "random":
+            searcher = _searcher(search, metric, mode)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**param_space(space),
+                         BASE_KEY: {"config": base.to_dict(), "experiment": experiment}},
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=num_samples, search_alg=searcher,
+                scheduler=ASHAScheduler(max_t=t.epochs, grace_period=grace_period,
+                                        reduction_factor=reduction_factor),
+                max_concurrent_trials=max_concurrent(t.num_workers, t.cpus_per_worker, t.gpu,
+                                                     driver_cpus),
+            ),
+            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=experiment,
+                                      callbacks=callbacks),
+        )
+    results = tuner.fit()
+    rows = results_table(list(results), list(space), experiment, t.epochs, metric, mode)
+    write_results(rows, experiment)
+    return results, rows
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path if is_uri(path) else "file://" + path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _searcher(name: str, metric: str, mode: str):
+    try:
+        if name == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(metric=metric, mode=mode)
+        if name == "hyperopt":
+            from ray.tune.search.hyperopt import HyperOptSearch
+
+            return HyperOptSearch(metric=metric, mode=mode)
+    except (ImportError, AssertionError) as e:
+        raise ConfigError(f"--search {name} needs its package: pip install {name} ({e})") from None
+    raise ConfigError(f"--search must be random, optuna or hyperopt, got {name!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vitcae_ray.tune", description=__doc__.splitlines()[0])
+    p.add_argument("--space", default="tune_spaces/default.yaml", help="search-space YAML")
+    p.add_argument("--config", help="base training config YAML (the searched keys override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key (repeatable)")
+    p.add_argument("--num-samples", type=int, default=8, help="trials (per grid point)")
+    p.add_argument("--max-epochs", type=int, help="epochs per trial (ASHA's max_t)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers of each trial")
+    p.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker")
+    p.add_argument("--address", help="Ray cluster address, e.g. auto")
+    p.add_argument("--output", default="runs/tune", help="experiment directory (local or URI)")
+    p.add_argument("--dataset", help="data.dataset")
+    p.add_argument("--data-root", help="data.root")
+    p.add_argument("--metric", default="val/loss")
+    p.add_argument("--mode", choices=("min", "max"), default="min")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
+    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor")
+    p.add_argument("--search", default="random", help="random, optuna or hyperopt")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        space = load_space(args.space)
+        base = resolve(args.config, {
+            "train.epochs": args.max_epochs, "train.num_workers": args.workers_per_trial,
+            "train.gpu": args.gpu, "train.address": args.address,
+            "data.dataset": args.dataset, "data.root": args.data_root,
+        }, args.set)
+        if base.train.num_workers < 1:
+            raise ConfigError("--workers-per-trial must be >= 1 (each trial is a Ray Train run)")
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=base.train.address)
+        _, rows = run_sweep(base, space, args.output, args.num_samples, args.metric, args.mode,
+                            args.grace_period, args.reduction_factor, args.search, args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_results(rows, list(space), args.metric))
+    out = storage_root(args.output)
+    stopped = sum(r["status"] == "stopped" for r in rows)
+    print(f"{len(rows)} trials in {time.perf_counter() - start:.0f}s ({stopped} stopped early by ASHA); "
+          f"results: {out}/results.csv, {out}/results.parquet; "
+          f"export the best: python -m vitcae_ray.export --experiment {out} --out model_dir")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
