@@ -30,6 +30,18 @@ def storage_root(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def read_text(root: str, name: str) -> str | None:
+    """``root/name`` as text, for a local directory or a pyarrow URI; None if it is not a file."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(root if is_uri(root) else "file://" + storage_root(root))
+    path = f"{base.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
 class RunDir:
     """Local view of the run directory; ``sync()`` mirrors it to the URI when there is one."""
 
@@ -44,17 +56,7 @@ class RunDir:
 
     def read_text(self, name: str) -> str | None:
         """A file of the run directory (from the URI when there is one), or None."""
-        if not is_uri(self.output):
-            p = self.local / name
-            return p.read_text() if p.is_file() else None
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(self.output)
-        path = f"{root.rstrip('/')}/{name}"
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
+        return read_text(self.output, name)
 
     def write_text(self, name: str, text: str) -> None:
         """Write atomically (temp file + rename), so an interrupted write never truncates."""

@@ -24,10 +24,9 @@ import yaml
 
 from .config import Config, ConfigError, build_config, resolve
 from .data import DataError
-from .outputs import is_uri, storage_root
+from .outputs import is_uri, read_text, storage_root
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
-BASE_KEY = "vitcae_base_config"
 TRIALS_DIR, TUNE_NAME = "trials", "tune"
 RESULT_METRICS = ("val/loss", "val/mse", "val/psnr", "train/loss", "flops/saved_frac",
                   "flops/cumulative_saved_frac", "heads/frozen")
@@ -94,35 +93,22 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def trial_fn(config: dict[str, Any]) -> None:
-    """One Tune trial: the searched keys over the base config, trained with Ray Train."""
+def trial_fn(config: dict[str, Any], base: dict[str, Any], experiment: str) -> None:
+    """One Tune trial: the searched keys (``config``) over the base config, trained with Ray
+    Train in the trial's own run directory."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .train import run
 
-    base = dict(config[BASE_KEY])
-    experiment = base.pop("experiment")
     trial_id = tune.get_context().get_trial_id()
-    overrides = {k: v for k, v in config.items() if k != BASE_KEY}
-    cfg = build_config({**base["config"], **overrides,
-                        "train.output": _join(experiment, TRIALS_DIR, trial_id)})
+    cfg = build_config({**base, **config, "train.output": _join(experiment, TRIALS_DIR, trial_id)})
     run(cfg, verbose=False, callbacks=[TuneReportCallback()])
 
 
 def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    from .outputs import RunDir
-
-    text = RunDir(run_dir).read_text("metrics.jsonl") if not is_uri(run_dir) else None
-    if is_uri(run_dir):
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(run_dir)
-        info = fs.get_file_info(f"{path}/metrics.jsonl")
-        if info.type == pafs.FileType.File:
-            with fs.open_input_stream(info.path) as f:
-                text = f.read().decode()
-    return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+    text = read_text(run_dir, "metrics.jsonl") or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -148,11 +134,11 @@ def results_table(results, space_keys: list[str], experiment: str, max_epochs: i
         row["epochs"] = len(history)
         row["status"] = ("error" if result.error is not None else
                          "completed" if len(history) >= max_epochs else "stopped")
-        for key in RESULT_METRICS:
+        for key in dict.fromkeys((*RESULT_METRICS, metric)):
             values = [m[key] for m in history if isinstance(m.get(key), (int, float))]
             row[f"final/{key}"] = values[-1] if values else math.nan
-            best = (min if mode == "min" else max) if key == metric else (min if "loss" in key or "mse" in key else max)
-            row[f"best/{key}"] = best(values) if values else math.nan
+            lower_is_better = mode == "min" if key == metric else ("loss" in key or "mse" in key)
+            row[f"best/{key}"] = (min if lower_is_better else max)(values) if values else math.nan
         rows.append(row)
     sign = 1.0 if mode == "min" else -1.0
     flags = pareto_front([(sign * r[f"best/{metric}"], 1.0 - r["final/flops/cumulative_saved_frac"])
@@ -210,7 +196,11 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
 
     experiment = storage_root(experiment)
     t = base.train
-    trainable = tune.with_resources(trial_fn, {"CPU": driver_cpus})
+    # the base config travels with the trainable (not the search space), so the trial table
+    # and TensorBoard's hyperparameters show only what is searched
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, base=base.to_dict(), experiment=experiment),
+        {"CPU": driver_cpus})
     tune_path = _join(experiment, TUNE_NAME)
     if resume:
         if not tune.Tuner.can_restore(tune_path):
@@ -226,8 +216,7 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
             searcher = _searcher(search, metric, mode)
         tuner = tune.Tuner(
             trainable,
-            param_space={**param_space(space),
-                         BASE_KEY: {"config": base.to_dict(), "experiment": experiment}},
+            param_space=param_space(space),
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=num_samples, search_alg=searcher,
                 scheduler=ASHAScheduler(max_t=t.epochs, grace_period=grace_period,
