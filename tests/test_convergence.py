@@ -1,39 +1,66 @@
-"""Diagnostics against references, and the controller's freeze rule, replay and state."""
+"""Diagnostics against references, and the controller's schedule, freeze rule, replay and state."""
 
 import json
 import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import wasserstein_distance_nd
 
 from vitcae_ray.config import FreezeConfig, SchedulerConfig
-from vitcae_ray.convergence import HeadController, drift_w1, grid_cost, kappa, patch_coords
+from vitcae_ray.convergence import (HeadController, HeadDecision, drift_w1, drift_w1_heads, grid_cost,
+                                    kappa, kappa_heads, patch_coords)
+
+# --- diagnostics -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("grid", [2, 3, 4])
 def test_w1_equals_scipy_wasserstein_nd(grid):
     rng = np.random.default_rng(grid)
     coords = patch_coords(grid)
+    cost = grid_cost(grid)
     for _ in range(3):
         p, q = rng.random(grid * grid), rng.random(grid * grid)
-        expected = wasserstein_distance_nd(coords, coords, p / p.sum(), q / q.sum())
-        assert drift_w1(p, q, grid_cost(grid)) == pytest.approx(expected, abs=1e-6)
-        assert drift_w1(q, p, grid_cost(grid)) == pytest.approx(expected, abs=1e-6)
-    assert drift_w1(p, p, grid_cost(grid)) == pytest.approx(0.0, abs=1e-12)
+        expected = wasserstein_distance_nd(coords, coords, p, q)
+        assert drift_w1(p, q, cost) == pytest.approx(expected, abs=1e-6)
+        assert drift_w1(q, p, cost) == pytest.approx(drift_w1(p, q, cost), abs=1e-12)
+        assert drift_w1(3.0 * p, q, cost) == pytest.approx(expected, abs=1e-6)  # normalised
+        assert drift_w1(p, p, cost) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_w1_of_a_point_mass_moved_one_patch():
-    g = 5
-    p, q = np.zeros(g * g), np.zeros(g * g)
-    p[7], q[8] = 1.0, 1.0  # one column to the right
-    assert drift_w1(p, q, grid_cost(g)) == pytest.approx(1 / (g - 1))
+@pytest.mark.parametrize("g", [2, 3, 5, 8])
+def test_w1_of_a_point_mass_moved_one_patch(g):
+    cost = grid_cost(g)
+    p, right, down = np.zeros(g * g), np.zeros(g * g), np.zeros(g * g)
+    p[0], right[1], down[g] = 1.0, 1.0, 1.0
+    assert drift_w1(p, right, cost) == pytest.approx(1 / (g - 1))
+    assert drift_w1(p, down, cost) == pytest.approx(1 / (g - 1))
+    corner = np.zeros(g * g)
+    corner[-1] = 1.0
+    assert drift_w1(p, corner, cost) == pytest.approx(math.sqrt(2))  # the largest possible
 
 
-def _blocks(c: int, n: int, rng) -> np.ndarray:
+def test_grid_cost_is_cached_read_only_and_row_major():
+    c = grid_cost(4)
+    assert c is grid_cost(4) and c.shape == (16, 16) and c.dtype == np.float64
+    assert not c.flags.writeable
+    assert c[0, 3] == pytest.approx(1.0) and c[0, 4] == pytest.approx(1 / 3)  # (0,3) vs (1,0)
+    assert np.allclose(c, c.T) and np.allclose(np.diag(c), 0)
+    assert grid_cost(1).shape == (1, 1)
+
+
+def test_drift_heads_matches_the_single_head_function():
+    rng = np.random.default_rng(0)
+    prev, cur = rng.random((2, 3, 9)), rng.random((2, 3, 9))
+    d = drift_w1_heads(prev, cur, 3)
+    assert d.shape == (2, 3)
+    assert d[1, 2] == pytest.approx(drift_w1(prev[1, 2], cur[1, 2], grid_cost(3)))
+
+
+def _blocks(c: int, n: int, rng, leak: float = 1e-3) -> np.ndarray:
+    """Row-stochastic matrix with c blocks: weight 1 within a block, ~leak between blocks."""
     labels = np.arange(n) % c
-    a = (labels[:, None] == labels[None, :]) * 1.0 + 1e-3 + rng.random((n, n)) * 1e-3
+    a = (labels[:, None] == labels[None, :]) * 1.0 + leak + rng.random((n, n)) * leak
     return a / a.sum(1, keepdims=True)
 
 
@@ -41,93 +68,211 @@ def _blocks(c: int, n: int, rng) -> np.ndarray:
 def test_kappa_recovers_block_cluster_counts(c):
     rng = np.random.default_rng(c)
     assert kappa(_blocks(c, 20, rng), top_k=8) == c
+    assert kappa(_blocks(c, 16, rng, leak=1e-2), top_k=8) == c
     # a softmax over block-structured logits (strictly positive, eigenvalue 1 simple)
-    labels = np.arange(16) % c
+    labels = rng.permutation(np.arange(16) % c)
     logits = 6.0 * (labels[:, None] == labels[None, :]) + rng.normal(0, 0.1, (16, 16))
     soft = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert kappa(soft, top_k=8) == c
+    assert kappa(5.0 * soft, top_k=8) == c  # rows renormalised
 
 
-def _controller(**freeze):
-    base = dict(drift_threshold=0.05, patience=2, kappa_window=2)
-    return HeadController(2, 2, 3, SchedulerConfig(alpha=2.0), FreezeConfig(**{**base, **freeze}),
-                          min_epoch=3)
+def test_kappa_of_uniform_attention_and_small_windows():
+    assert kappa(np.ones((16, 16)), top_k=8) == 1
+    assert kappa(_blocks(3, 16, np.random.default_rng(0)), top_k=1) == 1  # no gap to examine
+    assert kappa(np.ones((1, 1)), top_k=8) == 1
+    rng = np.random.default_rng(1)
+    stack = np.stack([np.stack([_blocks(c, 16, rng) for c in (1, 2, 3)])] * 2)  # (2, 3, 16, 16)
+    k = kappa_heads(stack, top_k=8)
+    assert k.dtype == np.int64 and k.tolist() == [[1, 2, 3], [1, 2, 3]]
 
 
-def _epochs(n: int):
-    """Head (0, 0) is still from epoch 0 on; every other head keeps moving."""
-    rng = np.random.default_rng(0)
-    still = rng.random(9)
-    patch = np.broadcast_to(_blocks(2, 9, rng), (2, 2, 9, 9)).copy()
-    for _ in range(n):
-        cls = rng.random((2, 2, 9)) + 0.2
-        cls[0, 0] = still
-        yield cls, patch
+# --- controller ------------------------------------------------------------------------------
+
+L, H, G = 2, 2, 3  # layers, heads, patch grid (N = 9)
+ALPHA, THRESHOLD = 2.0, 0.01
 
 
-def test_freezes_exactly_when_the_rule_says_and_stays_frozen():
+def _script(n: int, seed: int = 0, kappa_change_at: int | None = None):
+    """Epoch statistics where head (0, 0) stabilises from epoch 2 on (drift ~1e-4, below the
+    threshold, from epoch 3 on) while every other head keeps moving. From ``kappa_change_at``
+    on, head (0, 0)'s patch attention has 3 blocks instead of 2."""
+    rng = np.random.default_rng(seed)
+    base = rng.random(G * G) + 0.5
+    two, three = _blocks(2, G * G, rng), _blocks(3, G * G, rng)
+    out = []
+    for epoch in range(n):
+        cls = rng.random((L, H, G * G)) + 0.2
+        if epoch >= 2:
+            cls[0, 0] = base + 1e-3 * rng.random(G * G)
+        patch = np.broadcast_to(two, (L, H, G * G, G * G)).copy()
+        if kappa_change_at is not None and epoch >= kappa_change_at:
+            patch[0, 0] = three
+        out.append((cls, patch))
+    return out
+
+
+def _controller(min_epoch: int = 3, scheduler: dict | None = None, **freeze) -> HeadController:
+    fz = FreezeConfig(**{"drift_threshold": THRESHOLD, "patience": 2, "kappa_window": 2, **freeze})
+    return HeadController(L, H, G, SchedulerConfig(**{"alpha": ALPHA, **(scheduler or {})}), fz,
+                          min_epoch)
+
+
+def _run(c: HeadController, data) -> list[HeadDecision]:
+    return [c.update(e, cls, patch) for e, (cls, patch) in enumerate(data)]
+
+
+def _others(d: HeadDecision) -> list[bool]:
+    return [d.frozen[l][h] for l in range(L) for h in range(H) if (l, h) != (0, 0)]
+
+
+def test_the_script_has_the_drifts_the_rule_reasons_about():
+    ds = _run(_controller(), _script(8))
+    assert math.isnan(ds[0].drift[0][0]) and ds[0].mean_drift is None
+    assert all(d.drift[0][0] >= THRESHOLD for d in ds[1:3])
+    assert all(0 < d.drift[0][0] < THRESHOLD for d in ds[3:])
+    assert all(d.drift[l][h] >= THRESHOLD for d in ds[1:] for l in range(L) for h in range(H)
+               if (l, h) != (0, 0))
+    assert all(d.kappa == [[2, 2], [2, 2]] for d in ds)
+
+
+@pytest.mark.parametrize("min_epoch, expected", [(3, 4), (0, 4), (6, 6)])
+def test_freezes_exactly_when_the_rule_says(min_epoch, expected):
+    # drift of (0, 0) is below the threshold at epochs 3, 4, ...; with patience 2 the window
+    # 3..4 is the first that qualifies (kappa is constant), so it freezes at max(4, min_epoch)
+    ds = _run(_controller(min_epoch), _script(8))
+    assert [d.frozen[0][0] for d in ds] == [e >= expected for e in range(8)]
+    assert [d.newly_frozen for d in ds] == [[(0, 0)] if e == expected else [] for e in range(8)]
+    assert all(d.frozen_epoch[0][0] == (expected if e >= expected else None) for e, d in enumerate(ds))
+    assert not any(any(_others(d)) for d in ds)
+    assert ds[-1].num_frozen == 1 and ds[-1].num_heads_total == L * H
+
+
+def test_kappa_must_hold_one_value_over_its_window():
+    # kappa of (0, 0) goes 2 -> 3 at epoch 4: window 3..4 holds {2, 3}, window 4..5 holds {3}
+    ds = _run(_controller(), _script(7, kappa_change_at=4))
+    assert ds[3].kappa[0][0] == 2 and ds[4].kappa[0][0] == 3
+    assert [d.frozen_epoch[0][0] for d in ds][-1] == 5 and not ds[4].frozen[0][0]
+    # without patch attention kappa is unavailable (-1) and nothing can freeze
     c = _controller()
-    decisions = [c.update(e, cls, patch) for e, (cls, patch) in enumerate(_epochs(6))]
-    # (0, 0) has zero drift from epoch 1 and a constant kappa: patience 2 is met at epoch 2,
-    # but min_epoch is 3, so it freezes at 3 and only then
-    assert [d.frozen[0][0] for d in decisions] == [False, False, False, True, True, True]
-    assert decisions[3].newly_frozen == [(0, 0)] and decisions[3].frozen_epoch[0][0] == 3
-    assert all(not any(d.frozen[l][h] for l in range(2) for h in range(2) if (l, h) != (0, 0))
-               for d in decisions)
-    # tau factor: 1 / (1 + alpha d) for moving heads; frozen heads keep the factor they froze with
-    d4 = decisions[4]
-    assert d4.tau_factor[1][1] == pytest.approx(1 / (1 + 2.0 * d4.drift[1][1]))
-    assert decisions[5].tau_factor[0][0] == decisions[3].tau_factor[0][0] == pytest.approx(1.0)
-    assert math.isnan(decisions[0].drift[0][0]) and decisions[0].tau_factor == [[1.0, 1.0]] * 2
-    # frozen stays frozen even when the head's attention moves again
-    cls, patch = next(_epochs(1))
-    cls[0, 0] = np.linspace(1, 9, 9)
-    assert c.update(6, cls, patch).frozen[0][0]
+    ds = [c.update(e, cls, None) for e, (cls, _) in enumerate(_script(7))]
+    assert ds[-1].kappa == [[-1, -1], [-1, -1]] and ds[-1].num_frozen == 0
 
 
-def test_switches_and_cap():
-    off = HeadController(2, 2, 3, SchedulerConfig(enabled=False), FreezeConfig(enabled=False), 0)
-    for e, (cls, patch) in enumerate(_epochs(5)):
-        d = off.update(e, cls, patch)
-    assert d.tau_factor == [[1.0, 1.0]] * 2 and d.num_frozen == 0
-    # everything converges (threshold above any drift); the cap allows one head per layer,
-    # the lower-drift one
-    capped = _controller(drift_threshold=10.0, max_frozen_frac=0.5)
-    for e, (cls, patch) in enumerate(_epochs(5)):
-        d = capped.update(e, cls, patch)
-    assert [sum(row) for row in d.frozen] == [1, 1]
-    assert d.frozen[0][0]  # drift 0 beats head (0, 1)
-
-
-def test_replay_is_idempotent_and_epochs_must_be_contiguous():
+def test_tau_factors_follow_the_drift_and_stay_fixed_once_frozen():
     c = _controller()
-    data = list(_epochs(5))
-    first = []
-    for e in range(5):
-        first.append(c.update(e, *data[e]))
-        if e == 2:
-            saved = c.state_dict()  # what the checkpoint of epoch 2 holds
-    again = c.update(4, *data[4])  # the latest epoch replayed in place
-    assert again.to_dict() == first[4].to_dict() and c.last_epoch == 4
-    # a worker-group restart from epoch 2's checkpoint pushes that state, then replays 3 and 4
-    c.load_state_dict(saved)
-    assert c.last_epoch == 2
-    assert c.update(3, *data[3]).to_dict() == first[3].to_dict()
+    data = _script(7)
+    ds = _run(c, data)
+    assert ds[0].tau_factor == [[1.0, 1.0], [1.0, 1.0]]
+    for d in ds[1:]:
+        for l, h in [(0, 1), (1, 0), (1, 1)]:
+            assert d.tau_factor[l][h] == pytest.approx(1 / (1 + ALPHA * d.drift[l][h]), rel=1e-12)
+    # (0, 0) freezes at 4 and keeps the factor it used during epoch 4, set by epoch 3's drift
+    used = 1 / (1 + ALPHA * ds[3].drift[0][0])
+    assert ds[3].tau_factor[0][0] == pytest.approx(used, rel=1e-12)
+    assert ds[4].drift[0][0] != ds[3].drift[0][0]
+    assert [d.tau_factor[0][0] for d in ds[4:]] == [ds[3].tau_factor[0][0]] * 3
+    # frozen stays frozen (with its factor) when the head's attention moves again
+    cls, patch = data[0]
+    cls = cls.copy()
+    cls[0, 0] = np.linspace(1, 9, G * G)
+    d7 = c.update(7, cls, patch)
+    assert d7.drift[0][0] > 10 * THRESHOLD and d7.frozen[0][0] and d7.frozen_epoch[0][0] == 4
+    assert d7.tau_factor[0][0] == ds[3].tau_factor[0][0]
+
+
+def test_switches_turn_the_schedule_and_freezing_off():
+    data = _script(7)
+    ds = _run(_controller(scheduler={"enabled": False}), data)
+    assert all(d.tau_factor == [[1.0, 1.0], [1.0, 1.0]] for d in ds)
+    assert ds[-1].frozen_epoch[0][0] == 4  # freezing still works
+    ds = _run(_controller(enabled=False), data)
+    assert all(d.num_frozen == 0 for d in ds)
+    assert ds[-1].tau_factor[0][0] == pytest.approx(1 / (1 + ALPHA * ds[-1].drift[0][0]))
+
+
+def test_per_layer_cap_freezes_the_lowest_drift_heads_first():
+    rng = np.random.default_rng(3)
+    base = rng.random((2, 3, G * G)) + 0.5
+    amp = np.array([[0.5, 0.0, 0.0],  # layer 0: heads 1 and 2 tie at drift 0 -> head 1
+                    [0.5, 0.05, 0.2]])  # layer 1: head 1 drifts least
+    data = [(base + amp[..., None] * rng.random((2, 3, G * G)), None) for _ in range(6)]
+    patch = np.broadcast_to(np.ones((G * G, G * G)), (2, 3, G * G, G * G))
+
+    def run(frac: float) -> list[HeadDecision]:
+        fz = FreezeConfig(drift_threshold=10.0, patience=2, kappa_window=2, max_frozen_frac=frac)
+        c = HeadController(2, 3, G, SchedulerConfig(alpha=ALPHA), fz, min_epoch=3)
+        return [c.update(e, cls, patch) for e, (cls, _) in enumerate(data)]
+
+    ds = run(0.5)  # floor(0.5 * 3) = 1 head per layer; every head qualifies at epoch 3
+    assert ds[3].newly_frozen == [(0, 1), (1, 1)]
+    mean = np.mean([ds[2].drift[1], ds[3].drift[1]], axis=0)
+    assert int(np.argmin(mean)) == 1
+    assert all([sum(row) for row in d.frozen] == [1, 1] for d in ds[3:])
+    assert run(1.0)[3].num_frozen == 6 and run(0.3)[-1].num_frozen == 0
+
+
+def test_replay_overwrites_and_epochs_must_be_contiguous():
+    data = _script(7)
+    c = _controller()
+    first = _run(c, data[:6])
+    again = c.update(3, *data[3])  # after 3, 4 and 5: truncates 4 and 5
+    assert again.to_dict() == first[3].to_dict() and c.last_epoch == 3
+    with pytest.raises(KeyError):
+        c.decision(4)
     assert c.update(4, *data[4]).to_dict() == first[4].to_dict()
+    assert c.update(5, *data[5]).to_dict() == first[5].to_dict()
+    assert c.update(5, *data[5]).to_dict() == first[5].to_dict()
+    assert c.decision(4).to_dict() == first[4].to_dict()
     with pytest.raises(ValueError, match="does not follow"):
-        c.update(6, *data[4])
+        c.update(7, *data[6])
+    assert c.last_epoch == 5  # a failed update changes nothing
+    # the first epoch a controller sees may be any epoch
+    late = _controller()
+    assert math.isnan(late.update(5, *data[5]).drift[0][0])
+    # replays reach back replay_window epochs
+    short = HeadController(L, H, G, SchedulerConfig(), FreezeConfig(), 3, replay_window=2)
+    _run(short, data[:6])
+    with pytest.raises(ValueError, match="replay window"):
+        short.update(3, *data[3])
+    assert short.last_epoch == 5
+    short.update(4, *data[4])
 
 
 def test_state_round_trips_through_json_and_a_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    data = _script(8)
     c = _controller()
-    data = list(_epochs(6))
-    for e in range(4):
-        c.update(e, *data[e])
-    state = json.loads(json.dumps(c.state_dict()))
+    _run(c, data[:4])
+    state = json.loads(json.dumps(c.state_dict()))  # plain types only
     torch.save({"heads": state}, tmp_path / "c.pt")
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)["heads"]
-    fresh = _controller()
-    fresh.load_state_dict(loaded)
-    assert fresh.decision(3).to_dict() == c.decision(3).to_dict()
-    assert fresh.update(4, *data[4]).to_dict() == c.update(4, *data[4]).to_dict()
-    assert fresh.update(5, *data[5]).to_dict() == c.update(5, *data[5]).to_dict()
+    for s in (state, loaded):
+        fresh = _controller()
+        fresh.load_state_dict(s)
+        assert fresh.last_epoch == 3 and fresh.decision(3).to_dict() == c.decision(3).to_dict()
+        for e in (4, 5):  # (0, 0) freezes at 4 in both
+            assert fresh.update(e, *data[e]).to_dict() == c.update(e, *data[e]).to_dict()
+    # a restart from epoch 3's checkpoint replays 4.. identically
+    later = [c.update(e, *data[e]).to_dict() for e in (6, 7)]
+    c.load_state_dict(state)
+    assert c.last_epoch == 3
+    assert [c.update(e, *data[e]).to_dict() for e in (4, 5, 6, 7)][2:] == later
+    # an empty state, and a state for another model, are handled
+    empty = _controller()
+    empty.load_state_dict(_controller().state_dict())
+    assert empty.last_epoch is None and empty.update(2, *data[2]).epoch == 2
+    with pytest.raises(ValueError, match="cannot load"):
+        HeadController(3, H, G, SchedulerConfig(), FreezeConfig(), 3).load_state_dict(state)
+
+
+def test_decision_dict_round_trip():
+    d = _run(_controller(), _script(5))[-1]
+    plain = json.loads(json.dumps(d.to_dict()))
+    back = HeadDecision.from_dict(plain)
+    assert back.to_dict() == d.to_dict() and back.newly_frozen == [(0, 0)]
+    first = _run(_controller(), _script(1))[0]
+    first = HeadDecision.from_dict(json.loads(json.dumps(first.to_dict())))
+    assert first.to_dict()["drift"] == [[None, None], [None, None]]
+    assert math.isnan(first.drift[1][1])
+    assert d.mean_drift == pytest.approx(float(np.mean(d.drift)))

@@ -5,10 +5,20 @@ import signal
 import subprocess
 import sys
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+import vitcae_ray
 
 from vitcae_ray.config import build_config
+from vitcae_ray.data import build_datasets
+from vitcae_ray.engine import evaluate
+from vitcae_ray.export import main as export_main
 from vitcae_ray.tune import SpaceError, load_space, pareto_front, run_sweep
 
 BASE = {
@@ -47,6 +57,31 @@ def test_smoke_sweep_asha_stops_trials_and_the_table_has_every_trial(ray_session
     assert (tmp_path / "exp" / "results.csv").is_file()
     assert any(r["pareto"] for r in table)
 
+    # export takes the table's best trial; the loaded model reproduces its checkpoint's val loss
+    out = tmp_path / "model"
+    assert export_main(["--experiment", str(tmp_path / "exp"), "--out", str(out)]) == 0
+    hparams = json.loads((out / "hparams.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert hparams["trial_id"] == table[0]["trial_id"] and hparams["optim.lr"] == 3e-3
+    assert metrics["val/loss"] == pytest.approx(table[0]["best/val/loss"])
+    model = vitcae_ray.load_pretrained(str(out))
+    cfg = build_config(yaml.safe_load((out / "config.yaml").read_text()))
+    _, val, _ = build_datasets(cfg.data)
+    again = evaluate(model, DataLoader(val, batch_size=cfg.train.batch_size), metrics["epoch"], cfg,
+                     torch.device("cpu"), seed=cfg.train.seed)
+    assert again["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-4)
+    assert again["val/mse"] == pytest.approx(metrics["val/mse"], rel=1e-4)
+    # the two best trials, as a top-k export
+    assert export_main(["--experiment", str(tmp_path / "exp"), "--out", str(tmp_path / "top"),
+                        "--top-k", "2"]) == 0
+    top = [json.loads((tmp_path / "top" / str(i) / "hparams.json").read_text())["trial_id"]
+           for i in (1, 2)]
+    assert top == [table[0]["trial_id"], table[1]["trial_id"]]
+    for bad in (["--trial", "nope"], ["--metric", "val/nope"]):
+        assert export_main(["--experiment", str(tmp_path / "exp"), "--out",
+                            str(tmp_path / "bad"), *bad]) == 2
+    assert not (tmp_path / "bad").exists()
+
 
 def test_bad_space_fails_before_anything_starts(tmp_path):
     for text, key in [("optim.lrr: {loguniform: [0.001, 0.1]}\n", "optim.lrr"),
@@ -70,7 +105,6 @@ def test_pareto_front_marks_the_non_dominated_trials():
 
 
 def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_session, tmp_path):
-    import json
     import os
 
     from ray import tune
@@ -105,3 +139,14 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_session, tmp_pa
         epochs = [json.loads(line)["epoch"]
                   for line in (exp / "trials" / r["trial_id"] / "metrics.jsonl").read_text().splitlines()]
         assert epochs == [0, 1] and r["status"] == "completed"
+
+
+def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from vitcae_ray.export import main as export
+
+    out = tmp_path / "model"
+    assert export(["--experiment", str(tmp_path / "none"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.parquet" in err and not out.exists()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        vitcae_ray.load_pretrained(str(tmp_path))

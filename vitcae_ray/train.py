@@ -31,6 +31,7 @@ from .freezing import (apply_frozen, frozen_heads, grad_elements, rebuild_optimi
                        set_tau_factors, train_step_flops, unfrozen_step_flops)
 from .model import ViTCAE, build_model
 from .optim import build_lr_schedule, build_optimizer
+from .pretrained import model_from_state  # noqa: F401  (rebuilds a model from a checkpoint)
 from .outputs import CONFIG_FILE, RunDir, RunLogger, heatmap, image_grids, storage_root
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -69,16 +70,6 @@ def checkpoint_state(model: ViTCAE, optimizer, lr_sched, epoch: int, cfg: Config
 
 def load_state(checkpoint_dir: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
     return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-
-
-def model_from_state(state: dict[str, Any]) -> ViTCAE:
-    """Rebuild the model from a checkpoint's own config and weights."""
-    cfg = build_config(state["config"])
-    model = build_model(cfg.model, **state["model_args"])
-    apply_frozen(model, state.get("frozen_heads") or [[] for _ in range(cfg.model.depth)],
-                 cfg.freeze.mode)
-    model.load_state_dict(state["model"])
-    return model
 
 
 class LocalCheckpoints:
@@ -358,33 +349,17 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             return
         finally:
             model.set_readout(False)
-        metrics.update(evaluate(ddp_model, val_loader, epoch, cfg, device, amp_dtype, seed=t.seed))
-
         # Convergence: all-reduced statistics -> the run's controller -> one decision for all.
         cls_attn, patch_attn = head_statistics(model, probe)
         if rank == 0:
             heads.update(epoch, cls_attn.numpy(), patch_attn.numpy())
         _barrier(world)
         dec = heads.decision(epoch)
-
-        seen = history + [{"flops/train_step": step_flops}]
-        metrics = {
-            "epoch": epoch, **metrics,
-            "heads/frozen": frozen_now, "heads/total": total_heads,
-            "heads/newly_frozen": len(dec.newly_frozen),
-            "flops/train_step": step_flops, "flops/saved_frac": 1.0 - step_flops / base_flops,
-            "flops/cumulative_saved_frac":
-                1.0 - sum(m.get("flops/train_step", base_flops) for m in seen) / (len(seen) * base_flops),
-            "freeze/mean_drift": dec.mean_drift,
-            "comm/grad_elements": elements,
-            "time/step_s": metrics["time/epoch_s"] / max(steps_per_epoch, 1),
-            "ddp/rank_spread": rank_spread(model, world),
-        }
-        history.append(metrics)
         rows = _head_rows(model, dec, factors_used)
         head_rows.extend(rows)
 
         # Apply the decision on every rank at the same point: tau factors, then freezing.
+        trained_flops = step_flops
         set_tau_factors(model, dec.tau_factor)
         if frozen_sets(dec) != frozen_heads(model):
             del ddp_model  # its reducer holds the old parameters; re-wrap after the change
@@ -393,6 +368,23 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                                                     steps_per_epoch, carried)
             step_flops = train_step_flops(model, flop_x, cfg, flop_epoch)
             ddp_model = ray.train.torch.prepare_model(model)
+
+        # Validation sees the model exactly as the checkpoint below stores it.
+        metrics.update(evaluate(ddp_model, val_loader, epoch, cfg, device, amp_dtype, seed=t.seed))
+        seen = history + [{"flops/train_step": trained_flops}]
+        metrics = {
+            "epoch": epoch, **metrics,
+            "heads/frozen": frozen_now, "heads/total": total_heads,
+            "heads/newly_frozen": len(dec.newly_frozen),
+            "flops/train_step": trained_flops, "flops/saved_frac": 1.0 - trained_flops / base_flops,
+            "flops/cumulative_saved_frac":
+                1.0 - sum(m.get("flops/train_step", base_flops) for m in seen) / (len(seen) * base_flops),
+            "freeze/mean_drift": dec.mean_drift,
+            "comm/grad_elements": elements,
+            "time/step_s": metrics["time/epoch_s"] / max(steps_per_epoch, 1),
+            "ddp/rank_spread": rank_spread(model, world),
+        }
+        history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

@@ -1,4 +1,4 @@
-"""Head convergence: diagnostics (W1 drift, kappa), the controller that turns them into
+"""Head convergence: pure diagnostics (W1 drift, kappa), the controller that turns them into
 temperature factors and freeze decisions, and (``actor.py``, the only Ray import) its actor."""
 
 from .controller import HeadController, HeadDecision

@@ -1,14 +1,19 @@
-"""The head-convergence controller: per-head temperature factors and freeze decisions, keyed
-by epoch. Plain Python (numpy); the Ray actor in ``actor.py`` wraps it.
+"""The head-convergence controller: per-head temperature factors and freeze decisions, keyed by
+epoch. Plain Python and numpy; ``actor.py`` wraps it in a Ray actor.
 
-At epoch t, for head (l, h), with d the W1 drift of its CLS->patch distribution and kappa its
-cluster count:
-- tau factor from t+1 on: f = 1 / (1 + alpha * d^(t)) (1 at the first epoch; a frozen head
-  keeps the factor it froze with; 1 everywhere with the scheduler off);
-- the head freezes at t when t >= min_epoch, d stayed below ``drift_threshold`` over the last
-  ``patience`` epochs and kappa took a single value over the last ``kappa_window`` epochs;
-  at most floor(max_frozen_frac * H) heads of a layer are frozen (lowest recent drift first).
-  Frozen heads stay frozen.
+At epoch t, for head (l, h) with p^(t)_{l,h} its mean CLS->patch attention (normalised over the
+N patches) and A^(t)_{l,h} its mean patch->patch attention on the probe batch:
+
+- drift    d^(t) = W1(p^(t-1), p^(t))   (NaN at the first epoch the controller sees);
+- clusters kappa^(t) = kappa(A^(t))      (-1 when no patch attention is given);
+- factor   f^(t+1) = 1 / (1 + alpha * d^(t)) for heads not frozen at t (1 when d^(t) is NaN);
+  a frozen head keeps f^(t_freeze), the factor it used in its freeze epoch; with the scheduler
+  disabled f = 1 everywhere. The decision for epoch t carries f^(t+1), applied from t + 1 on.
+- freeze   (freezing enabled) head (l, h) freezes at t when t >= min_epoch,
+  d^(s) < drift_threshold for every s in t-patience+1..t (all defined), and kappa^(s) takes a
+  single value (all available) over s in t-kappa_window+1..t. Frozen heads stay frozen. At most
+  floor(max_frozen_frac * H) heads of a layer are frozen; when more qualify, those with the
+  smallest mean drift over the patience window freeze first (ties: lower head index).
 """
 
 from __future__ import annotations
@@ -22,163 +27,225 @@ import numpy as np
 from ..config import FreezeConfig, SchedulerConfig
 from .diagnostics import drift_w1_heads, kappa_heads
 
+__all__ = ["HeadController", "HeadDecision"]
+
+STATE_VERSION = 1
+
 
 @dataclass(frozen=True)
 class HeadDecision:
-    """The decision for one epoch; lists are indexed [layer][head]."""
+    """The controller's decision after epoch ``epoch``; every grid is indexed [layer][head]."""
 
     epoch: int
-    tau_factor: list[list[float]]  # to apply from epoch + 1 on
+    tau_factor: list[list[float]]  # f^(epoch+1): the factor to apply from epoch + 1 on
     frozen: list[list[bool]]
-    frozen_epoch: list[list[int | None]]
-    drift: list[list[float]]  # NaN where undefined (the first epoch)
-    kappa: list[list[int]]  # -1 where unavailable
-    newly_frozen: list[tuple[int, int]] = field(default_factory=list)
+    frozen_epoch: list[list[int | None]]  # the epoch a head froze at; None while it is not frozen
+    drift: list[list[float]]  # d^(epoch); NaN where undefined (the first epoch)
+    kappa: list[list[int]]  # kappa^(epoch); -1 where unavailable
+    newly_frozen: list[tuple[int, int]] = field(default_factory=list)  # (layer, head), sorted
 
     @property
     def num_frozen(self) -> int:
-        return sum(map(sum, self.frozen))
+        return sum(sum(row) for row in self.frozen)
 
     @property
     def num_heads_total(self) -> int:
-        return sum(map(len, self.frozen))
+        return sum(len(row) for row in self.frozen)
 
     @property
     def mean_drift(self) -> float | None:
+        """Mean of the defined drifts over all heads; None when none is defined."""
         d = np.array(self.drift, dtype=np.float64)
-        return None if np.isnan(d).all() else float(np.nanmean(d))
+        return None if d.size == 0 or np.isnan(d).all() else float(np.nanmean(d))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-safe types (NaN drift -> None)."""
+        """Plain, JSON-safe types: NaN drifts become None, (layer, head) tuples become lists."""
         return {
-            "epoch": self.epoch, "tau_factor": self.tau_factor, "frozen": self.frozen,
-            "frozen_epoch": self.frozen_epoch,
+            "epoch": self.epoch,
+            "tau_factor": [list(row) for row in self.tau_factor],
+            "frozen": [list(row) for row in self.frozen],
+            "frozen_epoch": [list(row) for row in self.frozen_epoch],
             "drift": [[None if math.isnan(v) else v for v in row] for row in self.drift],
-            "kappa": self.kappa, "newly_frozen": [list(x) for x in self.newly_frozen],
+            "kappa": [list(row) for row in self.kappa],
+            "newly_frozen": [[l, h] for l, h in self.newly_frozen],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadDecision:
+        """Inverse of :meth:`to_dict`."""
         return cls(
-            epoch=int(d["epoch"]), tau_factor=d["tau_factor"], frozen=d["frozen"],
-            frozen_epoch=d["frozen_epoch"],
+            epoch=int(d["epoch"]),
+            tau_factor=[[float(v) for v in row] for row in d["tau_factor"]],
+            frozen=[[bool(v) for v in row] for row in d["frozen"]],
+            frozen_epoch=[[None if v is None else int(v) for v in row] for row in d["frozen_epoch"]],
             drift=[[math.nan if v is None else float(v) for v in row] for row in d["drift"]],
-            kappa=d["kappa"], newly_frozen=[tuple(x) for x in d["newly_frozen"]],
+            kappa=[[int(v) for v in row] for row in d["kappa"]],
+            newly_frozen=[(int(l), int(h)) for l, h in d["newly_frozen"]],
         )
 
 
 class HeadController:
-    """Args:
-        num_layers, num_heads: the encoder's heads.
-        grid: patch grid side (image_size // patch_size).
+    """Per-head temperature schedule and freeze state machine (equations in the module doc).
+
+    Args:
+        num_layers, num_heads: the encoder's attention heads (L x H).
+        grid: the patch grid side (image_size // patch_size); N = grid**2 patches.
         scheduler, freeze: the config sections.
-        min_epoch: first epoch at which a head may freeze.
+        min_epoch: the first epoch at which a head may freeze (already resolved by the caller).
+        replay_window: how many of the latest recorded epochs can be replayed; the controller
+            keeps the CLS distributions of the last ``replay_window + 1`` epochs.
+
+    Decisions are keyed by epoch: ``update(t)`` first discards any recorded epochs >= t, so a
+    replayed epoch overwrites and gives the same decision as the first time. Otherwise epochs are
+    contiguous: ``update(t)`` needs epoch t - 1 recorded, unless the history is empty.
     """
 
     def __init__(self, num_layers: int, num_heads: int, grid: int, scheduler: SchedulerConfig,
-                 freeze: FreezeConfig, min_epoch: int) -> None:
-        self.L, self.H, self.grid = num_layers, num_heads, grid
+                 freeze: FreezeConfig, min_epoch: int, replay_window: int = 8) -> None:
+        if replay_window < 1:
+            raise ValueError(f"replay_window must be >= 1, got {replay_window}")
+        self.num_layers, self.num_heads, self.grid = num_layers, num_heads, grid
         self.scheduler, self.freeze, self.min_epoch = scheduler, freeze, min_epoch
+        self.replay_window = replay_window
         self._decisions: dict[int, HeadDecision] = {}
-        # the last two epochs' CLS->patch distributions (L, H, N): enough for the next drift
-        # and for replaying the latest epoch
-        self._cls: dict[int, np.ndarray] = {}
+        self._cls: dict[int, np.ndarray] = {}  # epoch -> normalised (L, H, N) CLS->patch attention
 
     @property
     def last_epoch(self) -> int | None:
         return max(self._decisions) if self._decisions else None
 
     def decision(self, epoch: int) -> HeadDecision:
+        """The stored decision for ``epoch``; KeyError if there is none."""
+        if epoch not in self._decisions:
+            raise KeyError(f"no head decision recorded for epoch {epoch}")
         return self._decisions[epoch]
 
     def update(self, epoch: int, cls_attn: np.ndarray, patch_attn: np.ndarray | None) -> HeadDecision:
-        """Record epoch ``epoch``'s statistics and decide. Replaying an epoch discards it and
-        every later epoch first, so a replay gives the same decision as the first time.
-        Without ``patch_attn`` kappa is unavailable (-1) and no head can freeze."""
-        for e in [e for e in self._decisions if e >= epoch]:
-            del self._decisions[e]
-            self._cls.pop(e, None)
-        last = self.last_epoch
-        if last is not None and last != epoch - 1:
-            raise ValueError(f"epoch {epoch} does not follow the last recorded epoch {last}")
-        if last is not None and last not in self._cls:
-            raise ValueError(f"cannot decide epoch {epoch}: epoch {last}'s attention is not kept; "
-                             "load the state saved after that epoch first")
-        cls = np.asarray(cls_attn, dtype=np.float64)
-        if cls.shape[:2] != (self.L, self.H):
-            raise ValueError(f"cls_attn has shape {cls.shape}, expected ({self.L}, {self.H}, N)")
-        cls = cls / cls.sum(-1, keepdims=True)
-        kap = (kappa_heads(np.asarray(patch_attn), self.freeze.kappa_top_k)
-               if patch_attn is not None else np.full((self.L, self.H), -1, dtype=np.int64))
-        prev = self._decisions.get(epoch - 1)
-        drift = (drift_w1_heads(self._cls[epoch - 1], cls, self.grid) if prev is not None
-                 else np.full((self.L, self.H), np.nan))
-        self._cls = {e: v for e, v in self._cls.items() if e == epoch - 1}
-        self._cls[epoch] = cls
+        """Record epoch ``epoch``'s statistics and return its decision.
 
-        frozen = [list(r) for r in prev.frozen] if prev else [[False] * self.H for _ in range(self.L)]
+        ``cls_attn`` (L, H, N): the epoch's mean CLS->patch attention per head (renormalised over
+        N here). ``patch_attn`` (L, H, N, N): the probe batch's mean patch->patch attention, or
+        None: kappa is then unavailable (-1) and, as the kappa condition cannot hold, no head
+        freezes for the next ``kappa_window`` epochs. A failed update changes nothing.
+        """
+        epoch = int(epoch)
+        cls = self._check_cls(cls_attn)
+        kap = self._check_kappa(patch_attn)
+        history = {e: d for e, d in self._decisions.items() if e < epoch}
+        prev = history.get(epoch - 1)
+        if history and prev is None:
+            raise ValueError(f"epoch {epoch} does not follow the last recorded epoch {max(history)}")
+        if prev is not None and epoch - 1 not in self._cls:
+            raise ValueError(f"cannot replay epoch {epoch}: it lies outside the replay window of "
+                             f"{self.replay_window} epochs; load the state saved after epoch "
+                             f"{epoch - 1} first")
+        L, H = self.num_layers, self.num_heads
+        drift = (drift_w1_heads(self._cls[epoch - 1], cls, self.grid) if prev is not None
+                 else np.full((L, H), np.nan))
+
+        frozen = [list(r) for r in prev.frozen] if prev else [[False] * H for _ in range(L)]
         frozen_epoch = ([list(r) for r in prev.frozen_epoch] if prev
-                        else [[None] * self.H for _ in range(self.L)])
-        newly = self._to_freeze(epoch, frozen, drift, kap) if self.freeze.enabled else []
+                        else [[None] * H for _ in range(L)])
+        newly = self._to_freeze(epoch, history, frozen, drift, kap) if self.freeze.enabled else []
         for l, h in newly:
             frozen[l][h], frozen_epoch[l][h] = True, epoch
 
-        old = prev.tau_factor if prev else [[1.0] * self.H for _ in range(self.L)]
-        tau = [[1.0] * self.H for _ in range(self.L)]
+        in_use = prev.tau_factor if prev else [[1.0] * H for _ in range(L)]
+        tau = [[1.0] * H for _ in range(L)]
         if self.scheduler.enabled:
-            for l in range(self.L):
-                for h in range(self.H):
-                    if frozen[l][h] and (l, h) not in newly:
-                        tau[l][h] = old[l][h]  # frozen heads keep their factor
+            for l in range(L):
+                for h in range(H):
+                    if frozen[l][h]:
+                        tau[l][h] = in_use[l][h]  # the factor it used when it froze
                     elif not math.isnan(drift[l, h]):
                         tau[l][h] = 1.0 / (1.0 + self.scheduler.alpha * float(drift[l, h]))
         dec = HeadDecision(epoch=epoch, tau_factor=tau, frozen=frozen, frozen_epoch=frozen_epoch,
                            drift=drift.tolist(), kappa=kap.tolist(), newly_frozen=newly)
-        self._decisions[epoch] = dec
+
+        self._decisions = {**history, epoch: dec}
+        self._cls = {e: v for e, v in self._cls.items() if epoch - self.replay_window <= e < epoch}
+        self._cls[epoch] = cls
         return dec
 
-    def _to_freeze(self, epoch: int, frozen: list[list[bool]], drift: np.ndarray,
-                   kap: np.ndarray) -> list[tuple[int, int]]:
-        """Heads that satisfy the freeze rule at ``epoch``, within the per-layer cap."""
+    def _check_cls(self, cls_attn: np.ndarray) -> np.ndarray:
+        """(L, H, N) attention -> per-head distributions over the N patches."""
+        shape = (self.num_layers, self.num_heads, self.grid ** 2)
+        cls = np.clip(np.asarray(cls_attn, dtype=np.float64), 0.0, None)
+        if cls.shape != shape:
+            raise ValueError(f"cls_attn has shape {cls.shape}, expected {shape}")
+        total = cls.sum(-1, keepdims=True)
+        if not (np.isfinite(total).all() and (total > 0).all()):
+            raise ValueError("cls_attn needs a positive, finite mass for every head")
+        return cls / total
+
+    def _check_kappa(self, patch_attn: np.ndarray | None) -> np.ndarray:
+        """(L, H, N, N) attention -> (L, H) kappa, or -1 everywhere without it."""
+        if patch_attn is None:
+            return np.full((self.num_layers, self.num_heads), -1, dtype=np.int64)
+        n = self.grid ** 2
+        shape = (self.num_layers, self.num_heads, n, n)
+        patch = np.asarray(patch_attn, dtype=np.float64)
+        if patch.shape != shape:
+            raise ValueError(f"patch_attn has shape {patch.shape}, expected {shape}")
+        return kappa_heads(patch, self.freeze.kappa_top_k)
+
+    def _to_freeze(self, epoch: int, history: dict[int, HeadDecision], frozen: list[list[bool]],
+                   drift: np.ndarray, kap: np.ndarray) -> list[tuple[int, int]]:
+        """Heads that newly satisfy the freeze rule at ``epoch``, within the per-layer cap."""
         fz = self.freeze
         if epoch < self.min_epoch:
             return []
 
-        def history(epochs: range, now: np.ndarray, key: str) -> np.ndarray | None:
-            rows = []
-            for e in epochs:
-                if e == epoch:
-                    rows.append(np.asarray(now, dtype=np.float64))
-                elif e in self._decisions:
-                    d = getattr(self._decisions[e], key)
-                    rows.append(np.array([[math.nan if v is None else v for v in r] for r in d],
-                                         dtype=np.float64))
-                else:
-                    return None  # not enough epochs yet
-            return np.stack(rows)  # (W, L, H)
+        def window(length: int, now: np.ndarray, key: str) -> np.ndarray | None:
+            """(length, L, H) values of epochs epoch-length+1..epoch; None if any is missing."""
+            past = range(epoch - length + 1, epoch)
+            if any(e not in history for e in past):
+                return None
+            return np.array([getattr(history[e], key) for e in past] + [now.tolist()],
+                            dtype=np.float64)
 
-        drifts = history(range(epoch - fz.patience + 1, epoch + 1), drift, "drift")
-        kappas = history(range(epoch - fz.kappa_window + 1, epoch + 1), kap, "kappa")
+        drifts = window(fz.patience, drift, "drift")
+        kappas = window(fz.kappa_window, kap, "kappa")
         if drifts is None or kappas is None:
             return []
         converged = (drifts < fz.drift_threshold).all(0)  # NaN compares False
-        stable = (kappas == kappas[0]).all(0) & (kappas >= 0).all(0)
-        cap = math.floor(fz.max_frozen_frac * self.H)
-        newly = []
-        for l in range(self.L):
-            candidates = sorted((float(drifts[:, l, h].mean()), h) for h in range(self.H)
+        stable = (kappas == kappas[0]).all(0) & (kappas[0] >= 0)
+        mean_drift = drifts.mean(0)
+        cap = math.floor(fz.max_frozen_frac * self.num_heads)
+        newly: list[tuple[int, int]] = []
+        for l in range(self.num_layers):
+            candidates = sorted((float(mean_drift[l, h]), h) for h in range(self.num_heads)
                                 if not frozen[l][h] and converged[l, h] and stable[l, h])
             room = max(cap - sum(frozen[l]), 0)
-            newly += [(l, h) for _, h in candidates[:room]]
+            newly += [(l, h) for h in sorted(h for _, h in candidates[:room])]
         return newly
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python types only: checkpoints load it with ``weights_only=True``."""
+        """Everything needed to continue exactly, in plain Python types (JSON-safe; loads with
+        ``torch.load(weights_only=True)``): every epoch's decision (drift, kappa, tau factors,
+        frozen set, freeze epochs) and the CLS distributions of the replay window."""
         return {
+            "version": STATE_VERSION,
+            "num_layers": self.num_layers, "num_heads": self.num_heads, "grid": self.grid,
             "decisions": [self._decisions[e].to_dict() for e in sorted(self._decisions)],
-            "cls": {str(e): v.tolist() for e, v in self._cls.items()},
+            "cls": {str(e): self._cls[e].tolist() for e in sorted(self._cls)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._decisions = {int(d["epoch"]): HeadDecision.from_dict(d) for d in state["decisions"]}
-        self._cls = {int(e): np.array(v, dtype=np.float64) for e, v in state["cls"].items()}
+        """Replace the whole state with ``state`` (from :meth:`state_dict`)."""
+        shape = (self.num_layers, self.num_heads, self.grid)
+        saved = tuple(state.get(k, v) for k, v in zip(("num_layers", "num_heads", "grid"), shape))
+        if saved != shape:
+            raise ValueError(f"head state for (layers, heads, grid) = {saved} cannot load into a "
+                             f"controller for {shape}")
+        decisions = {int(d["epoch"]): HeadDecision.from_dict(d) for d in state["decisions"]}
+        if decisions and sorted(decisions) != list(range(min(decisions), max(decisions) + 1)):
+            raise ValueError("head state has non-contiguous epochs")
+        cls = {int(e): np.array(v, dtype=np.float64) for e, v in state["cls"].items()}
+        n = self.grid ** 2
+        if any(v.shape != (self.num_layers, self.num_heads, n) for v in cls.values()):
+            raise ValueError("head state holds CLS attention of the wrong shape")
+        last = max(decisions) if decisions else None
+        self._decisions = decisions
+        self._cls = {e: v for e, v in cls.items()
+                     if last is not None and last - self.replay_window <= e <= last}

@@ -1,0 +1,412 @@
+"""``python -m vitcae_ray.export``: the best checkpoint(s) of a Tune experiment as standalone
+model directories that ``vitcae_ray.load_pretrained`` reads without Ray or the experiment.
+
+The best trial comes from the experiment's ``results.parquet`` (``best/<metric>``), or
+``--trial``; within it, the surviving checkpoint whose epoch has the best metric in the run's
+``metrics.jsonl`` (ties: the later epoch). A model directory holds ``config.yaml``,
+``hparams.json``, ``metrics.json``, ``frozen_heads.json`` and ``model.pt``. Local directories
+are written under a temporary name and renamed into place; on other filesystems ``model.pt``
+is written last, so a directory without it is an interrupted export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config
+
+RESULTS_FILE, RESULTS_CSV = "results.parquet", "results.csv"
+CHECKPOINT_FILE = "checkpoint.pt"  # vitcae_ray.train.CHECKPOINT_FILE (not imported: it is heavy)
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+TRIALS_DIR = "trials"
+
+
+class ExportError(ValueError):
+    """A one-line reason the export cannot be made; nothing has been written."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One trial's checkpoint to export."""
+
+    trial_id: str
+    row: dict[str, Any]
+    checkpoint: str  # checkpoint directory, local path or URI
+    epoch: int
+    value: float  # the metric at that epoch
+    metrics: dict[str, Any] | None  # that epoch's line of metrics.jsonl
+
+
+# --- paths on local disk or a pyarrow filesystem -------------------------------------------
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _open(path: str):
+    from .pretrained import filesystem
+
+    try:
+        return filesystem(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
+def _kind(path: str):
+    fs, p = _open(path)
+    return fs.get_file_info(p).type
+
+
+def _read(path: str) -> bytes | None:
+    import pyarrow.fs as pafs
+
+    fs, p = _open(path)
+    if fs.get_file_info(p).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+# --- choosing -------------------------------------------------------------------------------
+
+def read_results(experiment: str) -> list[dict[str, Any]]:
+    """The experiment's results table, one dict per trial (``results.csv`` if there is no
+    Parquet file)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if _kind(experiment) != pafs.FileType.Directory:
+        raise ExportError(f"experiment {experiment!r} not found (no {RESULTS_FILE} to read): pass "
+                          "the --output directory of python -m vitcae_ray.tune")
+    data = _read(_join(experiment, RESULTS_FILE))
+    try:
+        if data is not None:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(pa.BufferReader(data))
+        elif (csv := _read(_join(experiment, RESULTS_CSV))) is not None:
+            import pyarrow.csv as pacsv
+
+            table = pacsv.read_csv(pa.BufferReader(csv))
+        else:
+            raise ExportError(f"experiment {experiment!r} has no {RESULTS_FILE}: the sweep has "
+                              "not finished (rerun python -m vitcae_ray.tune with --resume)")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ExportError(f"cannot read the results table of {experiment!r}: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+    rows = table.to_pylist()
+    missing = [c for c in ("trial_id", "run_dir") if c not in table.column_names]
+    if missing:
+        raise ExportError(f"results table of {experiment!r} lacks column(s) {', '.join(missing)}")
+    for r in rows:
+        r["trial_id"] = str(r["trial_id"])
+    if not rows:
+        raise ExportError(f"results table of {experiment!r} has no trials")
+    return rows
+
+
+def metric_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Metrics the results table ranks by (its ``best/...`` columns)."""
+    return sorted(k[len("best/"):] for k in rows[0] if k.startswith("best/"))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def rank_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Trials with a finite ``best/<metric>``, best first (stable for ties)."""
+    col = f"best/{metric}"
+    if col not in rows[0]:
+        raise ExportError(f"metric {metric!r} is not in the results table (no column {col!r}); "
+                          f"available: {', '.join(metric_names(rows)) or 'none'}")
+    sign = 1.0 if mode == "min" else -1.0
+    return sorted((r for r in rows if _finite(r.get(col))), key=lambda r: sign * r[col])
+
+
+def hparams(row: dict[str, Any]) -> dict[str, Any]:
+    """``trial_id`` and the row's searched hyperparameters (its dotted config-key columns)."""
+    keys = {f"{section}.{key}" for section, values in Config().to_dict().items() for key in values}
+    return {"trial_id": row["trial_id"], **{k: _plain(v) for k, v in row.items() if k in keys}}
+
+
+def _plain(v: Any) -> Any:
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _run_dir(row: dict[str, Any], experiment: str) -> str:
+    """The trial's run directory: the table's ``run_dir``, else ``EXP/trials/<id>`` (an
+    experiment copied elsewhere after the sweep)."""
+    import pyarrow.fs as pafs
+
+    given = row.get("run_dir")
+    if isinstance(given, str) and given and _kind(given) == pafs.FileType.Directory:
+        return given
+    fallback = _join(experiment, TRIALS_DIR, row["trial_id"])
+    if _kind(fallback) == pafs.FileType.Directory:
+        return fallback
+    raise ExportError(f"trial {row['trial_id']!r}: run directory {given!r} not found")
+
+
+def _checkpoint_roots(run_dir: str) -> list[str]:
+    """Where the run's Ray Train checkpoints may be: its config's storage, else ``run_dir/train``."""
+    import yaml
+
+    roots = []
+    text = _read(_join(run_dir, "config.yaml"))
+    train = ((yaml.safe_load(text) or {}).get("train") or {}) if text else {}
+    name = train.get("run_name") or "train"
+    if train.get("storage_path"):
+        roots.append(_join(train["storage_path"], name))
+    roots += [_join(run_dir, name), _join(run_dir, "train")]
+    return list(dict.fromkeys(roots))
+
+
+def surviving_checkpoints(run_dir: str) -> dict[int, str]:
+    """{epoch: checkpoint directory} of the run's checkpoints that hold a checkpoint file."""
+    import pyarrow.fs as pafs
+
+    found: dict[int, str] = {}
+    for root in _checkpoint_roots(run_dir):
+        fs, base = _open(root)
+        for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+            suffix = info.base_name[len(CHECKPOINT_PREFIX):]
+            if (info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)
+                    and suffix.isdigit()
+                    and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File):
+                found.setdefault(int(suffix), _join(root, info.base_name))
+        if found:
+            break
+    return found
+
+
+def run_metrics(run_dir: str) -> dict[int, dict[str, Any]]:
+    """{epoch: metrics} from the run's ``metrics.jsonl``."""
+    data = _read(_join(run_dir, "metrics.jsonl")) or b""
+    out = {}
+    for line in data.decode().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption
+        if isinstance(m, dict) and "epoch" in m:
+            out[int(m["epoch"])] = m
+    return out
+
+
+def choose_checkpoint(row: dict[str, Any], experiment: str, metric: str, mode: str) -> Choice:
+    """The trial's surviving checkpoint with the best ``metric`` (ties: the later epoch)."""
+    trial = row["trial_id"]
+    run_dir = _run_dir(row, experiment)
+    ckpts = surviving_checkpoints(run_dir)
+    if not ckpts:
+        raise ExportError(f"trial {trial!r} has no checkpoint under {_join(run_dir, 'train')!r}")
+    history = run_metrics(run_dir)
+    scored = []
+    for epoch, path in ckpts.items():
+        m = history.get(epoch)
+        if m is None:  # metrics.jsonl behind the checkpoints: the checkpoint's own history
+            m = next((h for h in _load_state(path).get("history", []) if h.get("epoch") == epoch), None)
+        if m is not None and _finite(m.get(metric)):
+            scored.append((epoch, path, float(m[metric]), m))
+    if not scored:
+        raise ExportError(f"trial {trial!r}: no surviving checkpoint (epochs "
+                          f"{', '.join(map(str, sorted(ckpts)))}) has a finite {metric!r}")
+    sign = 1.0 if mode == "min" else -1.0
+    epoch, path, value, m = min(scored, key=lambda s: (sign * s[2], -s[0]))
+    return Choice(trial, row, path, epoch, value, m)
+
+
+def choose(experiment: str, metric: str = "val/loss", mode: str = "min", trial: str | None = None,
+           top_k: int | None = None) -> list[Choice]:
+    """The checkpoints to export, best first, all checked before anything is written."""
+    if mode not in ("min", "max"):
+        raise ExportError(f"--mode must be min or max, got {mode!r}")
+    if top_k is not None and top_k < 1:
+        raise ExportError(f"--top-k must be >= 1, got {top_k}")
+    if trial is not None and top_k is not None:
+        raise ExportError("--trial and --top-k exclude each other")
+    rows = read_results(experiment)
+    ranked = rank_trials(rows, metric, mode)  # also checks the metric exists
+    if trial is not None:
+        chosen = [r for r in rows if r["trial_id"] == str(trial)]
+        if not chosen:
+            raise ExportError(f"trial {trial!r} is not in the results table of {experiment!r}; "
+                              f"trials: {', '.join(sorted(r['trial_id'] for r in rows))}")
+    else:
+        chosen = ranked[: top_k or 1]
+        if not chosen:
+            raise ExportError(f"no trial of {experiment!r} has a finite best/{metric}")
+    return [choose_checkpoint(r, experiment, metric, mode) for r in chosen]
+
+
+# --- writing --------------------------------------------------------------------------------
+
+def _load_state(checkpoint: str) -> dict[str, Any]:
+    import torch
+
+    data = _read(_join(checkpoint, CHECKPOINT_FILE))
+    if data is None:
+        raise ExportError(f"checkpoint {checkpoint!r} disappeared during the export")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"checkpoint {checkpoint!r} is unreadable: {reason}") from None
+
+
+def frozen_info(state: dict[str, Any], frozen: list[list[int]], epoch: int) -> dict[str, Any]:
+    """Per layer, the frozen heads and (from the head controller's decisions) the epoch each
+    froze at; ``frozen_epochs`` is None when the checkpoint has no decisions."""
+    decisions = [d for d in ((state.get("heads") or {}).get("decisions") or [])
+                 if isinstance(d, dict) and int(d.get("epoch", -1)) <= epoch]
+    epochs = None
+    if decisions:
+        last = max(decisions, key=lambda d: int(d["epoch"]))
+        try:
+            epochs = [[last["frozen_epoch"][layer][h] for h in heads] for layer, heads in enumerate(frozen)]
+        except (KeyError, IndexError, TypeError):
+            epochs = None
+    return {"epoch": epoch, "frozen_heads": frozen, "frozen_epochs": epochs,
+            "num_frozen": sum(len(h) for h in frozen)}
+
+
+def model_files(choice: Choice) -> dict[str, bytes]:
+    """The model directory's files, ``model.pt`` last."""
+    import torch
+
+    from .config import build_config, dump_yaml
+    from .freezing import frozen_heads
+    from .pretrained import MODEL_FILE, model_from_state
+
+    state = _load_state(choice.checkpoint)
+    try:
+        model = model_from_state(state)  # the checkpoint must rebuild before it is exported
+    except Exception as e:
+        raise ExportError(f"checkpoint {choice.checkpoint!r} does not rebuild a model: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+    frozen = frozen_heads(model)
+    history = {int(h["epoch"]): h for h in state.get("history", []) if "epoch" in h}
+    metrics = history.get(choice.epoch, choice.metrics)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "model_args": dict(state["model_args"]),
+                "config": state["config"], "frozen_heads": frozen, "epoch": choice.epoch}, buf)
+
+    def js(obj: Any) -> bytes:
+        return (json.dumps(_plain(obj), indent=2) + "\n").encode()
+
+    return {
+        "config.yaml": dump_yaml(build_config(state["config"])).encode(),
+        "hparams.json": js(hparams(choice.row)),
+        "metrics.json": js(metrics),
+        "frozen_heads.json": js(frozen_info(state, frozen, choice.epoch)),
+        MODEL_FILE: buf.getvalue(),
+    }
+
+
+def _write_dir(fs, base: str, files: dict[str, bytes]) -> None:
+    fs.create_dir(base, recursive=True)
+    for name, data in files.items():  # in order: model.pt last
+        with fs.open_output_stream(f"{base}/{name}") as f:
+            f.write(data)
+
+
+def _is_local(fs) -> bool:
+    import pyarrow.fs as pafs
+
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def export(experiment: str, out: str, metric: str = "val/loss", mode: str = "min",
+           trial: str | None = None, top_k: int | None = None,
+           overwrite: bool = False) -> list[tuple[Choice, str]]:
+    """Export the chosen checkpoint(s) to ``out`` (``out/1 ... out/K`` with ``top_k``);
+    returns ``(choice, model directory)`` pairs. Raises :class:`ExportError` before writing
+    anything when the experiment, trial, metric or checkpoint is missing or ``out`` is taken."""
+    import pyarrow.fs as pafs
+
+    choices = choose(experiment, metric, mode, trial, top_k)
+    fs, base = _open(out)
+    base = base.rstrip("/")
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File:
+        raise ExportError(f"--out {out!r} is a file: pass a directory")
+    if (info.type == pafs.FileType.Directory and not overwrite
+            and fs.get_file_info(pafs.FileSelector(base, recursive=False))):
+        raise ExportError(f"--out {out!r} is not empty: pass another --out or --overwrite")
+    subdirs = [str(i) for i in range(1, len(choices) + 1)] if top_k is not None else [""]
+    targets = [_join(out, s) if s else out for s in subdirs]
+
+    if _is_local(fs):  # build the whole tree aside, then rename it into place
+        staging = f"{base}.partial"
+        if fs.get_file_info(staging).type != pafs.FileType.NotFound:
+            fs.delete_dir(staging)
+        try:
+            for c, s in zip(choices, subdirs):
+                _write_dir(fs, _join(staging, s) if s else staging, model_files(c))
+            if fs.get_file_info(base).type == pafs.FileType.Directory:
+                fs.delete_dir(base)
+            fs.move(staging, base)
+        except BaseException:
+            if fs.get_file_info(staging).type != pafs.FileType.NotFound:
+                fs.delete_dir(staging)
+            raise
+    else:  # object stores cannot rename directories: model.pt goes last in each
+        for i, (c, s) in enumerate(zip(choices, subdirs)):
+            files = model_files(c)
+            if i == 0 and info.type == pafs.FileType.Directory:
+                fs.delete_dir_contents(base)  # only once the first model is known to be good
+            _write_dir(fs, _join(base, s) if s else base, files)
+    return list(zip(choices, targets))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vitcae_ray.export",
+                                description="Export the best checkpoint(s) of a Tune experiment as "
+                                "standalone model directories.")
+    p.add_argument("--experiment", required=True,
+                   help="experiment directory of python -m vitcae_ray.tune (local path or URI)")
+    p.add_argument("--out", required=True, help="model directory to write (local path or URI)")
+    p.add_argument("--metric", default="val/loss", help="rank by best/METRIC (default val/loss)")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher is better")
+    p.add_argument("--trial", help="export this trial id instead of the best")
+    p.add_argument("--top-k", type=int, help="export the K best trials into OUT/1 ... OUT/K")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        done = export(args.experiment, args.out, args.metric, args.mode, args.trial, args.top_k,
+                      args.overwrite)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: export to {args.out!r} failed: {str(e).strip().splitlines()[0]}",
+              file=sys.stderr)
+        return 1
+    for c, path in done:
+        epochs = c.row.get("epochs")
+        of = f"/{epochs}" if isinstance(epochs, int) else ""
+        print(f"trial {c.trial_id}: epoch {c.epoch + 1}{of} ({CHECKPOINT_PREFIX}{c.epoch:04d}), "
+              f"{args.metric} {c.value:.6g} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
