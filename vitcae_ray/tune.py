@@ -189,7 +189,8 @@ def max_concurrent(workers_per_trial: int, cpus_per_worker: float, gpu: bool,
 def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str, num_samples: int,
               metric: str = "val/loss", mode: str = "min", grace_period: int = 1,
               reduction_factor: float = 2, search: str = "random", resume: bool = False,
-              driver_cpus: float = 0.25, callbacks: list | None = None):
+              driver_cpus: float = 0.25, driver_resource: str | None = None,
+              callbacks: list | None = None):
     """Run (or resume) the sweep; returns (ResultGrid, rows of the results table)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -200,7 +201,7 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
     # and TensorBoard's hyperparameters show only what is searched
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=base.to_dict(), experiment=experiment),
-        {"CPU": driver_cpus})
+        {"CPU": driver_cpus, **({driver_resource: 1} if driver_resource else {})})
     tune_path = _join(experiment, TUNE_NAME)
     if resume:
         if not tune.Tuner.can_restore(tune_path):
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor")
     p.add_argument("--search", default="random", help="random, optuna or hyperopt")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    p.add_argument("--trial-driver-resource", help="custom resource each trial driver requests "
+                   "(cluster/aws.yaml gives the head node `trial_driver`)")
     return p
 
 
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         if not ray.is_initialized():
             ray.init(address=base.train.address)
         _, rows = run_sweep(base, space, args.output, args.num_samples, args.metric, args.mode,
-                            args.grace_period, args.reduction_factor, args.search, args.resume)
+                            args.grace_period, args.reduction_factor, args.search, args.resume,
+                            driver_resource=args.trial_driver_resource)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
