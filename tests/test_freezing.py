@@ -1,6 +1,5 @@
 """Frozen heads skip real work and leave the optimizer; trainable gradients stay exact."""
 
-import copy
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -136,9 +135,6 @@ def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor
     n = inputs.shape[0]
     return {"reconstructions": grid([inputs, recon], nrow=n), "samples": grid([samples], nrow=n)}
 
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
 HEADS_SCHEMA_FIELDS = (("epoch", "int64"), ("layer", "int64"), ("head", "int64"),
