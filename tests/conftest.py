@@ -11,6 +11,7 @@ def ray_session():
     """One Ray instance for the whole test run (starting Ray costs seconds on 2 cores)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
+    # trial_driver: the custom resource cluster/aws.yaml gives the head node for trial drivers
+    ray.init(num_cpus=2, resources={"trial_driver": 4}, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -42,7 +42,7 @@ def test_smoke_sweep_asha_stops_trials_and_the_table_has_every_trial(ray_session
                              "scheduler.alpha: {loguniform: [1.0, 10.0]}\n")
     base = build_config(BASE)
     results, rows = run_sweep(base, space, str(tmp_path / "exp"), num_samples=1,
-                              grace_period=1, reduction_factor=2)
+                              grace_period=1, reduction_factor=2, driver_resource="trial_driver")
     assert len(rows) == 4 and not results.errors
     by_lr = {r["optim.lr"]: r for r in rows}
     assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["epochs"] == 3
