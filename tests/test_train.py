@@ -31,7 +31,8 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     # a relative --output (as in the README) is the caller's directory, not the workers'
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    # every head qualifies at epoch 1; the cap freezes half of each layer then
+    # every head qualifies at epoch 1; the cap freezes half of each layer then (split layers
+    # under DDP); the resumed run lifts the cap, so whole layers freeze (empty active groups)
     freeze = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
               "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
     cfg = build_config({**SMALL, **freeze, "train.epochs": 5, "train.num_workers": 2,
@@ -69,7 +70,8 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     before = load_state(ckpts[-1])
 
     # rerunning the same run with more epochs resumes at epoch 5 with the history intact
-    more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7}})
+    more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7},
+                         "freeze": {**cfg.to_dict()["freeze"], "max_frozen_frac": 1.0}})
     result = run(more, verbose=False)
     assert result.error is None
     resumed = _metrics(out)
@@ -78,10 +80,13 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     state = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
     assert state["epoch"] == 6 and [m["epoch"] for m in state["history"]] == list(range(7))
     assert tags(out / "tb")["val/mse"][-2:] == [5, 6]
-    # the resumed run restored the frozen set and the frozen heads' temperatures
-    assert state["frozen_heads"] == before["frozen_heads"]
-    assert [m["heads/frozen"] for m in resumed[5:]] == [2, 2]
-    for layer, heads in enumerate(state["frozen_heads"]):
+    # the resumed run restored the frozen set and the frozen heads' temperatures and weights,
+    # then froze the rest: epoch 6 trained with every head frozen, ranks still in agreement
+    assert [m["heads/frozen"] for m in resumed[5:]] == [2, 4]
+    assert state["frozen_heads"] == [[0, 1], [0, 1]]
+    assert all(m["ddp/rank_spread"] == 0.0 for m in resumed)
+    assert resumed[6]["comm/grad_elements"] < resumed[5]["comm/grad_elements"]
+    for layer, heads in enumerate(before["frozen_heads"]):
         prefix = f"blocks.{layer}.attn."
         for h in heads:
             assert torch.equal(state["model"][prefix + "tau"][h], before["model"][prefix + "tau"][h])

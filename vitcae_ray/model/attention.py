@@ -72,10 +72,12 @@ class Attention(nn.Module):
         for group, idx in (("active", ia), ("frozen", if_)):  # the group's columns of proj
             cols = (idx[:, None] * self.head_dim + hd).flatten()
             self.register_buffer(f"cols_{group}", cols, persistent=False)
+        # an empty active group must not require grad: DDP would wait for its gradient
+        trainable = bool(active)
         for name, full in (("qkv_weight", weight), ("qkv_bias", bias)):
-            setattr(self, f"{name}_active", nn.Parameter(full[:, ia].clone()))
+            setattr(self, f"{name}_active", nn.Parameter(full[:, ia].clone(), requires_grad=trainable))
             setattr(self, f"{name}_frozen", nn.Parameter(full[:, if_].clone(), requires_grad=False))
-        self.tau_active = nn.Parameter(tau[ia].clone())
+        self.tau_active = nn.Parameter(tau[ia].clone(), requires_grad=trainable)
         self.tau_frozen = nn.Parameter(tau[if_].clone(), requires_grad=False)
 
     def _full(self, name: str) -> torch.Tensor:
