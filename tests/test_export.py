@@ -22,12 +22,11 @@ from vitcae_ray.config import build_config
 from vitcae_ray.data import build_datasets
 from vitcae_ray.engine import evaluate
 from vitcae_ray.export import main as export_main
+from tiny import TINY
 
 SMALL = {
-    "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.dec_dim": 32,
-    "model.dec_depth": 1, "model.dec_heads": 2, "model.patch_size": 2, "model.prior_hidden": 64,
-    "data.image_size": 16, "train.batch_size": 32, "train.max_failures": 0,
-    "train.log_images": False, "train.num_workers": 0, "train.cpus_per_worker": 1.0,
+    **TINY, "train.batch_size": 32, "train.log_images": False, "train.num_workers": 0,
+    "train.cpus_per_worker": 1.0,
     "train.epochs": 3, "train.num_checkpoints": 3,
     # every head qualifies at epoch 1; the cap freezes one head per layer
     "freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,

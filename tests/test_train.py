@@ -11,15 +11,13 @@ import pytest
 import torch
 
 from tb_reader import tags
+from tiny import TINY
 from vitcae_ray.config import build_config
 from vitcae_ray.train import load_state, main, model_from_state, run
 
 # A small model and 16x16 images keep a 2-worker epoch to a few seconds on 2 cores.
 SMALL = {
-    "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.dec_dim": 32,
-    "model.dec_depth": 1, "model.dec_heads": 2, "model.patch_size": 2, "model.prior_hidden": 64,
-    "data.image_size": 16, "train.batch_size": 32, "train.max_failures": 0,
-    "train.num_image_samples": 8, "loss.recon_weight": 10.0,
+    **TINY, "train.batch_size": 32, "train.num_image_samples": 8, "loss.recon_weight": 10.0,
 }
 
 

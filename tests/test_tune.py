@@ -20,12 +20,11 @@ from vitcae_ray.data import build_datasets
 from vitcae_ray.engine import evaluate
 from vitcae_ray.export import main as export_main
 from vitcae_ray.tune import SpaceError, load_space, pareto_front, run_sweep
+from tiny import TINY
 
 BASE = {
-    "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.dec_dim": 32,
-    "model.dec_depth": 1, "model.dec_heads": 2, "model.patch_size": 2, "model.prior_hidden": 64,
-    "data.image_size": 16, "train.batch_size": 64, "train.max_failures": 0,
-    "train.log_images": False, "train.num_workers": 1, "train.cpus_per_worker": 0.5,
+    **TINY, "train.batch_size": 64, "train.log_images": False, "train.num_workers": 1,
+    "train.cpus_per_worker": 0.5,
     "train.epochs": 3, "loss.recon_weight": 10.0,
 }
 
