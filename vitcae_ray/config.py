@@ -305,17 +305,20 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, what: str = "config file",
+              example: str = "configs/digits_tiny.yaml",
+              error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A YAML mapping from ``path``; ``error`` with a one-line message naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} not found: pass a YAML file such as configs/digits_tiny.yaml")
+        raise error(f"{what} {str(p)!r} not found: pass a YAML file such as {example}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "invalid YAML"
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {first}") from None
+        raise error(f"{what} {str(p)!r} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        raise error(f"{what} {str(p)!r} must hold a mapping")
     return data
 
 

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
-from .config import Config, ConfigError, build_config, resolve
+from .config import Config, ConfigError, build_config, load_yaml, resolve
 from .data import DataError
 from .outputs import is_uri, read_text, storage_root
 
@@ -41,14 +40,8 @@ def load_space(path: str) -> dict[str, tuple[str, list]]:
 
     Every key must be a config key that accepts the distribution's values.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise SpaceError(f"search space {path!r} not found: pass a file such as tune_spaces/small.yaml")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpaceError(f"search space {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not data:
+    data = load_yaml(path, "search space", "tune_spaces/small.yaml", SpaceError)
+    if not data:
         raise SpaceError(f"search space {path!r} must map dotted config keys to distributions")
     space = {}
     for key, spec in data.items():
