@@ -52,17 +52,13 @@ def head_statistics(model, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
       the fixed probe images (for kappa).
     Call after a training epoch run with ``model.set_readout(True)``.
     """
-    cls_sum, count = model.cls_attention()  # (L, H, 1 + N)
-    maps = model.attention_maps(probe) if len(probe) else None  # (L, H, T, T)
+    cls_sum, _ = model.cls_attention()  # (L, H, 1 + N); means come from renormalising sums
     L, H, T = cls_sum.shape
-    if maps is None:
-        maps = cls_sum.new_zeros(L, H, T, T)
-    flat = torch.cat([cls_sum.double().flatten(), maps.double().flatten(),
-                      cls_sum.new_tensor([count, len(probe)], dtype=torch.float64)])
-    flat = _reduce_sums(flat)
+    maps = model.attention_maps(probe) if len(probe) else cls_sum.new_zeros(L, H, T, T)
+    flat = _reduce_sums(torch.cat([cls_sum.double().flatten(), maps.double().flatten()]))
     n_cls = L * H * T
     cls = flat[:n_cls].view(L, H, T)[:, :, 1:]
-    patch = flat[n_cls:n_cls + L * H * T * T].view(L, H, T, T)[:, :, 1:, 1:]
+    patch = flat[n_cls:].view(L, H, T, T)[:, :, 1:, 1:]
     cls = cls / cls.sum(-1, keepdim=True)
     patch = patch / patch.sum(-1, keepdim=True)
     return cls.float().cpu(), patch.float().cpu()
