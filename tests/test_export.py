@@ -34,7 +34,7 @@ SMALL = {
 }
 TRIALS = {"a": {"optim.lr": 3e-3, "freeze.mode": "weights"},
           "b": {"optim.lr": 5e-4, "freeze.mode": "detach"}}
-METRICS = ("val/loss", "val/mse", "val/psnr", "train/loss", "heads/frozen")
+METRICS = ("val/elbo", "val/loss", "val/mse", "val/psnr", "train/loss", "heads/frozen")
 FILES = {"model.pt", "config.yaml", "hparams.json", "metrics.json", "frozen_heads.json"}
 
 
@@ -48,7 +48,7 @@ def _surviving(run_dir: Path) -> list[int]:
                   for p in (run_dir / "train").glob("checkpoint_epoch_*/checkpoint.pt"))
 
 
-def _best_epoch(run_dir: Path, metric: str = "val/loss") -> int:
+def _best_epoch(run_dir: Path, metric: str = "val/elbo") -> int:
     """Best surviving epoch by ``metric`` (lower is better; ties: the later epoch)."""
     history = _history(run_dir)
     return min(_surviving(run_dir), key=lambda e: (history[e][metric], -e))
@@ -72,7 +72,7 @@ def exp(tmp_path_factory) -> Path:
             row[f"final/{key}"] = float(values[-1])
             row[f"best/{key}"] = float(max(values) if key == "val/psnr" else min(values))
         rows.append(row)
-    rows.sort(key=lambda r: -r["best/val/loss"])  # worst first: the order must not matter
+    rows.sort(key=lambda r: -r["best/val/elbo"])  # worst first: the order must not matter
     for r in rows:
         r["pareto"] = True
     pq.write_table(pa.Table.from_pylist(rows), root / "results.parquet")
@@ -96,7 +96,7 @@ def _reevaluate(out: Path, model: torch.nn.Module) -> dict[str, float]:
 
 
 def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_path, capsys):
-    best = min(_table(exp), key=lambda r: r["best/val/loss"])
+    best = min(_table(exp), key=lambda r: r["best/val/elbo"])
     run_dir = Path(best["run_dir"])
     epoch = _best_epoch(run_dir)
     out = tmp_path / "model"
@@ -105,7 +105,7 @@ def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_p
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1
     assert f"trial {best['trial_id']}" in printed[0] and f"checkpoint_epoch_{epoch:04d}" in printed[0]
-    assert str(out) in printed[0] and "val/loss" in printed[0]
+    assert str(out) in printed[0] and "val/elbo" in printed[0]
     assert {p.name for p in out.iterdir()} == FILES
     assert not Path(f"{out}.partial").exists()
 
@@ -113,7 +113,7 @@ def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_p
     assert hparams == {"trial_id": best["trial_id"], **TRIALS[best["trial_id"]]}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == _history(run_dir)[epoch]
-    assert f"{metrics['val/loss']:.6g}" in printed[0]
+    assert f"{metrics['val/elbo']:.6g}" in printed[0]
 
     state = torch.load(out / "model.pt", weights_only=True)
     assert {"model", "model_args", "config", "frozen_heads"} <= set(state)
@@ -135,7 +135,7 @@ def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_p
     model = vitcae_ray.load_pretrained(str(out))
     assert not model.training
     again = _reevaluate(out, model)
-    assert again["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-4)
+    assert again["val/elbo"] == pytest.approx(metrics["val/elbo"], rel=1e-4)
     assert again["val/mse"] == pytest.approx(metrics["val/mse"], rel=1e-4)
     assert model.generate(4).shape == (4, 1, 16, 16)
 
@@ -143,7 +143,7 @@ def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_p
 def test_trial_flag_and_uris_take_the_best_surviving_checkpoint(exp, tmp_path, capsys):
     b = exp / "trials" / "b"
     history = _history(b)
-    overall = min(history, key=lambda e: (history[e]["val/loss"], -e))
+    overall = min(history, key=lambda e: (history[e]["val/elbo"], -e))
     epoch = _best_epoch(b)
     assert epoch != overall and overall not in _surviving(b)
     out = tmp_path / "b"
@@ -155,12 +155,12 @@ def test_trial_flag_and_uris_take_the_best_surviving_checkpoint(exp, tmp_path, c
     assert json.loads((out / "hparams.json").read_text())["freeze.mode"] == "detach"
     model = vitcae_ray.load_pretrained(f"file://{out}")
     assert all(a.freeze_mode == "detach" for a in model.attention_layers)
-    assert _reevaluate(out, model)["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-4)
+    assert _reevaluate(out, model)["val/elbo"] == pytest.approx(metrics["val/elbo"], rel=1e-4)
 
 
 def test_top_k_overwrite_and_mode_max(exp, tmp_path, capsys):
     table = _table(exp)
-    order = [r["trial_id"] for r in sorted(table, key=lambda r: r["best/val/loss"])]
+    order = [r["trial_id"] for r in sorted(table, key=lambda r: r["best/val/elbo"])]
     out = tmp_path / "top"
     assert export_main(["--experiment", str(exp), "--out", str(out), "--top-k", "2"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
@@ -202,7 +202,7 @@ def test_an_interrupted_export_leaves_nothing(exp, tmp_path, monkeypatch):
     (["--experiment", "{tmp}/nowhere"], ["not found"]),
     (["--experiment", "{tmp}/empty"], ["results.parquet"]),
     (["--experiment", "{exp}", "--trial", "zz"], ["'zz'", "a, b"]),
-    (["--experiment", "{exp}", "--metric", "val/nope"], ["val/nope", "val/loss", "val/mse"]),
+    (["--experiment", "{exp}", "--metric", "val/nope"], ["val/nope", "val/elbo", "val/mse"]),
     (["--experiment", "{exp}", "--trial", "a", "--top-k", "2"], ["--trial"]),
     (["--experiment", "{tmp}/nockpt"], ["no checkpoint"]),
 ])
@@ -211,8 +211,8 @@ def test_errors_are_one_line_exit_2_and_write_nothing(exp, tmp_path, capsys, arg
     nockpt = tmp_path / "nockpt"
     (nockpt / "trials" / "x").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([{"trial_id": "x", "run_dir": str(nockpt / "trials" / "x"),
-                                          "status": "error", "epochs": 0, "best/val/loss": 1.0,
-                                          "final/val/loss": 1.0, "pareto": True}]),
+                                          "status": "error", "epochs": 0, "best/val/elbo": 1.0,
+                                          "final/val/elbo": 1.0, "pareto": True}]),
                    nockpt / "results.parquet")
     out = tmp_path / "out"
     argv = [a.format(tmp=tmp_path, exp=exp) for a in args] + ["--out", str(out)]

@@ -60,3 +60,97 @@ def test_free_bits_charge_at_least_lambda_per_dimension_and_stop_its_gradient():
     assert abs(kl.item() - (4.5 + 3 * 0.5)) < 1e-6
     kl.backward()
     assert mu.grad[:, 0].abs().sum() > 0 and mu.grad[:, 1:].abs().sum() == 0
+
+
+def _out(seed: int = 0, image_size: int = 16):
+    from vitcae_ray.config import build_config
+    from vitcae_ray.model import build_model
+
+    torch.manual_seed(seed)
+    cfg = build_config({"data.image_size": image_size, "model.patch_size": 2})
+    model = build_model(cfg.model, image_size, 1)
+    x = torch.rand(6, 1, image_size, image_size)
+    return cfg, model, x
+
+
+def test_elbo_is_the_fixed_weight_negative_elbo_and_loss_adds_the_generative_pass():
+    from vitcae_ray.losses import vitcae_loss
+
+    cfg, model, x = _out()
+    out = model(x, decode_prior=True)
+    terms = vitcae_loss(out, x, epoch=0, cfg=cfg.loss)
+    P = x[0].numel()
+    w = cfg.loss.recon_weight
+    expected = w * terms["recon"] + 0.5 * P * math.log(math.pi / w) + terms["kl_cls"] + terms["kl_patch"]
+    torch.testing.assert_close(terms["elbo"], expected)
+    # the Gaussian NLL with sigma^2 = 1 / (2 w), summed over pixels, for the decoder's mean
+    nll = -torch.distributions.Normal(out.recon.float(), math.sqrt(1 / (2 * w))).log_prob(x).flatten(1).sum(1).mean()
+    torch.testing.assert_close(w * terms["recon"] + 0.5 * P * math.log(math.pi / w), nll, rtol=1e-4, atol=1e-3)
+    prior_sse = (out.recon_prior - x).pow(2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(terms["prior_recon"], prior_sse)
+    # the elbo does not change with the training weights of the curriculum or the extra pass
+    heavier = type(cfg.loss)(**{**cfg.loss.__dict__, "prior_recon_weight": 5.0, "kl_cls_free_bits": 3.0,
+                                "discrepancy_weight": 2.0})
+    again = vitcae_loss(out, x, epoch=0, cfg=heavier)
+    torch.testing.assert_close(again["elbo"], terms["elbo"])
+    assert again["loss"] > terms["loss"]
+
+
+def test_discrepancy_uses_the_posterior_mean_not_the_sample():
+    from vitcae_ray.losses import vitcae_loss
+
+    cfg, model, x = _out()
+    out = model(x)
+    d = vitcae_loss(out, x, 0, cfg.loss)["discrepancy"]
+    torch.testing.assert_close(d, (out.mu_patch - out.z_patch_tilde).pow(2).flatten(1).sum(1).mean())
+    # its gradient does not reach the posterior log-variance
+    out.logvar_patch.retain_grad()
+    d.backward(retain_graph=True)
+    assert out.logvar_patch.grad is None or out.logvar_patch.grad.abs().sum() == 0
+
+
+def test_log_variances_are_bounded_and_latents_stay_fp32_under_autocast():
+    from vitcae_ray.model.vitcae import LOGVAR_BOUND
+
+    cfg, model, x = _out()
+    with torch.no_grad():  # push the raw log-variances far out
+        model.to_z_cls.bias[cfg.model.z_cls_dim:] = 1e4
+        model.to_z_patch.bias[cfg.model.z_patch_dim:] = -1e4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, decode_prior=True)
+    assert out.logvar_cls.max() <= LOGVAR_BOUND and out.logvar_patch.min() >= -LOGVAR_BOUND
+    for t in (out.mu_cls, out.logvar_cls, out.mu_patch, out.logvar_patch, out.prior_mu,
+              out.prior_logvar, out.z_cls, out.z_patch):
+        assert t.dtype == torch.float32
+    assert out.recon.dtype == torch.bfloat16  # the transformer itself still runs in bf16
+
+
+def test_patch_posterior_is_a_residual_on_the_prior_of_z_cls():
+    _, model, x = _out()
+    model.eval()
+    with torch.no_grad():
+        z_cls, mu_cls, _, mu_patch, _, prior_mu, _ = model.forward_encoder(x)
+        delta = mu_patch - prior_mu
+        # the same image's delta with another z_cls: the prior part moves, delta does not
+        torch.testing.assert_close(model.forward_prior(z_cls)[0] + delta, mu_patch)
+        assert torch.equal(z_cls, mu_cls)
+
+
+def test_patch_mmd_compares_patch_latents_and_scales_with_patches():
+    from vitcae_ray.losses import patch_mmd
+    from vitcae_ray.model.vitcae import ViTCAEOutput
+
+    B, N, Zp = 8, 16, 4
+    g = torch.Generator().manual_seed(0)
+    z = torch.zeros(B, N, Zp)
+
+    def out(shift: float) -> ViTCAEOutput:
+        mu = torch.randn(B, N, Zp, generator=g) + shift
+        return ViTCAEOutput(torch.zeros(B, 1, 4, 4), z[:, 0], z[:, 0], z[:, 0], mu, mu, z, z, z)
+
+    scales = LossConfig().mmd_scales
+    near = patch_mmd(out(0.0), scales, 10_000, torch.Generator().manual_seed(1)).item()
+    far = patch_mmd(out(2.0), scales, 10_000, torch.Generator().manual_seed(1)).item()
+    assert abs(near) < 0.05 * far and far > 0
+    capped = patch_mmd(out(2.0), scales, 32, torch.Generator().manual_seed(1)).item()
+    assert capped > 0.5 * far  # a random subset measures the same shift

@@ -34,21 +34,29 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     freeze = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
               "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
     cfg = build_config({**SMALL, **freeze, "train.epochs": 5, "train.num_workers": 2,
-                        "train.cpus_per_worker": 0.5, "train.output": "run"})
+                        "train.cpus_per_worker": 0.5, "train.output": "run", "train.eval_every": 2})
     result = run(cfg, verbose=False)
     assert result.error is None
     history = _metrics(out)
     assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]
     assert history[-1]["val/mse"] < history[0]["val/mse"]
-    for key in ("train/loss", "train/recon", "train/kl", "train/mmd", "val/loss", "val/mse",
-                "val/psnr", "time/epoch_s", "throughput/images_per_s"):
+    for key in ("train/loss", "train/recon", "train/prior_recon", "train/kl", "train/mmd",
+                "val/loss", "val/elbo", "val/mse", "val/psnr", "time/epoch_s",
+                "throughput/images_per_s"):
         assert all(key in m for m in history), key
+    # the paper's tasks every train.eval_every epochs and at the last one
+    evaluated = [m["epoch"] for m in history if "val/probe_acc" in m]
+    assert evaluated == [1, 3, 4]
+    assert all(0 < history[e]["val/probe_acc"] <= 1 and history[e]["val/sample_score"] >= 1
+               for e in evaluated)
     # both workers' samples are counted: the train split (1617 images) less the dropped tails
     assert history[0]["train/samples"] > 1500
     assert (out / "config.yaml").is_file()
     tb = tags(out / "tb")
     assert tb["val/mse"] == [0, 1, 2, 3, 4] and tb["reconstructions"] == [0, 1, 2, 3, 4]
     assert "samples" in tb
+    assert tb["inpainting"] == tb["interpolation"] == [1, 3, 4]
+    assert (out / "inpainting.png").is_file() and (out / "interpolation.png").is_file()
     ckpts = sorted((out / "train").glob("checkpoint_epoch_*"))
     assert ckpts and (ckpts[-1] / "checkpoint.pt").is_file()
 

@@ -62,13 +62,13 @@ def test_smoke_sweep_asha_stops_trials_and_the_table_has_every_trial(ray_session
     hparams = json.loads((out / "hparams.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert hparams["trial_id"] == table[0]["trial_id"] and hparams["optim.lr"] == 3e-3
-    assert metrics["val/loss"] == pytest.approx(table[0]["best/val/loss"])
+    assert metrics["val/elbo"] == pytest.approx(table[0]["best/val/elbo"])
     model = vitcae_ray.load_pretrained(str(out))
     cfg = build_config(yaml.safe_load((out / "config.yaml").read_text()))
     _, val, _ = build_datasets(cfg.data)
     again = evaluate(model, DataLoader(val, batch_size=cfg.train.batch_size), metrics["epoch"], cfg,
                      torch.device("cpu"), seed=cfg.train.seed)
-    assert again["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-4)
+    assert again["val/elbo"] == pytest.approx(metrics["val/elbo"], rel=1e-4)
     assert again["val/mse"] == pytest.approx(metrics["val/mse"], rel=1e-4)
     # the two best trials, as a top-k export
     assert export_main(["--experiment", str(tmp_path / "exp"), "--out", str(tmp_path / "top"),

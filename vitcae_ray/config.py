@@ -16,6 +16,11 @@ from typing import Any, Mapping
 import yaml
 
 
+# The fixed-weight selection metric (negative ELBO, nats per image): checkpoint ranking,
+# ASHA and export compare it, since val/loss changes its weights along the curriculum.
+SELECT_METRIC = "val/elbo"
+
+
 class ConfigError(ValueError):
     """A bad config key or value; the message is one line naming the key and the fix."""
 
@@ -56,12 +61,15 @@ class LossConfig:
     kl_cls_weight: float = 1.0  # weight of KL(q(z_cls|x) || N(0, I))
     kl_cls_free_bits: float = 1.0  # nats per z_cls dimension that KL(z_cls) does not charge
     kl_patch_weight: float = 1.0  # weight of KL(q(z_patch|x) || p(z_patch|z_cls))
-    mmd_weight: float = 10.0  # weight of the IMQ-MMD terms once the curriculum has ramped in
+    mmd_weight: float = 10.0  # weight of the patch IMQ-MMD once the curriculum has ramped in
+    mmd_cls_weight: float = 10.0  # weight of the z_cls IMQ-MMD (aggregate q(z_cls) vs N(0, I))
     discrepancy_weight: float = 0.1  # weight of ||z_patch - Z~_patch||^2
+    prior_recon_weight: float = 1.0  # weight (x recon_weight) of the error of x decoded from p(z_patch | z_cls) alone
     warmup_epochs: int = 3  # T_w: KL-only epochs
     ramp_epochs: int = 3  # epochs of the linear ramp from KL to the KL/MMD mix
     kl_mix: float = 0.5  # fraction of the KL weight kept after the ramp
     mmd_scales: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # IMQ scales C = 2 d s
+    mmd_max_samples: int = 512  # patch latents per batch compared by the patch MMD (random subset)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 64  # per worker
+    batch_size: int = 32  # per worker
     num_workers: int = 1  # Ray Train workers; 0 runs Ray Train's local mode in this process
     cpus_per_worker: float = 2.0  # also the worker's torch thread count
     gpu: bool = False  # one GPU per worker, bf16 autocast
@@ -88,9 +96,10 @@ class TrainConfig:
     run_name: str = "train"  # Ray Train run name (deterministic, so a rerun resumes)
     seed: int = 0
     max_failures: int = 2  # worker-group restarts from the last checkpoint
-    num_checkpoints: int = 2  # best checkpoints kept by val/loss (the latest is also kept)
+    num_checkpoints: int = 2  # best checkpoints kept by val/elbo (the latest is also kept)
     log_images: bool = True  # reconstruction and sample grids in TensorBoard
     num_image_samples: int = 16  # images per grid
+    eval_every: int = 5  # every N epochs and the last: val/probe_acc, val/sample_score, task grids; 0 = never
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction}")
     if t.num_workers < 0:
         raise ConfigError(f"config key 'train.num_workers' must be >= 0, got {t.num_workers}")
+    if t.eval_every < 0:
+        raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {t.eval_every}")
     if t.cpus_per_worker <= 0:
         raise ConfigError(f"config key 'train.cpus_per_worker' must be > 0, got {t.cpus_per_worker}")
     for key in ("warmup_epochs", "ramp_epochs"):
@@ -287,6 +298,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'freeze.max_frozen_frac' must be in [0, 1], got {fz.max_frozen_frac}")
     if fz.drift_threshold < 0 or cfg.scheduler.alpha < 0:
         raise ConfigError("config keys 'freeze.drift_threshold' and 'scheduler.alpha' must be >= 0")
+    if lo.mmd_max_samples < 2:
+        raise ConfigError(f"config key 'loss.mmd_max_samples' must be >= 2, got {lo.mmd_max_samples}")
     if not lo.mmd_scales or min(lo.mmd_scales) <= 0:
         raise ConfigError("config key 'loss.mmd_scales' must be a non-empty list of positive numbers")
 
@@ -344,7 +357,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "FreezeConfig", "SchedulerConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "SELECT_METRIC", "Config", "ConfigError", "DataConfig", "FreezeConfig", "SchedulerConfig", "LossConfig", "ModelConfig", "OptimConfig",
     "TrainConfig", "MODEL_PRESETS", "build_config", "dump_yaml", "from_dict", "load_yaml",
     "parse_set", "resolve", "to_dict", "validate",
 ]

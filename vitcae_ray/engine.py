@@ -16,7 +16,7 @@ from torch import nn
 from .config import Config
 from .losses import vitcae_loss
 
-TERMS = ("loss", "recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy", "mse")
+TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy", "mse")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,6 +28,11 @@ class NonFiniteLossError(RuntimeError):
             "lower optim.lr or raise optim.grad_clip and rerun"
         )
         self.epoch, self.step = epoch, step
+
+
+def decode_prior(cfg: Config) -> bool:
+    """Whether the loss needs x decoded from the prior alone (a second decoder pass)."""
+    return cfg.loss.prior_recon_weight > 0
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -84,7 +89,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     for step, (x, _) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            out = model(x)
+            out = model(x, decode_prior=decode_prior(cfg))
         terms = vitcae_loss(out, x, epoch, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -117,7 +122,7 @@ def evaluate(model: nn.Module, loader: Iterable, epoch: int, cfg: Config, device
     for x, _ in loader:
         x = x.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            out = model(x, sample=False)
+            out = model(x, sample=False, decode_prior=decode_prior(cfg))
         terms = vitcae_loss(out, x, epoch, cfg.loss, generator=gen)
         n = x.shape[0]
         sums[:-1] += torch.stack([terms[k].double() for k in TERMS]) * n

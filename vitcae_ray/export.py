@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
+from .config import SELECT_METRIC, Config
 
 RESULTS_FILE, RESULTS_CSV = "results.parquet", "results.csv"
 CHECKPOINT_FILE = "checkpoint.pt"  # vitcae_ray.train.CHECKPOINT_FILE (not imported: it is heavy)
@@ -230,7 +230,7 @@ def choose_checkpoint(row: dict[str, Any], experiment: str, metric: str, mode: s
     return Choice(trial, row, path, epoch, value, m)
 
 
-def choose(experiment: str, metric: str = "val/loss", mode: str = "min", trial: str | None = None,
+def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", trial: str | None = None,
            top_k: int | None = None) -> list[Choice]:
     """The checkpoints to export, best first, all checked before anything is written."""
     if mode not in ("min", "max"):
@@ -330,7 +330,7 @@ def _is_local(fs) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def export(experiment: str, out: str, metric: str = "val/loss", mode: str = "min",
+def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "min",
            trial: str | None = None, top_k: int | None = None,
            overwrite: bool = False) -> list[tuple[Choice, str]]:
     """Export the chosen checkpoint(s) to ``out`` (``out/1 ... out/K`` with ``top_k``);
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True,
                    help="experiment directory of python -m vitcae_ray.tune (local path or URI)")
     p.add_argument("--out", required=True, help="model directory to write (local path or URI)")
-    p.add_argument("--metric", default="val/loss", help="rank by best/METRIC (default val/loss)")
+    p.add_argument("--metric", default=SELECT_METRIC,
+                   help=f"rank by best/METRIC (default {SELECT_METRIC})")
     p.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher is better")
     p.add_argument("--trial", help="export this trial id instead of the best")
     p.add_argument("--top-k", type=int, help="export the K best trials into OUT/1 ... OUT/K")

@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
+from .engine import decode_prior
 from .losses import vitcae_loss
 from .model import ViTCAE
 from .optim import build_lr_schedule, build_optimizer
@@ -96,7 +97,7 @@ def train_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int) ->
     was_training = model.training
     model.train()
     with FlopCounterMode(display=False) as counter:
-        out = model(x)
+        out = model(x, decode_prior=decode_prior(cfg))
         vitcae_loss(out, x, epoch, cfg.loss)["loss"].backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)

@@ -1,14 +1,21 @@
 """ViTCAE loss: reconstruction + KL terms + IMQ-MMD (after the curriculum's warm-up) +
 patch-token discrepancy. Every per-sample term is summed over its dimensions and averaged
 over the batch, so the weights in :class:`LossConfig` are comparable across image sizes.
+
+``loss`` is the training objective; its weights change along the curriculum, so it is not
+comparable across epochs or trials. ``elbo`` is: the negative ELBO in nats per image with
+weight 1 on every term, under the Gaussian decoder the reconstruction weight implies
+(sigma^2 = 1 / (2 recon_weight)). Checkpoint ranking, ASHA and export use ``val/elbo``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import LossConfig
-from .model.vitcae import ViTCAEOutput
+from .model.vitcae import ViTCAEOutput, reparameterize
 
 
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -30,6 +37,12 @@ def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor,
     1/2 sum(lv_p - lv_q + (e^lv_q + (mu_q - mu_p)^2) / e^lv_p - 1)."""
     kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
     return kl.flatten(1).sum(1).mean()
+
+
+def gaussian_nll(sse: torch.Tensor, pixels: int, recon_weight: float) -> torch.Tensor:
+    """-log N(x | x_hat, sigma^2 I) with sigma^2 = 1 / (2 recon_weight), given the summed
+    squared error: recon_weight * SSE + P/2 log(2 pi sigma^2)."""
+    return recon_weight * sse + 0.5 * pixels * math.log(math.pi / recon_weight)
 
 
 def imq_mmd(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> torch.Tensor:
@@ -57,21 +70,39 @@ def curriculum(epoch: int, cfg: LossConfig) -> tuple[float, float]:
     return 1.0 - r * (1.0 - cfg.kl_mix), r
 
 
+def patch_mmd(out: ViTCAEOutput, scales: tuple[float, ...], max_samples: int,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """IMQ-MMD^2 between posterior and prior patch latents, each patch latent (Zp,) one
+    sample, times N: like KL(z_patch), a per-patch divergence summed over the N patches.
+    At most ``max_samples`` of the B*N patch latents are compared (a random subset)."""
+    B, N, Zp = out.mu_patch.shape
+    post = reparameterize(out.mu_patch, out.logvar_patch, generator).reshape(B * N, Zp)
+    prior = reparameterize(out.prior_mu, out.prior_logvar, generator).reshape(B * N, Zp)
+    if B * N > max_samples:
+        idx = torch.randperm(B * N, device=post.device, generator=generator)[:max_samples]
+        post, prior = post[idx], prior[idx]
+    return N * imq_mmd(post, prior, scales)
+
+
 def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """All terms for one batch; ``loss`` is the weighted total used for the gradient."""
+    """All terms for one batch, in fp32; ``loss`` is the weighted total used for the
+    gradient, ``elbo`` the fixed-weight negative ELBO (nats per image)."""
     kl_f, mmd_f = curriculum(epoch, cfg)
     recon = (out.recon.float() - x.float()).pow(2).flatten(1).sum(1).mean()
     kl_cls = kl_standard_normal(out.mu_cls.float(), out.logvar_cls.float())
     kl_patch = kl_gaussians(out.mu_patch.float(), out.logvar_patch.float(),
                             out.prior_mu.float(), out.prior_logvar.float())
-    disc = (out.z_patch.float() - out.z_patch_tilde.float()).pow(2).flatten(1).sum(1).mean()
+    # on the posterior mean: the sampled z_patch would also push the posterior variance down
+    disc = (out.mu_patch.float() - out.z_patch_tilde.float()).pow(2).flatten(1).sum(1).mean()
     if mmd_f > 0:
-        # posterior samples vs prior samples: z_cls vs N(0, I); z_patch vs p(z_patch | z_cls)
-        z_prior = torch.randn(out.z_cls.shape, device=x.device, generator=generator)
-        eps = torch.randn(out.prior_mu.shape, device=x.device, generator=generator)
-        zp_prior = out.prior_mu.float() + (0.5 * out.prior_logvar.float()).exp() * eps
-        mmd = imq_mmd(out.z_cls, z_prior, cfg.mmd_scales) + imq_mmd(out.z_patch, zp_prior, cfg.mmd_scales)
+        # posterior vs prior samples: z_cls vs N(0, I); patch latents vs p(z_patch | z_cls)
+        # fresh posterior samples: validation decodes the means, which are no samples
+        z_cls = reparameterize(out.mu_cls.float(), out.logvar_cls.float(), generator)
+        z_prior = torch.randn(z_cls.shape, device=x.device, generator=generator)
+        mmd_cls = imq_mmd(z_cls, z_prior, cfg.mmd_scales)
+        mmd_patch = patch_mmd(out, cfg.mmd_scales, cfg.mmd_max_samples, generator)
+        mmd = mmd_cls + mmd_patch
     else:
         mmd = recon.new_zeros(())
     kl = cfg.kl_cls_weight * kl_cls + cfg.kl_patch_weight * kl_patch
@@ -80,8 +111,13 @@ def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
         kl_fb = kl_free_bits(out.mu_cls.float(), out.logvar_cls.float(), cfg.kl_cls_free_bits)
         kl_charged = cfg.kl_cls_weight * kl_fb + cfg.kl_patch_weight * kl_patch
     loss = cfg.recon_weight * recon + kl_f * kl_charged + cfg.discrepancy_weight * disc
+    prior_recon = recon.new_zeros(())
+    if out.recon_prior is not None:
+        prior_recon = (out.recon_prior.float() - x.float()).pow(2).flatten(1).sum(1).mean()
+        loss = loss + cfg.recon_weight * cfg.prior_recon_weight * prior_recon
     if mmd_f > 0:
-        loss = loss + mmd_f * cfg.mmd_weight * mmd
+        loss = loss + mmd_f * (cfg.mmd_cls_weight * mmd_cls + cfg.mmd_weight * mmd_patch)
     mse = (out.recon.float() - x.float()).pow(2).mean()
-    return {"loss": loss, "recon": recon, "kl": kl, "kl_cls": kl_cls, "kl_patch": kl_patch,
-            "mmd": mmd, "discrepancy": disc, "mse": mse}
+    elbo = gaussian_nll(recon, x[0].numel(), cfg.recon_weight) + kl_cls + kl_patch
+    return {"loss": loss, "elbo": elbo, "recon": recon, "prior_recon": prior_recon, "kl": kl, "kl_cls": kl_cls,
+            "kl_patch": kl_patch, "mmd": mmd, "discrepancy": disc, "mse": mse}

@@ -10,14 +10,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 HEADS_FILE = "heads.parquet"
-PNG_GRIDS = ("reconstructions", "samples")  # also written as PNG files each epoch
+PNG_GRIDS = ("reconstructions", "samples", "inpainting", "interpolation")  # also written as PNGs
 
 
 def is_uri(path: str) -> bool:
@@ -123,17 +123,19 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor,
-                upscale: int = 2) -> dict[str, torch.Tensor]:
-    """Reconstruction grid (inputs above reconstructions) and a grid of generated samples."""
+def grid_image(images: torch.Tensor, nrow: int, upscale: int = 2) -> torch.Tensor:
+    """(B, C, S, S) -> one (C, H, W) grid, ``nrow`` images a row, white padding, upscaled."""
     from torchvision.utils import make_grid
 
-    def grid(t: Iterable[torch.Tensor], nrow: int) -> torch.Tensor:
-        g = make_grid(torch.cat(list(t)).float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
-        return torch.nn.functional.interpolate(g[None], scale_factor=upscale, mode="nearest")[0]
+    g = make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    return torch.nn.functional.interpolate(g[None], scale_factor=upscale, mode="nearest")[0]
 
+
+def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reconstruction grid (inputs above reconstructions) and a grid of generated samples."""
     n = inputs.shape[0]
-    return {"reconstructions": grid([inputs, recon], nrow=n), "samples": grid([samples], nrow=n)}
+    return {"reconstructions": grid_image(torch.cat([inputs, recon]), n),
+            "samples": grid_image(samples, n)}
 
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import Config, ConfigError, build_config, dump_yaml, resolve
+from .config import SELECT_METRIC, Config, ConfigError, build_config, dump_yaml, resolve
 from .data import DataError, build_datasets
 from .convergence import HeadController, HeadDecision
 from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch
@@ -111,8 +111,9 @@ class LocalCheckpoints:
         if self.fs.get_file_info(dest).type != pafs.FileType.NotFound:
             self.fs.delete_dir(dest)  # a replayed epoch overwrites
         self.fs.move(partial, dest)  # a checkpoint appears only when complete
-        # keep the latest and the best `keep` by val/loss
-        by_epoch = {f"{self.root}/checkpoint_epoch_{int(m['epoch']):04d}": m["val/loss"] for m in history}
+        # keep the latest and the best `keep` by the selection metric
+        by_epoch = {f"{self.root}/checkpoint_epoch_{int(m['epoch']):04d}": m[SELECT_METRIC]
+                    for m in history}
         dirs = self._dirs()
         best = sorted((d for d in dirs if d in by_epoch), key=by_epoch.get)[: self.keep]
         for d in dirs:
@@ -138,11 +139,13 @@ def _set_epoch(loader: DataLoader, epoch: int) -> None:
 
 
 def _progress_line(m: dict[str, Any], epochs: int) -> str:
+    evaluated = (f" probe {m['val/probe_acc']:.1%} sample score {m['val/sample_score']:.2f} |"
+                 if "val/probe_acc" in m else "")
     return (f"epoch {int(m['epoch']) + 1}/{epochs} | loss {m['train/loss']:.2f} "
             f"recon {m['train/recon']:.2f} kl {m['train/kl']:.2f} mmd {m['train/mmd']:.4f} | "
-            f"val loss {m['val/loss']:.2f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB | "
-            f"heads {m['heads/frozen']}/{m['heads/total']} frozen (+{m['heads/newly_frozen']}), "
-            f"step FLOPs -{m['flops/saved_frac']:.1%} | "
+            f"val elbo {m['val/elbo']:.1f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB |"
+            f"{evaluated} heads {m['heads/frozen']}/{m['heads/total']} frozen "
+            f"(+{m['heads/newly_frozen']}), step FLOPs -{m['flops/saved_frac']:.1%} | "
             f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s")
 
 
@@ -326,6 +329,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     logger = RunLogger(RunDir(t.output), history) if rank == 0 else None
     n_img = min(t.num_image_samples, len(val_set))
     fixed_batch = torch.stack([val_set[i][0] for i in range(n_img)]).to(device) if rank == 0 else None
+    evaluator = None
+    if rank == 0 and t.eval_every > 0:
+        from .evaluate import EpochEvaluator
+
+        evaluator = EpochEvaluator(train_set, val_set, seed=t.seed)
     probe_all = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
     probe = probe_all[rank::world].to(device)
     total_heads = cfg.model.depth * cfg.model.num_heads
@@ -342,8 +350,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                                       device, amp_dtype)
         except NonFiniteLossError as e:
             # Every rank sees the same all-reduced gradient norm, so all stop here together.
-            # val/loss = inf keeps Tune's metric checks and schedulers working on the stop
-            ray.train.report({"epoch": epoch, "error": str(e), "val/loss": math.inf})
+            # inf metrics keep Tune's metric checks and schedulers working on the stop
+            ray.train.report({"epoch": epoch, "error": str(e), "val/loss": math.inf,
+                              SELECT_METRIC: math.inf})
             if logger is not None:
                 logger.close()
             return
@@ -384,6 +393,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             "time/step_s": metrics["time/epoch_s"] / max(steps_per_epoch, 1),
             "ddp/rank_spread": rank_spread(model, world),
         }
+        task_grids = {}
+        if evaluator is not None and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
+            task_metrics, task_grids = evaluator(model, device)
+            metrics.update(task_metrics)
         history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -396,7 +409,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                         recon = model(fixed_batch, sample=False).recon
                         gen = torch.Generator(device=device).manual_seed(t.seed)
                         samples = model.generate(n_img, generator=gen)
-                    images = image_grids(fixed_batch, recon, samples)
+                    images = {**image_grids(fixed_batch, recon, samples), **task_grids}
                 images.update(_head_heatmaps(rows, cfg.model.depth, cfg.model.num_heads))
                 logger.log_epoch(metrics, images, head_rows)
                 print(_progress_line(metrics, t.epochs), flush=True)
@@ -479,7 +492,7 @@ def run(cfg: Config, verbose: bool = True, callbacks: list | None = None):
             name=t.run_name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=t.num_checkpoints, checkpoint_score_attribute="val/loss",
+                num_to_keep=t.num_checkpoints, checkpoint_score_attribute=SELECT_METRIC,
                 checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -505,12 +518,13 @@ def summary(result, cfg: Config, wall_s: float) -> str:
         return f"stopped: {m['error']}"
     lines = [f"done in {wall_s:.0f}s: {int(m.get('epoch', -1)) + 1}/{cfg.train.epochs} epochs"]
     if "val/mse" in m:
-        lines.append(f"  final val/loss {m['val/loss']:.3f}  val/mse {m['val/mse']:.5f}  "
+        lines.append(f"  final val/elbo {m[SELECT_METRIC]:.2f}  val/mse {m['val/mse']:.5f}  "
                      f"val/psnr {m['val/psnr']:.2f} dB")
     best = getattr(result, "best_checkpoints", None) or []
     if best:
-        ckpt, bm = min(best, key=lambda cm: cm[1].get("val/loss", float("inf")))
-        lines.append(f"  best val/loss {bm['val/loss']:.3f} at epoch {int(bm['epoch']) + 1}: {ckpt.path}")
+        ckpt, bm = min(best, key=lambda cm: cm[1].get(SELECT_METRIC, float("inf")))
+        lines.append(f"  best {SELECT_METRIC} {bm[SELECT_METRIC]:.2f} at epoch "
+                     f"{int(bm['epoch']) + 1}: {ckpt.path}")
     out = cfg.train.output
     lines.append(f"  run directory {out} (tensorboard --logdir {out}/tb)")
     return "\n".join(lines)

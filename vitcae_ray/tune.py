@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from .config import Config, ConfigError, build_config, load_yaml, resolve
+from .config import SELECT_METRIC, Config, ConfigError, build_config, load_yaml, resolve
 from .data import DataError
 from .outputs import is_uri, read_text, storage_root
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 TRIALS_DIR, TUNE_NAME = "trials", "tune"
-RESULT_METRICS = ("val/loss", "val/mse", "val/psnr", "train/loss", "flops/saved_frac",
+RESULT_METRICS = ("val/elbo", "val/loss", "val/mse", "val/psnr", "train/loss", "flops/saved_frac",
                   "flops/cumulative_saved_frac", "heads/frozen")
 
 
@@ -130,7 +130,8 @@ def results_table(results, space_keys: list[str], experiment: str, max_epochs: i
         for key in dict.fromkeys((*RESULT_METRICS, metric)):
             values = [m[key] for m in history if isinstance(m.get(key), (int, float))]
             row[f"final/{key}"] = values[-1] if values else math.nan
-            lower_is_better = mode == "min" if key == metric else ("loss" in key or "mse" in key)
+            lower_is_better = mode == "min" if key == metric else any(
+                w in key for w in ("loss", "elbo", "mse"))
             row[f"best/{key}"] = (min if lower_is_better else max)(values) if values else math.nan
         rows.append(row)
     sign = 1.0 if mode == "min" else -1.0
@@ -180,7 +181,7 @@ def max_concurrent(workers_per_trial: int, cpus_per_worker: float, gpu: bool,
 
 
 def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str, num_samples: int,
-              metric: str = "val/loss", mode: str = "min", grace_period: int = 1,
+              metric: str = SELECT_METRIC, mode: str = "min", grace_period: int = 1,
               reduction_factor: float = 2, search: str = "random", resume: bool = False,
               driver_cpus: float = 0.25, driver_resource: str | None = None,
               callbacks: list | None = None):
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/tune", help="experiment directory (local or URI)")
     p.add_argument("--dataset", help="data.dataset")
     p.add_argument("--data-root", help="data.root")
-    p.add_argument("--metric", default="val/loss")
+    p.add_argument("--metric", default=SELECT_METRIC)
     p.add_argument("--mode", choices=("min", "max"), default="min")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor")

@@ -2,12 +2,25 @@
 p(z_patch | z_cls), and a decoder from the patch latents FiLM-conditioned on z_cls.
 
     x -> patches + CLS -> encoder (per-head tau) -> q(z_cls|x), q(z_patch|x)
-    z_cls -> prior MLP -> p(z_patch | z_cls) = N(mu_p, exp(logvar_p)), Z~_patch
+    z_cls -> prior MLP -> p(z_patch | z_cls) = N(Z~_patch, exp(logvar_p))
     (z_patch, z_cls) -> decoder (FiLM(z_cls) in every block) -> x_hat in [0, 1]
+
+``Z~_patch`` is the prior's mean: the patch latents that z_cls alone implies. The patch
+posterior is a residual on it, ``mu_patch = Z~_patch(z_cls) + delta(x)``, so the patch KL
+charges only what z_cls does not explain. In training it is also the target of the
+discrepancy term, and with ``loss.prior_recon_weight`` the image is decoded a second time
+from prior samples alone (the generative path) and must match the input: that is what makes
+z_cls carry the image's global content instead of collapsing onto N(0, I). At generation
+time the patch latents are ``Z~_patch + temperature * sigma_p * eps``; temperature 0 decodes
+Z~_patch, and inpainting puts Z~_patch in the holes.
+
+The latent heads and the prior run in fp32 even under autocast, and every log-variance is
+soft-bounded to (-LOGVAR_BOUND, LOGVAR_BOUND).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +28,18 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention
+
+LOGVAR_BOUND = 6.0  # |log-variance| < 6: standard deviations within (0.05, 20)
+
+
+def bound_logvar(raw: torch.Tensor) -> torch.Tensor:
+    """Soft bound ``c * tanh(raw / c)``: the identity near 0, smooth, never past +-c."""
+    return LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
+
+
+def fp32(device: torch.device):
+    """Autocast off: latent heads, prior and losses stay in fp32 under bf16 training."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class Mlp(nn.Sequential):
@@ -66,9 +91,14 @@ class ViTCAEOutput:
     z_patch: torch.Tensor  # (B, N, Zp)
     mu_patch: torch.Tensor
     logvar_patch: torch.Tensor
-    prior_mu: torch.Tensor  # (B, N, Zp), p(z_patch | z_cls)
+    prior_mu: torch.Tensor  # (B, N, Zp), mean of p(z_patch | z_cls): Z~_patch
     prior_logvar: torch.Tensor
-    z_patch_tilde: torch.Tensor  # (B, N, Zp), deterministic estimate from z_cls
+    recon_prior: torch.Tensor | None = None  # (B, C, S, S): decoded from p(z_patch | z_cls) alone
+
+    @property
+    def z_patch_tilde(self) -> torch.Tensor:
+        """Z~_patch, the deterministic patch latents z_cls implies (the prior mean)."""
+        return self.prior_mu
 
 
 class ViTCAE(nn.Module):
@@ -98,12 +128,12 @@ class ViTCAE(nn.Module):
         self.to_z_cls = nn.Linear(D, 2 * cfg.z_cls_dim)  # -> (mu, logvar)
         self.to_z_patch = nn.Linear(D, 2 * cfg.z_patch_dim)
 
-        # neural prior: z_cls -> (mu_p, logvar_p, Z~) for every patch position
+        # neural prior: z_cls -> (Z~ = mu_p, logvar_p) for every patch position
         Zp = cfg.z_patch_dim
         self.prior = nn.Sequential(
             nn.Linear(cfg.z_cls_dim, cfg.prior_hidden), nn.GELU(),
             nn.Linear(cfg.prior_hidden, cfg.prior_hidden), nn.GELU(),
-            nn.Linear(cfg.prior_hidden, N * 3 * Zp),
+            nn.Linear(cfg.prior_hidden, N * 2 * Zp),
         ) if cfg.conditional_prior else None
 
         # decoder: patch latents -> tokens, FiLM(z_cls) in every block -> pixels
@@ -132,31 +162,62 @@ class ViTCAE(nn.Module):
         return [blk.attn for blk in self.blocks]
 
     # --- encoder -------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, S, S) -> normed tokens (B, 1 + N, D), CLS first."""
+    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, S, S) -> normed tokens (B, 1 + N, D), CLS first; with ``keep`` (B, Nk)
+        patch indices only those patches are encoded: (B, 1 + Nk, D)."""
         t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)  # (B, 1+N, D)
         t = t + self.pos_embed
+        if keep is not None:  # CLS and the kept patches, positions embedded before the drop
+            idx = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)
+            t = t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, 1+Nk, D)
         for blk in self.blocks:
             t = blk(t)
         return self.norm(t)
 
-    def forward_encoder(self, x: torch.Tensor):
-        """-> mu_cls, logvar_cls (B, Zc); mu_patch, logvar_patch (B, N, Zp)."""
-        t = self.forward_features(x)
-        mu_cls, logvar_cls = self.to_z_cls(t[:, 0]).chunk(2, dim=-1)
-        mu_patch, logvar_patch = self.to_z_patch(t[:, 1:]).chunk(2, dim=-1)
-        return mu_cls, logvar_cls, mu_patch, logvar_patch
+    def forward_encoder(self, x: torch.Tensor, sample: bool = False,
+                        generator: torch.Generator | None = None,
+                        keep: torch.Tensor | None = None):
+        """x -> the posteriors and the prior they are measured against, all fp32:
+        z_cls, mu_cls, logvar_cls (B, Zc); mu_patch, logvar_patch, prior_mu, prior_logvar
+        (B, N, Zp). z_cls is a sample with ``sample``, else mu_cls. With ``keep`` (B, Nk)
+        only those patches are seen: z_cls is inferred from them, and the other patches'
+        posterior is their prior (mean Z~_patch, the prior's variance).
+
+        The patch posterior is a residual on the prior: mu_patch = Z~_patch(z_cls) + delta(x),
+        so KL(q(z_patch|x) || p(z_patch|z_cls)) charges only what z_cls does not explain."""
+        t = self.forward_features(x, keep)
+        with fp32(t.device):
+            t = t.float()
+            mu_cls, logvar_cls = self.to_z_cls(t[:, 0]).chunk(2, dim=-1)
+            delta, logvar_patch = self.to_z_patch(t[:, 1:]).chunk(2, dim=-1)
+        logvar_cls, logvar_patch = bound_logvar(logvar_cls), bound_logvar(logvar_patch)
+        z_cls = reparameterize(mu_cls, logvar_cls, generator) if sample else mu_cls
+        prior_mu, prior_logvar = self.forward_prior(z_cls)
+        if keep is not None:  # unseen patches: delta 0, the prior's variance
+            index = keep.unsqueeze(-1).expand(-1, -1, delta.shape[-1])
+            delta = torch.zeros_like(prior_mu).scatter(1, index, delta)
+            logvar_patch = prior_logvar.scatter(1, index, logvar_patch)
+        return (z_cls, mu_cls, logvar_cls, prior_mu + delta, logvar_patch, prior_mu, prior_logvar)
 
     # --- prior ---------------------------------------------------------------------------
     def forward_prior(self, z_cls: torch.Tensor):
-        """z_cls (B, Zc) -> prior_mu, prior_logvar, z_patch_tilde, each (B, N, Zp).
-        With ``conditional_prior`` off (ablation) all three are zero: p(z_patch) = N(0, I)."""
+        """z_cls (B, Zc) -> prior_mu (= Z~_patch), prior_logvar, each (B, N, Zp), fp32.
+        With ``conditional_prior`` off (ablation) both are zero: p(z_patch) = N(0, I)."""
         if not self.cfg.conditional_prior:
             zeros = z_cls.new_zeros(z_cls.shape[0], self.num_patches, self.cfg.z_patch_dim)
-            return zeros, zeros, zeros
-        out = self.prior(z_cls).view(z_cls.shape[0], self.num_patches, 3, self.cfg.z_patch_dim)
-        return out[:, :, 0], out[:, :, 1], out[:, :, 2]
+            return zeros.float(), zeros.float()
+        with fp32(z_cls.device):
+            out = self.prior(z_cls.float())
+        out = out.view(z_cls.shape[0], self.num_patches, 2, self.cfg.z_patch_dim)
+        return out[:, :, 0], bound_logvar(out[:, :, 1])
+
+    def sample_prior(self, z_cls: torch.Tensor, temperature: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """z_patch ~ N(Z~_patch, (temperature * sigma_p)^2): (B, N, Zp)."""
+        prior_mu, prior_logvar = self.forward_prior(z_cls)
+        return reparameterize(prior_mu, prior_logvar + 2.0 * math.log(temperature), generator) \
+            if temperature > 0 else prior_mu
 
     # --- decoder -------------------------------------------------------------------------
     def forward_decoder(self, z_patch: torch.Tensor, z_cls: torch.Tensor) -> torch.Tensor:
@@ -174,27 +235,29 @@ class ViTCAE(nn.Module):
         return h.reshape(B, C, g * p, g * p)
 
     def forward(self, x: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> ViTCAEOutput:
-        """Encode, sample (or take the means when ``sample`` is False), and decode."""
-        mu_cls, logvar_cls, mu_patch, logvar_patch = self.forward_encoder(x)
-        if sample:
-            z_cls = reparameterize(mu_cls, logvar_cls, generator)
-            z_patch = reparameterize(mu_patch, logvar_patch, generator)
-        else:
-            z_cls, z_patch = mu_cls, mu_patch
-        prior_mu, prior_logvar, z_tilde = self.forward_prior(z_cls)
+                generator: torch.Generator | None = None, decode_prior: bool = False) -> ViTCAEOutput:
+        """Encode, sample (or take the means when ``sample`` is False), and decode; with
+        ``decode_prior`` also decode from p(z_patch | z_cls) alone (its mean without
+        ``sample``) into ``recon_prior``."""
+        z_cls, mu_cls, logvar_cls, mu_patch, logvar_patch, prior_mu, prior_logvar = \
+            self.forward_encoder(x, sample, generator)
+        z_patch = reparameterize(mu_patch, logvar_patch, generator) if sample else mu_patch
         recon = self.forward_decoder(z_patch, z_cls)
+        recon_prior = None
+        if decode_prior:  # the generative path: every patch from p(z_patch | z_cls)
+            z_prior = reparameterize(prior_mu, prior_logvar, generator) if sample else prior_mu
+            recon_prior = self.forward_decoder(z_prior, z_cls)
         return ViTCAEOutput(recon, z_cls, mu_cls, logvar_cls, z_patch, mu_patch, logvar_patch,
-                            prior_mu, prior_logvar, z_tilde)
+                            prior_mu, prior_logvar, recon_prior)
 
     @torch.no_grad()
-    def generate(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z_cls ~ N(0, I) -> z_patch ~ p(z_patch | z_cls) -> decode: (n, C, S, S)."""
+    def generate(self, n: int, generator: torch.Generator | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+        """z_cls ~ N(0, I) -> z_patch ~ N(Z~_patch, (temperature sigma_p)^2) -> decode:
+        (n, C, S, S)."""
         device = self.cls_token.device
         z_cls = torch.randn(n, self.cfg.z_cls_dim, device=device, generator=generator)
-        prior_mu, prior_logvar, _ = self.forward_prior(z_cls)
-        z_patch = reparameterize(prior_mu, prior_logvar, generator)
-        return self.forward_decoder(z_patch, z_cls)
+        return self.forward_decoder(self.sample_prior(z_cls, temperature, generator), z_cls)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
