@@ -21,15 +21,18 @@ from vitcae_ray.model import build_model
 from vitcae_ray.optim import build_lr_schedule, build_optimizer
 from vitcae_ray.train import seed_everything
 
-# the quickstart model at 16x16, trained briefly in-process (no Ray: the trainer is tested
-# elsewhere); the thresholds below sit well above what a model whose prior ignores z_cls gives
-SHORT = {"data.image_size": 16, "model.patch_size": 2, "train.epochs": 10, "train.batch_size": 32}
+# the quickstart model on the digits at their native 8x8, trained in-process (no Ray: the
+# trainer is tested elsewhere) for 30 epochs, about a minute here. Measured with this set-up:
+# a model whose prior ignores z_cls (before the generative pass and the residual patch
+# posterior) decodes 64 prior means into 3 classes (80% one class), pixel spread 0.06, and
+# shuffling z_cls moves its reconstructions 0.06x as much as shuffling z_patch; this model:
+# 10 classes (16%), spread 0.15, 0.27x. The thresholds sit between.
+SHORT = {"data.image_size": 8, "model.patch_size": 2, "train.epochs": 30, "train.batch_size": 32}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(model, config, model.pt path) after a short training on the embedded digits."""
-    torch.set_num_threads(2)
     cfg = build_config(SHORT)
     train_set, val_set, channels = build_datasets(cfg.data)
     torch.manual_seed(0)
@@ -49,14 +52,21 @@ def trained(tmp_path_factory):
 
 
 def test_decoded_prior_means_of_different_z_cls_differ(trained):
+    from vitcae_ray.metrics import PixelClassifier, max_class_share
+
     model, cfg, _, _ = trained
-    z_cls = torch.randn(16, cfg.model.z_cls_dim, generator=torch.Generator().manual_seed(0))
+    train_set, _, _ = build_datasets(cfg.data)
+    xtr = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    ytr = np.array([train_set[i][1] for i in range(len(train_set))])
+    z_cls = torch.randn(64, cfg.model.z_cls_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         z_tilde, _ = model.forward_prior(z_cls)
         images = model.forward_decoder(z_tilde, z_cls)
     spread = (images - images.mean(0)).abs().mean().item()
-    # a prior that ignores z_cls decodes 16 near-identical blurs (spread about 0.01)
-    assert spread > 0.06
+    assert spread > 0.10
+    # and they differ as digits do: a pixel classifier sees many classes, none dominating
+    proba = PixelClassifier(xtr, ytr).proba(images)
+    assert len(np.unique(proba.argmax(1))) >= 6 and max_class_share(proba) <= 0.4
 
 
 def test_shuffling_z_cls_changes_reconstructions_like_shuffling_z_patch(trained):
@@ -72,8 +82,7 @@ def test_shuffling_z_cls_changes_reconstructions_like_shuffling_z_patch(trained)
         patch_shuffled = model.forward_decoder(mu_patch[perm], mu_cls)
     d_cls = (cls_shuffled - base).abs().mean().item()
     d_patch = (patch_shuffled - base).abs().mean().item()
-    # with a collapsed global latent this ratio is about 0.03
-    assert d_cls > 0.5 * d_patch
+    assert d_cls > 0.15 * d_patch
 
 
 def test_every_task_writes_its_png_and_metrics(trained, tmp_path):
@@ -118,25 +127,25 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
     args = ["--model", str(path), "--out", str(tmp_path / "eval"), "--tasks", "recon"]
     if case == "missing":
         args[1] = str(tmp_path / "nope")
-    elif case == "size":  # a 32x32 model evaluated on 16x16 digits
+    elif case == "size":  # a 32x32 model evaluated on 8x8 digits
         cfg = build_config({})
         big = build_model(cfg.model, 32, 1)
         args[1] = str(tmp_path / "big.pt")
         torch.save({"model": big.state_dict(), "config": {**cfg.to_dict(), "data": {
-            **cfg.to_dict()["data"], "image_size": 16}}, "model_args": {"img_size": 32, "in_chans": 1}},
+            **cfg.to_dict()["data"], "image_size": 8}}, "model_args": {"img_size": 32, "in_chans": 1}},
             args[1])
     elif case == "channels":
         cfg = build_config({**SHORT})
-        rgb = build_model(cfg.model, 16, 3)
+        rgb = build_model(cfg.model, 8, 3)
         args[1] = str(tmp_path / "rgb.pt")
         torch.save({"model": rgb.state_dict(), "config": cfg.to_dict(),
-                    "model_args": {"img_size": 16, "in_chans": 3}}, args[1])
+                    "model_args": {"img_size": 8, "in_chans": 3}}, args[1])
     else:
         args[-1] = "recon,nope"
     assert ev.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
-    expected = {"missing": "not found", "size": "16x16", "channels": "3-channel", "task": "nope"}[case]
+    expected = {"missing": "not found", "size": "8x8", "channels": "3-channel", "task": "nope"}[case]
     assert expected in err[0]
     assert not (tmp_path / "eval" / "metrics.json").exists()
 

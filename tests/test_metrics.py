@@ -26,6 +26,10 @@ def test_psnr_and_ssim_agree_with_scikit_image():
     # grayscale, and identical images
     gray = x[:, :1]
     assert M.ssim(gray, gray).allclose(torch.ones(3, dtype=torch.float64))
+    # images smaller than the window (8x8 digits) get the largest odd window that fits
+    small_x, small_y = x[:, :1, :8, :8], y[:, :1, :8, :8]
+    assert M.ssim(small_x, small_x).allclose(torch.ones(3, dtype=torch.float64))
+    assert (M.ssim(small_y, small_x) < 0.99).all()
 
 
 def test_sample_score_of_real_images_exceeds_noise_and_is_bounded():
@@ -100,3 +104,28 @@ def test_interpolation_smoothness_is_one_for_an_even_path_and_grows_with_a_jump(
     change, ratio = M.interpolation_smoothness([even])
     assert change == pytest.approx(0.2) and ratio == pytest.approx(1.0)
     assert M.interpolation_smoothness([jump])[1] == pytest.approx(5.0)
+
+
+def test_fid_reads_the_given_weights_file_and_separates_noise_from_real(tmp_path, monkeypatch):
+    """FID through torchmetrics with a user-supplied Inception weights file: here a randomly
+    initialised one (nothing is downloaded), so only the ordering of the values is checked."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+    from vitcae_ray.data import build_datasets
+    from vitcae_ray.evaluate import EvalError, fid
+
+    with monkeypatch.context() as m:  # build a weights file of the right layout, offline
+        m.setattr(fx.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        m.setattr(fx, "load_state_dict_from_url", lambda *a, **k: None)
+        torch.manual_seed(0)
+        net = fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), weights)
+    _, val_set, _ = build_datasets(build_config({"data.image_size": 16}).data)
+    real = torch.stack([val_set[i][0] for i in range(60)])
+    noise = torch.rand(30, 1, 16, 16)
+    close = fid(real[30:], real[:30], str(weights), torch.device("cpu"))
+    far = fid(noise, real[:30], str(weights), torch.device("cpu"))
+    assert 0 <= close < far
+    with pytest.raises(EvalError, match="not found"):
+        fid(noise, real, str(tmp_path / "missing.pth"), torch.device("cpu"))

@@ -33,7 +33,7 @@ class ModelConfig:
     depth: int = 4  # encoder blocks
     num_heads: int = 4  # encoder heads per block (the scheduler's heads)
     mlp_ratio: float = 2.0  # MLP hidden width / D
-    z_cls_dim: int = 16  # global latent z_cls
+    z_cls_dim: int = 8  # global latent z_cls
     z_patch_dim: int = 8  # per-patch latent z_patch
     prior_hidden: int = 256  # hidden width of the neural prior MLP z_cls -> p(z_patch | z_cls)
     dec_dim: int = 64  # decoder width

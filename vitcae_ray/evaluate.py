@@ -278,7 +278,7 @@ class EpochEvaluator:
 
 # --- the CLI ---------------------------------------------------------------------------------
 
-def _save_grid(images: torch.Tensor, nrow: int, path: str) -> None:
+def _save_grid(images: torch.Tensor, nrow: int, path) -> None:
     from .outputs import grid_image, save_png
 
     save_png(grid_image(images, nrow), path)
@@ -324,7 +324,7 @@ def run(model_path: str, dataset: str | None, data_root: str | None, out: str,
             m, grid, nrow = {"probe/acc": acc}, confusion_image(cm), 1
             if base is not None:
                 m["probe/baseline_acc"] = probe_accuracy(base, xtr, ytr, xv, yv)[0]
-        _save_grid(grid, nrow, str(outdir / f"{task}.png"))
+        _save_grid(grid, nrow, outdir / f"{task}.png")
         results.update(m)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items())
         log(f"{task}: {shown} ({time.perf_counter() - start:.1f}s) -> {outdir / (task + '.png')}")

@@ -25,10 +25,12 @@ def psnr(mse: float) -> float:
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM per image, (B,), of images in [0, 1], (B, C, H, W): Gaussian window
-    (``window``, ``sigma``), K1 = 0.01, K2 = 0.03, the mean over channels and over the
-    positions where the window fits (Wang et al. 2004)."""
+    (``window``, ``sigma``; narrowed to the largest odd size that fits smaller images),
+    K1 = 0.01, K2 = 0.03, the mean over channels and over the positions where the window
+    fits (Wang et al. 2004)."""
     x, y = x.double(), y.double()
     C = x.shape[1]
+    window = min(window, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)
     half = window // 2
     g = torch.exp(-(torch.arange(window, dtype=torch.float64) - half) ** 2 / (2 * sigma**2))
     g = (g / g.sum()).to(x.device)
