@@ -17,7 +17,7 @@ import time
 import torch
 
 from .config import ConfigError, resolve
-from .engine import autocast
+from .engine import autocast, decode_prior
 from .freezing import apply_frozen, grad_elements, train_step_flops
 from .losses import vitcae_loss
 from .model import build_model
@@ -53,7 +53,7 @@ def run_bench(cfg, batch_size: int, rounds: int, steps: int, device: torch.devic
     def step(r):
         r["opt"].zero_grad(set_to_none=True)
         with autocast(device, _autocast_dtype(device)):  # as in training: bf16 on GPUs
-            out = r["model"](x)
+            out = r["model"](x, decode_prior=decode_prior(cfg))
         vitcae_loss(out, x, epoch, cfg.loss)["loss"].backward()
         r["opt"].step()
 

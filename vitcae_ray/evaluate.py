@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .config import Config, ConfigError, build_config
+from .config import SELECT_METRIC, Config, ConfigError, build_config
 from .data import DataError, build_datasets
 
 TASKS = ("recon", "inpaint", "sample", "interp", "probe")
@@ -68,14 +68,13 @@ def _state_bytes(path: str) -> tuple[bytes, str]:
         if data is not None:
             return data, f"{path.rstrip('/')}/{name}"
     try:
-        if surviving_checkpoints(path):
+        ckpts = surviving_checkpoints(path)
+        if ckpts:
             try:
-                c = choose_checkpoint({"trial_id": path, "run_dir": path}, path, "val/elbo", "min")
-            except ExportError:  # a run from before val/elbo: its latest checkpoint
-                ckpts = surviving_checkpoints(path)
-                c = None
+                ckpt = choose_checkpoint({"trial_id": path, "run_dir": path}, path,
+                                         SELECT_METRIC, "min").checkpoint
+            except ExportError:  # no metrics for the surviving checkpoints: the latest
                 ckpt = ckpts[max(ckpts)]
-            ckpt = c.checkpoint if c is not None else ckpt
             data = read_bytes(ckpt, "checkpoint.pt")
             if data is not None:
                 return data, f"{ckpt}/checkpoint.pt"
@@ -98,12 +97,12 @@ def load_model(path: str, device: torch.device):
     return model.to(device).eval(), build_config(state["config"]), where
 
 
-def load_data(cfg: Config, model, dataset: str | None, root: str | None):
+def load_data(cfg: Config, model, dataset: str | None, root: str | None, download: bool = False):
     """(train images, train labels, val images, val labels) of ``dataset`` at the model's image
     size and channels; a one-line error if the dataset does not fit the model."""
-    data = cfg.data
+    data = replace(cfg.data, download=download)
     if dataset is not None:
-        data = replace(data, dataset=dataset, root=root, download=False)
+        data = replace(data, dataset=dataset, root=root)
     elif root is not None:
         data = replace(data, root=root)
     try:
@@ -286,24 +285,29 @@ def _save_grid(images: torch.Tensor, nrow: int, path) -> None:
 
 def run(model_path: str, dataset: str | None, data_root: str | None, out: str,
         tasks: tuple[str, ...] = TASKS, gpu: bool = False, seed: int = 0,
-        baseline: str | None = None, fid_weights: str | None = None,
+        baseline: str | None = None, fid_weights: str | None = None, download: bool = False,
         log=print) -> dict[str, Any]:
     """Run ``tasks``; returns the metrics written to ``out/metrics.json``."""
     from pathlib import Path
 
     device = torch.device("cuda" if gpu else "cpu")
+    if out and os.path.isfile(out):
+        raise EvalError(f"--out {out!r} is a file: pass a directory")
     if gpu and not torch.cuda.is_available():
         raise EvalError("--gpu given but no CUDA device is visible: drop --gpu")
     if fid_weights and not os.path.isfile(fid_weights):
         raise EvalError(f"--fid-weights {fid_weights!r} not found: pass the Inception weights file")
     model, cfg, where = load_model(model_path, device)
     base = load_model(baseline, device)[0] if baseline else None
-    xtr, ytr, xv, yv = load_data(cfg, model, dataset, data_root)
+    xtr, ytr, xv, yv = load_data(cfg, model, dataset, data_root, download)
     if base is not None and (base.in_chans, base.img_size) != (model.in_chans, model.img_size):
         raise EvalError(f"--baseline {baseline!r} takes other images than --model: pass a model "
                         "trained on the same data")
     outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise EvalError(f"--out {out!r} cannot be a directory ({e.strerror}): pass another --out") from None
     log(f"model {where}: {len(xtr)} training and {len(xv)} validation images")
     torch.manual_seed(seed)
     results: dict[str, Any] = {"model": where, "dataset": dataset or cfg.data.dataset, "seed": seed}
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "val/elbo) or checkpoint directory/file")
     p.add_argument("--dataset", help="dataset to evaluate on (default: the model's own)")
     p.add_argument("--data-root", help="dataset root, as for training")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data-root")
     p.add_argument("--out", required=True, metavar="EVAL_DIR", help="where metrics.json and the PNGs go")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--gpu", action="store_true", help="run on the first CUDA device")
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none)'}; "
                             f"choose from {','.join(TASKS)}")
         run(args.model, args.dataset, args.data_root, args.out, tasks, args.gpu, args.seed,
-            args.baseline, args.fid_weights, log=lambda s: print(s, flush=True))
+            args.baseline, args.fid_weights, args.download, log=lambda s: print(s, flush=True))
     except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
