@@ -19,9 +19,7 @@ Writes ``OUT/metrics.json`` (flat keys) and one PNG grid per task.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import os
 import sys
 import time

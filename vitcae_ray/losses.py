@@ -96,8 +96,8 @@ def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
     # on the posterior mean: the sampled z_patch would also push the posterior variance down
     disc = (out.mu_patch.float() - out.z_patch_tilde.float()).pow(2).flatten(1).sum(1).mean()
     if mmd_f > 0:
-        # posterior vs prior samples: z_cls vs N(0, I); patch latents vs p(z_patch | z_cls)
-        # fresh posterior samples: validation decodes the means, which are no samples
+        # fresh posterior samples (validation decodes the means) vs prior samples:
+        # z_cls vs N(0, I); patch latents vs p(z_patch | z_cls)
         z_cls = reparameterize(out.mu_cls.float(), out.logvar_cls.float(), generator)
         z_prior = torch.randn(z_cls.shape, device=x.device, generator=generator)
         mmd_cls = imq_mmd(z_cls, z_prior, cfg.mmd_scales)
@@ -119,5 +119,5 @@ def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
         loss = loss + mmd_f * (cfg.mmd_cls_weight * mmd_cls + cfg.mmd_weight * mmd_patch)
     mse = (out.recon.float() - x.float()).pow(2).mean()
     elbo = gaussian_nll(recon, x[0].numel(), cfg.recon_weight) + kl_cls + kl_patch
-    return {"loss": loss, "elbo": elbo, "recon": recon, "prior_recon": prior_recon, "kl": kl, "kl_cls": kl_cls,
-            "kl_patch": kl_patch, "mmd": mmd, "discrepancy": disc, "mse": mse}
+    return {"loss": loss, "elbo": elbo, "recon": recon, "prior_recon": prior_recon, "kl": kl,
+            "kl_cls": kl_cls, "kl_patch": kl_patch, "mmd": mmd, "discrepancy": disc, "mse": mse}
