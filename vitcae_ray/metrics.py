@@ -1,5 +1,5 @@
-"""Image and latent metrics for the paper's tasks: PSNR/SSIM, the sample score, the linear
-probe on z_cls, the inpainting masks and fill, and latent interpolation. Pure functions of
+"""Image and latent metrics for the paper's tasks: PSNR/SSIM, the sample score, posterior
+means, the inpainting masks and fill, and latent interpolation. Pure functions of
 models and tensors (no Ray), shared by ``python -m vitcae_ray.evaluate`` and the trainer's
 periodic evaluation.
 """
@@ -106,17 +106,6 @@ def encode_means(model, images: torch.Tensor, batch_size: int = 256):
         cls.append(mu_cls.float().cpu())
         patch.append(mu_patch.float().cpu())
     return torch.cat(cls), torch.cat(patch)
-
-
-def linear_probe(train_z: np.ndarray, train_y, val_z: np.ndarray, val_y) -> float:
-    """Validation accuracy of a logistic regression on standardised latents."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    clf.fit(np.asarray(train_z), np.asarray(train_y))
-    return float(clf.score(np.asarray(val_z), np.asarray(val_y)))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
