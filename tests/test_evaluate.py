@@ -113,11 +113,21 @@ def test_run_directory_and_checkpoint_inputs_resolve_to_a_model(trained, tmp_pat
     ckpt = tmp_path / "run" / "train" / "checkpoint_epoch_0003"
     ckpt.mkdir(parents=True)
     (ckpt / "checkpoint.pt").write_bytes(path.read_bytes())
-    for given in (tmp_path / "run", ckpt, ckpt / "checkpoint.pt"):
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "model.pt").write_bytes(path.read_bytes())
+    for given in (tmp_path / "run", ckpt, ckpt / "checkpoint.pt", exported):
         loaded, _, where = ev.load_model(str(given), torch.device("cpu"))
-        assert where.endswith("checkpoint.pt")
+        assert where.endswith("model.pt" if given == exported else "checkpoint.pt")
         for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
             assert torch.equal(a, b)
+    # a run directory with metrics: the surviving checkpoint with the best val/elbo, not the latest
+    earlier = tmp_path / "run" / "train" / "checkpoint_epoch_0001"
+    earlier.mkdir()
+    (earlier / "checkpoint.pt").write_bytes(path.read_bytes())
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "val/elbo": -10.0}) + "\n" + json.dumps({"epoch": 3, "val/elbo": -5.0}) + "\n")
+    assert "checkpoint_epoch_0001" in ev.load_model(str(tmp_path / "run"), torch.device("cpu"))[2]
 
 
 @pytest.mark.parametrize("case", ["missing", "size", "channels", "task"])
