@@ -63,7 +63,7 @@ class LossConfig:
     kl_patch_weight: float = 1.0  # weight of KL(q(z_patch|x) || p(z_patch|z_cls))
     mmd_weight: float = 10.0  # weight of the patch IMQ-MMD once the curriculum has ramped in
     mmd_cls_weight: float = 10.0  # weight of the z_cls IMQ-MMD (aggregate q(z_cls) vs N(0, I))
-    discrepancy_weight: float = 0.1  # weight of ||z_patch - Z~_patch||^2
+    discrepancy_weight: float = 0.1  # weight of ||mu_patch - Z~_patch||^2 (posterior mean)
     prior_recon_weight: float = 1.0  # weight (x recon_weight) of the error of x decoded from p(z_patch | z_cls) alone
     warmup_epochs: int = 3  # T_w: KL-only epochs
     ramp_epochs: int = 3  # epochs of the linear ramp from KL to the KL/MMD mix

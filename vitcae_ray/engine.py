@@ -16,7 +16,8 @@ from torch import nn
 from .config import Config
 from .losses import vitcae_loss
 
-TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy", "mse")
+TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy",
+         "mse")
 
 
 class NonFiniteLossError(RuntimeError):

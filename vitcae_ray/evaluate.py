@@ -114,11 +114,22 @@ def load_data(cfg: Config, model, dataset: str | None, root: str | None, downloa
             f"but the model takes {model.in_chans}-channel {model.img_size}x{model.img_size}: "
             f"pass the dataset the model was trained on ({cfg.data.dataset!r})")
 
-    def stack(ds):
-        items = [ds[i] for i in range(len(ds))]
-        return torch.stack([x for x, _ in items]), np.array([int(y) for _, y in items])
+    return (*stack_split(train_set), *stack_split(val_set))
 
-    return (*stack(train_set), *stack(val_set))
+
+def stack_split(ds, limit: int | None = None, rng: np.random.Generator | None = None):
+    """(images (n, C, S, S), labels (n,)) of a dataset split; with ``limit`` a random subset
+    of at most that many items, in index order."""
+    idx = range(len(ds))
+    if limit is not None and len(ds) > limit:
+        idx = np.sort((rng or np.random.default_rng(0)).choice(len(ds), limit, replace=False))
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), np.array([int(y) for _, y in items])
+
+
+def hole_rows(x: torch.Tensor, filled: torch.Tensor, pm: torch.Tensor) -> list[torch.Tensor]:
+    """The inpainting grid's rows: input with the hole drawn grey, fill, original."""
+    return [torch.where(pm, torch.full_like(x, 0.5), x), filled, x]
 
 
 # --- tasks ----------------------------------------------------------------------------------
@@ -150,9 +161,7 @@ def task_inpaint(model, xtr, xv, device, seed: int, show: int = 8):
         out[f"inpaint/{name}/psnr_masked"] = M.psnr(M.masked_mse(filled, xv, pm))
         out[f"inpaint/{name}/psnr_mean_fill"] = M.psnr(M.masked_mse(fill.expand_as(xv), xv, pm))
         k = min(show, len(xv))
-        shown = xv[:k].clone()
-        shown[pm[:k].expand_as(shown)] = 0.5  # the hole, drawn grey
-        rows += [shown, filled[:k], xv[:k]]
+        rows += hole_rows(xv[:k], filled[:k], pm[:k])
     return out, torch.cat(rows), min(show, len(xv))
 
 
@@ -237,14 +246,8 @@ class EpochEvaluator:
     def __init__(self, train_set, val_set, seed: int = 0, max_train: int = 5000,
                  max_val: int = 1000, num_samples: int = 500) -> None:
         rng = np.random.default_rng(seed)
-
-        def take(ds, n):
-            idx = np.sort(rng.choice(len(ds), n, replace=False)) if len(ds) > n else range(len(ds))
-            items = [ds[int(i)] for i in idx]
-            return torch.stack([x for x, _ in items]), np.array([int(y) for _, y in items])
-
-        self.xtr, self.ytr = take(train_set, max_train)
-        self.xv, self.yv = take(val_set, max_val)
+        self.xtr, self.ytr = stack_split(train_set, max_train, rng)
+        self.xv, self.yv = stack_split(val_set, max_val, rng)
         self.seed, self.num_samples = seed, num_samples
         self.clf = M.PixelClassifier(self.xtr, self.ytr, seed=seed)
 
@@ -263,12 +266,11 @@ class EpochEvaluator:
         mask = M.patch_mask("center25", k, model.grid)
         pm = M.pixel_mask(mask, model.grid, model.cfg.patch_size)
         filled = M.inpaint(model, x, mask).cpu()
-        holed = torch.where(pm, torch.full_like(x, 0.5), x)
         _, strips, steps = task_interp(model, self.xv, self.yv, self.seed, pairs=2)
         model.train(was_training)
         metrics = {"val/probe_acc": acc,
                    "val/sample_score": M.inception_style_score(self.clf.proba(samples))}
-        images = {"inpainting": grid_image(torch.cat([holed, filled, x]), k),
+        images = {"inpainting": grid_image(torch.cat(hole_rows(x, filled, pm)), k),
                   "interpolation": grid_image(strips, steps)}
         return metrics, images
 

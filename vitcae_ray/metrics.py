@@ -69,7 +69,6 @@ class PixelClassifier:
         if len(labels) > max_images:
             keep = np.random.default_rng(seed).choice(len(labels), max_images, replace=False)
             images, labels = images[torch.as_tensor(keep)], labels[keep]
-        self.classes = np.unique(labels)
         self.clf = LogisticRegression(max_iter=2000, C=1.0).fit(_features(images), labels)
 
     def proba(self, images: torch.Tensor) -> np.ndarray:
