@@ -196,7 +196,8 @@ class ParquetImageDataset(EncodedImageDataset):
         return f"dataset 'parquet': row {row} of {self.source!r}"
 
 
-def _read_table(fs: pafs.FileSystem, path: str, shown: str) -> pa.Table:
+def _read_table(fs: pafs.FileSystem, path: str, shown: str, limit: int | None = None) -> pa.Table:
+    """The image and label columns of the Parquet files at ``path`` (the first ``limit`` rows)."""
     hint = "expected columns 'image' (encoded PNG/JPEG bytes) and 'label' (int)"
     try:
         dset = pads.dataset(path, filesystem=fs, format="parquet")
@@ -215,7 +216,8 @@ def _read_table(fs: pafs.FileSystem, path: str, shown: str) -> pa.Table:
                 f"dataset 'parquet': column {col!r} of {shown!r} has type {schema.field(col).type}; {hint}"
             )
     try:
-        table = dset.to_table(columns=["image", "label"])
+        table = (dset.to_table(columns=["image", "label"]) if limit is None
+                 else dset.head(limit, columns=["image", "label"]))
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"dataset 'parquet': cannot read {shown!r} ({first_line(err)})") from None
     if table.column("label").null_count:
@@ -234,8 +236,9 @@ def _to_dataset(table: pa.Table, rows: list[int] | None, shown: str, size: int) 
     return ParquetImageDataset(images, labels, rows, shown, size)
 
 
-@register("parquet")
-def _parquet(cfg: DataConfig) -> DatasetTriple:
+def parquet_splits(cfg: DataConfig) -> tuple[pafs.FileSystem, str, str] | None:
+    """(filesystem, path, shown root) when ``data.root`` is a finished to_parquet output with
+    ``train/`` and ``val/`` folders, else None. Only such a root streams with Ray Data."""
     root = require_root(cfg, "PATH_OR_URI of a Parquet file or folder")
     fs, path = resolve_filesystem(root)
     shown = root.rstrip("/")
@@ -248,17 +251,38 @@ def _parquet(cfg: DataConfig) -> DatasetTriple:
             f"dataset 'parquet': {shown!r} not found; pass --data-root PATH_OR_URI of a Parquet file or folder "
             "(write one with python -m vitcae_ray.data.to_parquet)"
         )
+    if info.type != pafs.FileType.Directory:
+        return None
+    if fs.get_file_info(join(path, INCOMPLETE_MARKER)).type != pafs.FileType.NotFound:
+        raise DataError(
+            f"dataset 'parquet': {shown!r} is an unfinished to_parquet output; rerun to_parquet with --overwrite"
+        )
+    subs = fs.get_file_info([join(path, "train"), join(path, "val")])
+    if all(s.type == pafs.FileType.Directory for s in subs):
+        return fs, path, shown
+    return None
+
+
+def parquet_split(cfg: DataConfig, split: str, limit: int | None = None) -> ParquetImageDataset:
+    """One split (``train`` or ``val``) of a to_parquet output as a map-style dataset, at most
+    its first ``limit`` rows; the caller sets ``mode`` (see :func:`_finish`)."""
+    found = parquet_splits(cfg)
+    if found is None:
+        raise DataError(f"dataset 'parquet': {cfg.root!r} has no train/ and val/ folders; "
+                        "write it with python -m vitcae_ray.data.to_parquet")
+    fs, path, shown = found
+    where = join(shown, split)
+    return _to_dataset(_read_table(fs, join(path, split), where, limit), None, where, cfg.image_size)
+
+
+@register("parquet")
+def _parquet(cfg: DataConfig) -> DatasetTriple:
+    if parquet_splits(cfg) is not None:
+        return _finish(cfg, parquet_split(cfg, "train"), parquet_split(cfg, "val"))
+    root = require_root(cfg, "PATH_OR_URI of a Parquet file or folder")
+    fs, path = resolve_filesystem(root)
+    shown = root.rstrip("/")
     size = cfg.image_size
-    if info.type == pafs.FileType.Directory:
-        if fs.get_file_info(join(path, INCOMPLETE_MARKER)).type != pafs.FileType.NotFound:
-            raise DataError(
-                f"dataset 'parquet': {shown!r} is an unfinished to_parquet output; rerun to_parquet with --overwrite"
-            )
-        subs = fs.get_file_info([join(path, "train"), join(path, "val")])
-        if all(s.type == pafs.FileType.Directory for s in subs):
-            train = _to_dataset(_read_table(fs, join(path, "train"), join(shown, "train")), None, join(shown, "train"), size)
-            val = _to_dataset(_read_table(fs, join(path, "val"), join(shown, "val")), None, join(shown, "val"), size)
-            return _finish(cfg, train, val)
     table = _read_table(fs, path, shown)
     tr, va = split_indices(table.num_rows, cfg.val_fraction, cfg.split_seed, f"dataset 'parquet' {shown!r}")
     train = _to_dataset(table.take(tr), tr, shown, size)

@@ -1,0 +1,116 @@
+"""The Parquet train split streamed with Ray Data.
+
+For a to_parquet output (``train/`` and ``val/`` folders, local or ``s3://``), a Ray Train run
+does not load the train split on every worker: the driver hands Ray Train a
+``ray.data.read_parquet`` dataset, Ray Data tasks read and decode it in blocks, and each worker
+iterates its own shard (``ray.train.get_dataset_shard``), so a worker holds a few batches, not
+the split. Rank 0 reads at most the first ``max_rows`` train rows for its periodic evaluation;
+the validation split (a tenth of the data) stays map-style for exact, repeatable validation
+and the fixed probe images.
+
+The order of a streamed epoch follows Ray Data's scheduling (files are shuffled every epoch,
+then rows within a buffer with a per-epoch seed), so a replayed epoch is not bit-identical.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitcae_ray.config import DataConfig
+
+from .datasets import DataError, first_line, image_to_tensor, pil_mode
+from .files import _PIL_ERRORS, parquet_split, parquet_splits
+
+TRAIN = "train"
+
+
+def streams(cfg: DataConfig) -> bool:
+    """Whether Ray Train streams this dataset's train split with Ray Data."""
+    return cfg.dataset == "parquet" and parquet_splits(cfg) is not None
+
+
+def channels_of(cfg: DataConfig) -> int:
+    """The channel count: forced by ``data.channels`` or that of the first train image."""
+    if cfg.channels:
+        return cfg.channels
+    first = parquet_split(cfg, "train", limit=1)
+    return first.native_channels()
+
+
+class Decode:
+    """Ray Data batch function: encoded images -> uint8 ``(B, C, S, S)`` (a quarter of float32
+    in the object store); labels pass through."""
+
+    def __init__(self, channels: int, size: int, source: str) -> None:
+        self.mode, self.size, self.source = pil_mode(channels), size, source
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = []
+        for data in batch["image"]:
+            try:
+                img = Image.open(io.BytesIO(data or b""))
+                images.append((image_to_tensor(img, self.mode, self.size) * 255).round().to(torch.uint8))
+            except _PIL_ERRORS as err:
+                raise DataError(f"dataset 'parquet': an image of {self.source!r} is not readable "
+                                f"({first_line(err)}); fix or remove it") from None
+        return {"image": torch.stack(images).numpy(), "label": np.asarray(batch["label"], np.int64)}
+
+
+def train_dataset(cfg: DataConfig, channels: int) -> tuple[Any, int]:
+    """(the decoded Ray Dataset of the train split, its row count from the Parquet footers)."""
+    import ray.data
+
+    fs, path, shown = parquet_splits(cfg)
+    ds = ray.data.read_parquet(f"{path}/train", filesystem=fs, shuffle="files")
+    ds = ds.select_columns(["image", "label"])
+    rows = ds.count()  # metadata only, before the decode
+    decoded = ds.map_batches(Decode(channels, cfg.image_size, f"{shown}/train"),
+                             batch_format="numpy", batch_size=256)
+    return decoded, rows
+
+
+def local_splits(cfg: DataConfig, channels: int, train_rows: int | None):
+    """(the first ``train_rows`` train rows or None, the whole val split), map-style."""
+    mode = pil_mode(channels)
+    val = parquet_split(cfg, "val")
+    val.mode = mode
+    train = None
+    if train_rows:
+        train = parquet_split(cfg, "train", limit=train_rows)
+        train.mode = mode
+    return train, val
+
+
+class StreamingLoader:
+    """A worker's shard as ``(x, y)`` float batches, with a fixed number of steps per epoch
+    (every rank the same, as DDP requires)."""
+
+    def __init__(self, shard, batch_size: int, steps: int, seed: int) -> None:
+        if steps < 1:
+            raise DataError(f"dataset 'parquet': the train split holds fewer than batch_size "
+                            f"({batch_size}) rows per worker; lower --batch-size or --num-workers")
+        self.shard, self.batch_size, self.steps, self.seed = shard, batch_size, steps, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.shard.iter_batches(
+            batch_size=self.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=8 * self.batch_size,
+            local_shuffle_seed=self.seed * 1_009 + self.epoch)
+        for step, batch in enumerate(batches):
+            if step == self.steps:
+                break
+            yield (torch.from_numpy(batch["image"]).float().div_(255.0),
+                   torch.from_numpy(batch["label"]))
+
