@@ -7,6 +7,7 @@ raises :class:`ConfigError` with a one-line message naming the key.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -19,6 +20,8 @@ import yaml
 # The fixed-weight selection metric (negative ELBO, nats per image): checkpoint ranking,
 # ASHA and export compare it, since val/loss changes its weights along the curriculum.
 SELECT_METRIC = "val/elbo"
+# The 1-based count of finished epochs every epoch reports: ASHA's time attribute.
+EPOCHS_DONE = "epochs_done"
 
 
 class ConfigError(ValueError):
@@ -88,11 +91,13 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32  # per worker
     num_workers: int = 1  # Ray Train workers; 0 runs Ray Train's local mode in this process
-    cpus_per_worker: float = 2.0  # also the worker's torch thread count
+    cpus_per_worker: float = 0.0  # also the worker's torch threads; 0 = auto: a Ray started here shares its CPUs among the workers, a cluster (address) gives 1
+    worker_resource: str | None = None  # custom resource each worker also requests 1 of (keeps workers on the node types that have it)
     gpu: bool = False  # one GPU per worker, bf16 autocast
     address: str | None = None  # Ray cluster address ("auto"); None starts a local Ray
     output: str = "runs/digits-tiny"  # run directory: config.yaml, metrics.jsonl, TensorBoard
     storage_path: str | None = None  # Ray Train checkpoint storage; None = the run directory
+    shared_fs: bool = False  # a local output is a mount every node sees (NFS): skip the multi-node storage check
     run_name: str = "train"  # Ray Train run name (deterministic, so a rerun resumes)
     seed: int = 0
     max_failures: int = 2  # worker-group restarts from the last checkpoint
@@ -279,8 +284,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.num_workers' must be >= 0, got {t.num_workers}")
     if t.eval_every < 0:
         raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {t.eval_every}")
-    if t.cpus_per_worker <= 0:
-        raise ConfigError(f"config key 'train.cpus_per_worker' must be > 0, got {t.cpus_per_worker}")
+    if t.cpus_per_worker < 0:
+        raise ConfigError(f"config key 'train.cpus_per_worker' must be >= 0 (0 = auto), got {t.cpus_per_worker}")
     for key in ("warmup_epochs", "ramp_epochs"):
         if getattr(lo, key) < 0:
             raise ConfigError(f"config key 'loss.{key}' must be >= 0, got {getattr(lo, key)}")
@@ -318,13 +323,31 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_yaml(path: str | Path, what: str = "config file",
-              example: str = "configs/digits_tiny.yaml",
+# The source tree holding the shipped presets (configs/, tune_spaces/): the package's parent.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_yaml(name: str | Path, folder: str, what: str,
+              error: type[ConfigError] = ConfigError) -> Path:
+    """A YAML file given as a path (from the current directory), as a path inside the project
+    (``configs/digits_tiny.yaml``) or by name (``digits_tiny``, a file of ``folder``), so the
+    shipped presets work from any directory."""
+    given = Path(name).expanduser()
+    shipped = PROJECT_ROOT / folder
+    for candidate in (given, PROJECT_ROOT / given, shipped / f"{given}.yaml", shipped / given):
+        if not given.is_absolute() or candidate == given:
+            if candidate.is_file():
+                return candidate
+    names = sorted(p.stem for p in shipped.glob("*.yaml"))
+    raise error(f"{what} {str(name)!r} not found: pass a YAML file or a name from {folder}/ "
+                f"({', '.join(names) or 'none shipped'})")
+
+
+def load_yaml(path: str | Path, what: str = "config file", folder: str = "configs",
               error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """A YAML mapping from ``path``; ``error`` with a one-line message naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise error(f"{what} {str(p)!r} not found: pass a YAML file such as {example}")
+    """A YAML mapping from ``path`` (see :func:`find_yaml`); ``error`` with a one-line message
+    naming the file."""
+    p = find_yaml(path, folder, what, error)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -333,6 +356,19 @@ def load_yaml(path: str | Path, what: str = "config file",
     if not isinstance(data, dict):
         raise error(f"{what} {str(p)!r} must hold a mapping")
     return data
+
+
+def absolute_paths(cfg: "Config") -> "Config":
+    """Local paths made absolute against the current directory, since Ray Train workers and
+    Tune trials run in directories of their own (URIs are kept as they are)."""
+    def absolute(path: str | None) -> str | None:
+        if path is None or "://" in path:
+            return path
+        return os.path.abspath(os.path.expanduser(path))
+
+    t, d = cfg.train, cfg.data
+    return replace(cfg, data=replace(d, root=absolute(d.root)),
+                   train=replace(t, output=absolute(t.output), storage_path=absolute(t.storage_path)))
 
 
 def resolve(config_path: str | None, flags: Mapping[str, Any], sets: list[str]) -> Config:
@@ -344,7 +380,7 @@ def resolve(config_path: str | None, flags: Mapping[str, Any], sets: list[str]) 
     for item in sets:
         k, v = parse_set(item)
         merged[k] = v
-    return build_config(merged)
+    return absolute_paths(build_config(merged))
 
 
 def from_dict(d: Mapping[str, Any]) -> Config:
@@ -357,7 +393,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 __all__ = [
-    "SELECT_METRIC", "Config", "ConfigError", "DataConfig", "FreezeConfig", "SchedulerConfig", "LossConfig", "ModelConfig", "OptimConfig",
-    "TrainConfig", "MODEL_PRESETS", "build_config", "dump_yaml", "from_dict", "load_yaml",
+    "EPOCHS_DONE", "SELECT_METRIC", "Config", "ConfigError", "DataConfig", "FreezeConfig", "SchedulerConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "TrainConfig", "MODEL_PRESETS", "PROJECT_ROOT", "absolute_paths", "build_config", "find_yaml", "dump_yaml", "from_dict", "load_yaml",
     "parse_set", "resolve", "to_dict", "validate",
 ]

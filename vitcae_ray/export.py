@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import SELECT_METRIC, Config
+from .outputs import join
 
 RESULTS_FILE, RESULTS_CSV = "results.parquet", "results.csv"
 CHECKPOINT_FILE = "checkpoint.pt"  # vitcae_ray.train.CHECKPOINT_FILE (not imported: it is heavy)
@@ -44,9 +45,6 @@ class Choice:
 
 
 # --- paths on local disk or a pyarrow filesystem -------------------------------------------
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
 
 
 def _open(path: str):
@@ -84,13 +82,13 @@ def read_results(experiment: str) -> list[dict[str, Any]]:
     if _kind(experiment) != pafs.FileType.Directory:
         raise ExportError(f"experiment {experiment!r} not found (no {RESULTS_FILE} to read): pass "
                           "the --output directory of python -m vitcae_ray.tune")
-    data = _read(_join(experiment, RESULTS_FILE))
+    data = _read(join(experiment, RESULTS_FILE))
     try:
         if data is not None:
             import pyarrow.parquet as pq
 
             table = pq.read_table(pa.BufferReader(data))
-        elif (csv := _read(_join(experiment, RESULTS_CSV))) is not None:
+        elif (csv := _read(join(experiment, RESULTS_CSV))) is not None:
             import pyarrow.csv as pacsv
 
             table = pacsv.read_csv(pa.BufferReader(csv))
@@ -155,7 +153,7 @@ def _run_dir(row: dict[str, Any], experiment: str) -> str:
     given = row.get("run_dir")
     if isinstance(given, str) and given and _kind(given) == pafs.FileType.Directory:
         return given
-    fallback = _join(experiment, TRIALS_DIR, row["trial_id"])
+    fallback = join(experiment, TRIALS_DIR, row["trial_id"])
     if _kind(fallback) == pafs.FileType.Directory:
         return fallback
     raise ExportError(f"trial {row['trial_id']!r}: run directory {given!r} not found")
@@ -166,12 +164,12 @@ def _checkpoint_roots(run_dir: str) -> list[str]:
     import yaml
 
     roots = []
-    text = _read(_join(run_dir, "config.yaml"))
+    text = _read(join(run_dir, "config.yaml"))
     train = ((yaml.safe_load(text) or {}).get("train") or {}) if text else {}
     name = train.get("run_name") or "train"
     if train.get("storage_path"):
-        roots.append(_join(train["storage_path"], name))
-    roots += [_join(run_dir, name), _join(run_dir, "train")]
+        roots.append(join(train["storage_path"], name))
+    roots += [join(run_dir, name), join(run_dir, "train")]
     return list(dict.fromkeys(roots))
 
 
@@ -187,7 +185,7 @@ def surviving_checkpoints(run_dir: str) -> dict[int, str]:
             if (info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)
                     and suffix.isdigit()
                     and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File):
-                found.setdefault(int(suffix), _join(root, info.base_name))
+                found.setdefault(int(suffix), join(root, info.base_name))
         if found:
             break
     return found
@@ -195,7 +193,7 @@ def surviving_checkpoints(run_dir: str) -> dict[int, str]:
 
 def run_metrics(run_dir: str) -> dict[int, dict[str, Any]]:
     """{epoch: metrics} from the run's ``metrics.jsonl``."""
-    data = _read(_join(run_dir, "metrics.jsonl")) or b""
+    data = _read(join(run_dir, "metrics.jsonl")) or b""
     out = {}
     for line in data.decode().splitlines():
         try:
@@ -213,7 +211,7 @@ def choose_checkpoint(row: dict[str, Any], experiment: str, metric: str, mode: s
     run_dir = _run_dir(row, experiment)
     ckpts = surviving_checkpoints(run_dir)
     if not ckpts:
-        raise ExportError(f"trial {trial!r} has no checkpoint under {_join(run_dir, 'train')!r}")
+        raise ExportError(f"trial {trial!r} has no checkpoint under {join(run_dir, 'train')!r}")
     history = run_metrics(run_dir)
     scored = []
     for epoch, path in ckpts.items():
@@ -258,7 +256,7 @@ def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", tria
 def _load_state(checkpoint: str) -> dict[str, Any]:
     import torch
 
-    data = _read(_join(checkpoint, CHECKPOINT_FILE))
+    data = _read(join(checkpoint, CHECKPOINT_FILE))
     if data is None:
         raise ExportError(f"checkpoint {checkpoint!r} disappeared during the export")
     try:
@@ -348,7 +346,7 @@ def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "
             and fs.get_file_info(pafs.FileSelector(base, recursive=False))):
         raise ExportError(f"--out {out!r} is not empty: pass another --out or --overwrite")
     subdirs = [str(i) for i in range(1, len(choices) + 1)] if top_k is not None else [""]
-    targets = [_join(out, s) if s else out for s in subdirs]
+    targets = [join(out, s) if s else out for s in subdirs]
 
     if _is_local(fs):  # build the whole tree aside, then rename it into place
         staging = f"{base}.partial"
@@ -356,7 +354,7 @@ def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "
             fs.delete_dir(staging)
         try:
             for c, s in zip(choices, subdirs):
-                _write_dir(fs, _join(staging, s) if s else staging, model_files(c))
+                _write_dir(fs, join(staging, s) if s else staging, model_files(c))
             if fs.get_file_info(base).type == pafs.FileType.Directory:
                 fs.delete_dir(base)
             fs.move(staging, base)
@@ -369,7 +367,7 @@ def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "
             files = model_files(c)
             if i == 0 and info.type == pafs.FileType.Directory:
                 fs.delete_dir_contents(base)  # only once the first model is known to be good
-            _write_dir(fs, _join(base, s) if s else base, files)
+            _write_dir(fs, join(base, s) if s else base, files)
     return list(zip(choices, targets))
 
 

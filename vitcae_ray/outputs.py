@@ -10,9 +10,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: export imports this module light
+    import torch
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -22,6 +23,13 @@ PNG_GRIDS = ("reconstructions", "samples", "inpainting", "interpolation")  # als
 
 def is_uri(path: str) -> bool:
     return "://" in path
+
+
+def join(root: str, *parts: str) -> str:
+    """``root/part/...`` for a local path or a URI; a URI's query (``?endpoint_override=...``)
+    stays at the end."""
+    base, sep, query = root.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
 
 
 def storage_root(path: str) -> str:
@@ -114,6 +122,7 @@ class RunLogger:
 
 def save_png(grid: torch.Tensor, path: Path) -> None:
     """(C, H, W) in [0, 1] -> PNG, written atomically."""
+    import torch
     from PIL import Image
 
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -125,6 +134,7 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
 
 def grid_image(images: torch.Tensor, nrow: int, upscale: int = 2) -> torch.Tensor:
     """(B, C, S, S) -> one (C, H, W) grid, ``nrow`` images a row, white padding, upscaled."""
+    import torch
     from torchvision.utils import make_grid
 
     g = make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
@@ -133,6 +143,8 @@ def grid_image(images: torch.Tensor, nrow: int, upscale: int = 2) -> torch.Tenso
 
 def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor) -> dict[str, torch.Tensor]:
     """Reconstruction grid (inputs above reconstructions) and a grid of generated samples."""
+    import torch
+
     n = inputs.shape[0]
     return {"reconstructions": grid_image(torch.cat([inputs, recon]), n),
             "samples": grid_image(samples, n)}
@@ -158,6 +170,8 @@ def write_heads_table(path: Path, rows: list[dict[str, Any]]) -> None:
 def heatmap(values: torch.Tensor, vmax: float | None = None, cell: int = 16) -> torch.Tensor:
     """(L, H) values -> (1, L*cell, H*cell) grayscale image in [0, 1]; rows are layers, columns
     heads; black is 0, white is ``vmax`` (default the maximum); NaN is drawn as 0."""
+    import torch
+
     v = torch.nan_to_num(values.float(), nan=0.0)
     top = vmax if vmax is not None else float(v.max())
     v = (v / top).clamp(0, 1) if top > 0 else torch.zeros_like(v)

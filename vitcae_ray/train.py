@@ -15,7 +15,6 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import SELECT_METRIC, Config, ConfigError, build_config, dump_yaml, resolve
+from .cluster import check_shared_output, settle_resources, torch_threads, worker_request
+from .config import (EPOCHS_DONE, SELECT_METRIC, Config, ConfigError, absolute_paths, build_config,
+                     dump_yaml, resolve)
 from .data import DataError, build_datasets
+from .data.streaming import TRAIN, StreamingLoader, channels_of, local_splits, streams, train_dataset
 from .convergence import HeadController, HeadDecision
 from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch
 from .freezing import (apply_frozen, frozen_heads, grad_elements, rebuild_optimizer,
@@ -32,9 +34,10 @@ from .freezing import (apply_frozen, frozen_heads, grad_elements, rebuild_optimi
 from .model import ViTCAE, build_model
 from .optim import build_lr_schedule, build_optimizer
 from .pretrained import model_from_state  # noqa: F401  (rebuilds a model from a checkpoint)
-from .outputs import CONFIG_FILE, RunDir, RunLogger, heatmap, image_grids, storage_root
+from .outputs import CONFIG_FILE, RunDir, RunLogger, heatmap, image_grids, read_text, storage_root
 
 CHECKPOINT_FILE = "checkpoint.pt"
+EVAL_TRAIN_ROWS = 5000  # training images rank 0's periodic evaluation holds at most
 # Changing these between a run and its resumption would make the checkpoint meaningless.
 RESUME_KEYS = ("model", "loss", "optim", "data.dataset", "data.image_size", "data.channels",
                "data.val_fraction", "data.split_seed", "train.batch_size", "train.seed")
@@ -132,10 +135,11 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def _set_epoch(loader: DataLoader, epoch: int) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+def _set_epoch(loader, epoch: int) -> None:
+    for obj in (loader, getattr(loader, "sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
 
 
 def _progress_line(m: dict[str, Any], epochs: int) -> str:
@@ -266,6 +270,22 @@ def _head_heatmaps(rows: list[dict], num_layers: int, num_heads: int) -> dict[st
             "heads/frozen": heatmap(grid("frozen"), vmax=1.0)}
 
 
+def _data(cfg: Config, stream: dict[str, int] | None, rank: int, world: int):
+    """(train set or None, val set, channels, train loader or None). With ``stream`` (the
+    driver handed Ray Train the train split as a Ray Dataset) the loader iterates this
+    worker's shard, and only rank 0's evaluator reads some train rows itself."""
+    if not stream:
+        return (*build_datasets(cfg.data), None)
+    import ray.train
+
+    t = cfg.train
+    evaluator_rows = EVAL_TRAIN_ROWS if rank == 0 and t.eval_every > 0 else None
+    train_set, val_set = local_splits(cfg.data, stream["channels"], evaluator_rows)
+    loader = StreamingLoader(ray.train.get_dataset_shard(TRAIN), t.batch_size,
+                             (stream["rows"] // world) // t.batch_size, t.seed)
+    return train_set, val_set, stream["channels"], loader
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -276,17 +296,17 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.set_num_threads(torch_threads(cfg.train.cpus_per_worker))
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
-    train_set, val_set, channels = build_datasets(cfg.data)
     t = cfg.train
-    train_loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                              num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False,
-                            num_workers=cfg.data.loader_workers)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    val_loader = ray.train.torch.prepare_data_loader(val_loader)
+    train_set, val_set, channels, train_loader = _data(cfg, loop_config.get("stream"), rank, world)
+    if train_loader is None:
+        train_loader = ray.train.torch.prepare_data_loader(DataLoader(
+            train_set, batch_size=t.batch_size, shuffle=True, drop_last=True,
+            num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda"))
+    val_loader = ray.train.torch.prepare_data_loader(DataLoader(
+        val_set, batch_size=t.batch_size, shuffle=False, num_workers=cfg.data.loader_workers))
     steps_per_epoch = len(train_loader)
 
     model = build_model(cfg.model, cfg.data.image_size, channels).to(device)
@@ -333,7 +353,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and t.eval_every > 0:
         from .evaluate import EpochEvaluator
 
-        evaluator = EpochEvaluator(train_set, val_set, seed=t.seed)
+        evaluator = EpochEvaluator(train_set, val_set, seed=t.seed, max_train=EVAL_TRAIN_ROWS)
     probe_all = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
     probe = probe_all[rank::world].to(device)
     total_heads = cfg.model.depth * cfg.model.num_heads
@@ -351,8 +371,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         except NonFiniteLossError as e:
             # Every rank sees the same all-reduced gradient norm, so all stop here together.
             # inf metrics keep Tune's metric checks and schedulers working on the stop
-            ray.train.report({"epoch": epoch, "error": str(e), "val/loss": math.inf,
-                              SELECT_METRIC: math.inf})
+            ray.train.report({"epoch": epoch, EPOCHS_DONE: epoch + 1, "error": str(e),
+                              "val/loss": math.inf, SELECT_METRIC: math.inf,
+                              **loop_config.get("fail_metrics", {})})
             if logger is not None:
                 logger.close()
             return
@@ -382,7 +403,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(evaluate(ddp_model, val_loader, epoch, cfg, device, amp_dtype, seed=t.seed))
         seen = history + [{"flops/train_step": trained_flops}]
         metrics = {
-            "epoch": epoch, **metrics,
+            "epoch": epoch, EPOCHS_DONE: epoch + 1, **metrics,
             "heads/frozen": frozen_now, "heads/total": total_heads,
             "heads/newly_frozen": len(dec.newly_frozen),
             "flops/train_step": trained_flops, "flops/saved_frac": 1.0 - trained_flops / base_flops,
@@ -425,11 +446,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
 # --- driver ------------------------------------------------------------------------------
 
-def check_run_dir(run_dir: RunDir, cfg: Config) -> None:
+def check_run_dir(output: str, cfg: Config) -> None:
     """Refuse to resume a run directory whose settings differ in ways a checkpoint can't absorb."""
     import yaml
 
-    text = run_dir.read_text(CONFIG_FILE)
+    text = read_text(output, CONFIG_FILE)
     if text is None:
         return
     old = build_config(yaml.safe_load(text) or {}).to_dict()
@@ -447,33 +468,46 @@ def check_run_dir(run_dir: RunDir, cfg: Config) -> None:
                 diff = next(k for k in a if a[k] != b[k])
                 key, a, b = f"{key}.{diff}", a[diff], b[diff]
             raise ConfigError(
-                f"run directory {run_dir.output!r} holds a run with {key}={a!r} (now {b!r}); "
+                f"run directory {output!r} holds a run with {key}={a!r} (now {b!r}); "
                 "pass another --output to start a new run, or the same settings to resume it"
             )
 
 
-def run(cfg: Config, verbose: bool = True, callbacks: list | None = None):
+def run(cfg: Config, verbose: bool = True, callbacks: list | None = None,
+        fail_metrics: dict[str, float] | None = None, check_cluster: bool = True):
     """Train ``cfg`` with Ray Train; returns the ``ray.train.Result``. ``callbacks`` are Ray
-    Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
+    Train callbacks (a Tune trial passes ``TuneReportCallback``); ``fail_metrics`` are reported
+    when the loss turns non-finite (a trial's Tune metric at its worst). ``check_cluster``:
+    check the request and the output against the cluster first (a sweep does it once)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     # Workers run in their own working directories: hand them absolute paths.
-    cfg = replace(cfg, train=replace(cfg.train, output=storage_root(cfg.train.output)))
+    cfg = absolute_paths(cfg)
     t = cfg.train
-    run_dir = RunDir(t.output)
-    check_run_dir(run_dir, cfg)
-    if t.address is None:  # fail fast on bad data before starting anything
+    check_run_dir(t.output, cfg)
+    local = t.num_workers == 0
+    stream = not local and streams(cfg.data)
+    if t.address is None and not stream:  # fail fast on bad data before starting anything
         build_datasets(cfg.data)
+    if not local and not ray.is_initialized():
+        # The dashboard's state API lets Ray Train's placement-group cleaner see the run.
+        ray.init(address=t.address)
+    cfg = settle_resources(cfg)
+    t = cfg.train
+    if not local and check_cluster:
+        check_shared_output(t.output, t.shared_fs)
+    datasets, stream_info = None, None
+    if stream:  # Ray Data reads and decodes the train split; each worker iterates its shard
+        channels = channels_of(cfg.data)
+        train_ds, rows = train_dataset(cfg.data, channels)
+        datasets, stream_info = {TRAIN: train_ds}, {"rows": rows, "channels": channels}
+    run_dir = RunDir(t.output)
     run_dir.write_text(CONFIG_FILE, dump_yaml(cfg))
     run_dir.sync()
 
     storage = storage_root(t.storage_path or t.output)
-    local = t.num_workers == 0
-    if not local and not ray.is_initialized():
-        # The dashboard's state API lets Ray Train's placement-group cleaner see the run.
-        ray.init(address=t.address)
     actor, actor_name = None, None
     if not local:  # the run's head-convergence actor lives with the driver, not a worker
         from .convergence.actor import actor_name as name_for, create_actor
@@ -482,11 +516,12 @@ def run(cfg: Config, verbose: bool = True, callbacks: list | None = None):
         actor = create_actor(actor_name, *controller_args(cfg))
     trainer = TorchTrainer(
         train_fn_per_worker,
+        datasets=datasets,
         train_loop_config={"config": cfg.to_dict(), "local_mode": local, "storage": storage,
-                           "heads_actor": actor_name},
+                           "heads_actor": actor_name, "fail_metrics": fail_metrics or {},
+                           "stream": stream_info},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})},
+            num_workers=t.num_workers, use_gpu=t.gpu, resources_per_worker=worker_request(cfg),
         ),
         run_config=ray.train.RunConfig(
             name=t.run_name,

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from .config import SELECT_METRIC, Config, ConfigError, build_config, load_yaml, resolve
+from .config import (EPOCHS_DONE, SELECT_METRIC, Config, ConfigError, absolute_paths,
+                     build_config, load_yaml, resolve)
 from .data import DataError
-from .outputs import is_uri, read_text, storage_root
+from .outputs import is_uri, join, read_text, storage_root
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 TRIALS_DIR, TUNE_NAME = "trials", "tune"
@@ -35,16 +36,26 @@ class SpaceError(ConfigError):
     """A malformed search-space file; one line naming the key."""
 
 
-def load_space(path: str) -> dict[str, tuple[str, list]]:
+def load_space(path: str) -> dict[str, tuple[str, Any]]:
     """Read a space file: ``dotted.key: {distribution: args}`` -> {key: (distribution, args)}.
 
-    Every key must be a config key that accepts the distribution's values.
+    ``path`` is a file or the name of one in ``tune_spaces/`` (``default``, ``small``). Every
+    key must be a config key that accepts the distribution's values. A plain value
+    (``train.epochs: 8``) is ``("fixed", value)``: a base-config value the space sets for every
+    trial (below the command line's flags), not a searched key.
     """
-    data = load_yaml(path, "search space", "tune_spaces/small.yaml", SpaceError)
+    data = load_yaml(path, "search space", "tune_spaces", SpaceError)
     if not data:
         raise SpaceError(f"search space {path!r} must map dotted config keys to distributions")
-    space = {}
+    space: dict[str, tuple[str, Any]] = {}
     for key, spec in data.items():
+        if not isinstance(spec, (dict, list)):
+            try:
+                build_config({key: spec})
+            except ConfigError as e:
+                raise SpaceError(f"search space key {key!r}: {e}") from None
+            space[key] = ("fixed", spec)
+            continue
         if not isinstance(spec, dict) or len(spec) != 1:
             raise SpaceError(f"search space key {key!r} needs exactly one distribution, e.g. "
                              f"{{loguniform: [0.001, 0.1]}}")
@@ -71,6 +82,12 @@ def load_space(path: str) -> dict[str, tuple[str, list]]:
     return space
 
 
+def split_space(space: dict[str, tuple[str, Any]]) -> tuple[dict[str, tuple[str, list]], dict[str, Any]]:
+    """(searched keys, fixed base values) of a loaded space."""
+    searched = {k: v for k, v in space.items() if v[0] != "fixed"}
+    return searched, {k: v[1] for k, v in space.items() if v[0] == "fixed"}
+
+
 def param_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     from ray import tune
 
@@ -82,21 +99,31 @@ def param_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     return {key: make[dist](args) for key, (dist, args) in space.items()}
 
 
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
+class TrialFailed(RuntimeError):
+    """A trial's training stopped on an error (a non-finite loss); Tune records it as errored."""
 
 
-def trial_fn(config: dict[str, Any], base: dict[str, Any], experiment: str) -> None:
+def worst(mode: str) -> float:
+    return math.inf if mode == "min" else -math.inf
+
+
+def trial_fn(config: dict[str, Any], base: dict[str, Any], experiment: str, metric: str,
+             mode: str) -> None:
     """One Tune trial: the searched keys (``config``) over the base config, trained with Ray
-    Train in the trial's own run directory."""
+    Train in the trial's own run directory (its storage, run name and actor are the trial's)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .train import run
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = build_config({**base, **config, "train.output": _join(experiment, TRIALS_DIR, trial_id)})
-    run(cfg, verbose=False, callbacks=[TuneReportCallback()])
+    cfg = build_config({**base, **config, "train.output": join(experiment, TRIALS_DIR, trial_id),
+                        "train.storage_path": None})
+    result = run(cfg, verbose=False, callbacks=[TuneReportCallback()],
+                 fail_metrics={metric: worst(mode)}, check_cluster=False)
+    error = (result.metrics or {}).get("error")
+    if error:
+        raise TrialFailed(error)
 
 
 def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -120,13 +147,13 @@ def results_table(results, space_keys: list[str], experiment: str, max_epochs: i
     rows = []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1]
-        run_dir = _join(experiment, TRIALS_DIR, trial_id)
+        run_dir = join(experiment, TRIALS_DIR, trial_id)
         history = _read_metrics(run_dir)
         row: dict[str, Any] = {"trial_id": trial_id, "run_dir": run_dir}
         row.update({k: result.config.get(k) for k in space_keys})
         row["epochs"] = len(history)
-        row["status"] = ("error" if result.error is not None else
-                         "completed" if len(history) >= max_epochs else "stopped")
+        row["status"] = ("error" if result.error is not None or "error" in (result.metrics or {})
+                         else "completed" if len(history) >= max_epochs else "stopped")
         for key in dict.fromkeys((*RESULT_METRICS, metric)):
             values = [m[key] for m in history if isinstance(m.get(key), (int, float))]
             row[f"final/{key}"] = values[-1] if values else math.nan
@@ -168,35 +195,43 @@ def format_results(rows: list[dict[str, Any]], space_keys: list[str], metric: st
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table)
 
 
-def max_concurrent(workers_per_trial: int, cpus_per_worker: float, gpu: bool,
-                   driver_cpus: float) -> int:
-    """How many trials the cluster's resources hold at once."""
-    import ray
-
-    total = ray.cluster_resources()
-    if gpu:
-        return max(1, int(total.get("GPU", 0) // max(workers_per_trial, 1)))
-    per_trial = workers_per_trial * cpus_per_worker + driver_cpus
-    return max(1, int(total.get("CPU", 1) // per_trial))
-
-
 def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str, num_samples: int,
               metric: str = SELECT_METRIC, mode: str = "min", grace_period: int = 1,
               reduction_factor: float = 2, search: str = "random", resume: bool = False,
               driver_cpus: float = 0.25, driver_resource: str | None = None,
-              callbacks: list | None = None):
-    """Run (or resume) the sweep; returns (ResultGrid, rows of the results table)."""
+              callbacks: list | None = None, max_concurrent_trials: int = 0):
+    """Run (or resume) the sweep; returns (ResultGrid, rows of the results table).
+
+    Before anything starts: the base config's paths are made absolute, one trial (its driver
+    and workers) is checked against the cluster, and a local experiment directory is checked
+    to be visible to every node. ``max_concurrent_trials`` 0 follows the cluster
+    (:class:`~vitcae_ray.cluster.TrialCapacity`); > 0 caps it.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from .cluster import TrialCapacity, check_shared_output, settle_resources, worker_request
+    from .sweep_capacity import LiveConcurrencyLimiter, LiveVariantGenerator, set_capacity
+
+    if base.train.storage_path is not None:
+        raise ConfigError("train.storage_path cannot be set for a sweep: each trial keeps its "
+                          "checkpoints in its own run directory under --output; remove it")
     experiment = storage_root(experiment)
+    driver = {"CPU": driver_cpus, **({driver_resource: 1.0} if driver_resource else {})}
+    base = settle_resources(absolute_paths(base), driver)
+    check_shared_output(experiment, base.train.shared_fs)
+    space, fixed = split_space(space)
+    if fixed:  # a space's fixed values (main() merges them below the command line instead)
+        base = build_config(fixed, base)
     t = base.train
+    set_capacity(TrialCapacity(driver, worker_request(base), t.num_workers, max_concurrent_trials))
     # the base config travels with the trainable (not the search space), so the trial table
     # and TensorBoard's hyperparameters show only what is searched
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=base.to_dict(), experiment=experiment),
-        {"CPU": driver_cpus, **({driver_resource: 1} if driver_resource else {})})
-    tune_path = _join(experiment, TUNE_NAME)
+        tune.with_parameters(trial_fn, base=base.to_dict(), experiment=experiment, metric=metric,
+                             mode=mode),
+        driver)
+    tune_path = join(experiment, TUNE_NAME)
     if resume:
         if not tune.Tuner.can_restore(tune_path):
             raise ConfigError(f"nothing to resume at {tune_path!r}: run without --resume first")
@@ -206,18 +241,17 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
         if _exists(tune_path):
             raise ConfigError(f"experiment {experiment!r} already exists: pass --resume to "
                               "continue it, or another --output")
-        searcher = None
-        if search != "random":
-            searcher = _searcher(search, metric, mode)
+        searcher = (LiveVariantGenerator() if search == "random"
+                    else LiveConcurrencyLimiter(_searcher(search, metric, mode), max_concurrent=1))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=num_samples, search_alg=searcher,
-                scheduler=ASHAScheduler(max_t=t.epochs, grace_period=grace_period,
+                # rungs and max_t count epochs, however the trial got there (resumes, restarts)
+                scheduler=ASHAScheduler(time_attr=EPOCHS_DONE, max_t=t.epochs,
+                                        grace_period=grace_period,
                                         reduction_factor=reduction_factor),
-                max_concurrent_trials=max_concurrent(t.num_workers, t.cpus_per_worker, t.gpu,
-                                                     driver_cpus),
             ),
             run_config=tune.RunConfig(name=TUNE_NAME, storage_path=experiment,
                                       callbacks=callbacks),
@@ -252,8 +286,10 @@ def _searcher(name: str, metric: str, mode: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vitcae_ray.tune", description=__doc__.splitlines()[0])
-    p.add_argument("--space", default="tune_spaces/default.yaml", help="search-space YAML")
-    p.add_argument("--config", help="base training config YAML (the searched keys override it)")
+    p.add_argument("--space", default="default",
+                   help="search-space YAML, or a name from tune_spaces/ (default, small)")
+    p.add_argument("--config", help="base training config YAML, or a name from configs/ "
+                   "(the searched keys override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key (repeatable)")
     p.add_argument("--num-samples", type=int, default=8, help="trials (per grid point)")
@@ -261,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers of each trial")
     p.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker")
     p.add_argument("--address", help="Ray cluster address, e.g. auto")
-    p.add_argument("--output", default="runs/tune", help="experiment directory (local or URI)")
+    p.add_argument("--output", default="runs/tune",
+                   help="experiment directory: a local path (one machine, or a mount every node "
+                   "sees) or a URI such as s3://bucket/exp")
     p.add_argument("--dataset", help="data.dataset")
     p.add_argument("--data-root", help="data.root")
     p.add_argument("--metric", default=SELECT_METRIC)
@@ -269,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor")
     p.add_argument("--search", default="random", help="random, optuna or hyperopt")
+    p.add_argument("--max-concurrent-trials", type=int, default=0,
+                   help="cap on trials at once; 0 = what the cluster holds, growing as an "
+                   "autoscaler adds nodes")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     p.add_argument("--trial-driver-resource", help="custom resource each trial driver requests "
                    "(cluster/aws.yaml gives the head node `trial_driver`)")
@@ -279,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        space = load_space(args.space)
-        base = resolve(args.config, {
+        if args.max_concurrent_trials < 0:
+            raise ConfigError("--max-concurrent-trials must be >= 0 (0 = what the cluster holds)")
+        space, fixed = split_space(load_space(args.space))
+        flags = {
             "train.epochs": args.max_epochs, "train.num_workers": args.workers_per_trial,
             "train.gpu": args.gpu, "train.address": args.address,
             "data.dataset": args.dataset, "data.root": args.data_root,
-        }, args.set)
+        }
+        # precedence: --config < the space's fixed values < flags < --set
+        base = resolve(args.config, {**fixed, **{k: v for k, v in flags.items() if v is not None}},
+                       args.set)
         if base.train.num_workers < 1:
             raise ConfigError("--workers-per-trial must be >= 1 (each trial is a Ray Train run)")
         import ray
@@ -293,16 +339,22 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(address=base.train.address)
         _, rows = run_sweep(base, space, args.output, args.num_samples, args.metric, args.mode,
                             args.grace_period, args.reduction_factor, args.search, args.resume,
-                            driver_resource=args.trial_driver_resource)
+                            driver_resource=args.trial_driver_resource,
+                            max_concurrent_trials=args.max_concurrent_trials)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_results(rows, list(space), args.metric))
     out = storage_root(args.output)
     stopped = sum(r["status"] == "stopped" for r in rows)
-    print(f"{len(rows)} trials in {time.perf_counter() - start:.0f}s ({stopped} stopped early by ASHA); "
-          f"results: {out}/results.csv, {out}/results.parquet; "
-          f"export the best: python -m vitcae_ray.export --experiment {out} --out model_dir")
+    failed = [r for r in rows if r["status"] == "error"]
+    print(f"{len(rows)} trials in {time.perf_counter() - start:.0f}s ({stopped} stopped early by "
+          f"ASHA, {len(failed)} failed); results: {out}/results.csv, {out}/results.parquet")
+    if rows and len(failed) == len(rows):
+        print(f"error: every trial failed; see {failed[0]['run_dir']} and the trial errors above",
+              file=sys.stderr)
+        return 1
+    print(f"export the best: python -m vitcae_ray.export --experiment {out} --out model_dir")
     return 0
 
 

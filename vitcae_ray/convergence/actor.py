@@ -41,14 +41,17 @@ def actor_name(storage: str, run_name: str) -> str:
 
 
 def create_actor(name: str, *controller_args: Any):
-    """Create the run's actor outside any placement group (so a Tune trial's bundles stay
-    for its workers); a stale actor of the same name is replaced."""
+    """Create the run's actor on the caller's node (the training driver's or the Tune trial
+    driver's: never a GPU worker that spot reclaims) and outside any placement group (so a
+    trial's bundles stay for its workers); a stale actor of the same name is replaced."""
+    from ..cluster import on_this_node
+
     try:
         ray.kill(ray.get_actor(name, namespace=NAMESPACE))
     except ValueError:
         pass
     return HeadConvergenceActor.options(name=name, namespace=NAMESPACE,
-                                        scheduling_strategy="DEFAULT").remote(*controller_args)
+                                        scheduling_strategy=on_this_node()).remote(*controller_args)
 
 
 def get_actor(name: str):

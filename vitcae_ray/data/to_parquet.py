@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vitcae_ray.config import ConfigError, build_config
+from vitcae_ray.outputs import join as uri_join
 
 from .datasets import DataError, build_datasets, first_line
 from .files import INCOMPLETE_MARKER, SUCCESS_MARKER, join, resolve_filesystem
@@ -103,7 +104,7 @@ def _write_split(
         name = f"part-{shard:05d}.parquet"
         table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())}, schema=SCHEMA)
         pq.write_table(table, join(base, split, name), filesystem=fs)
-        print(f"wrote {join(out.rstrip('/'), split, name)} ({table.num_rows} rows)", flush=True)
+        print(f"wrote {uri_join(out, split, name)} ({table.num_rows} rows)", flush=True)
         shard, images, labels = shard + 1, [], []
 
     # batch_size=None yields single items, so workers decode while this process encodes PNGs.
