@@ -29,15 +29,39 @@ def test_configs_pass_rays_validation_and_a_broken_copy_fails(name):
         validate_config(prepare_config(broken))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_image_matches_ray_and_python_and_setup_installs_the_project(name):
-    cfg = _load(name)
+def _pin(text, package):
+    found = re.findall(rf"(?<![\w-]){re.escape(package)}==([\w.]+)", text)
+    assert len(set(found)) == 1, (package, found)
+    return found[0]
+
+
+def test_image_matches_ray_and_python_and_setup_installs_the_project():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    assert cfg["docker"]["image"] == f"rayproject/ray:{ray.__version__}-{py}-gpu"
-    assert any("pip install" in c and "/home/ray/vitcae_ray" in c for c in cfg["setup_commands"])
-    assert cfg["file_mounts"]["/home/ray/vitcae_ray"] == "."
-    head = " ".join(cfg["head_start_ray_commands"])
-    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert re.findall(r"^FROM\s+(\S+)", dockerfile, re.M) == [f"rayproject/ray:{ray.__version__}-{py}-gpu"]
+    import torch
+    import torchvision
+    assert _pin(dockerfile, "torch") == torch.__version__.split("+")[0]
+    assert _pin(dockerfile, "torchvision") == torchvision.__version__.split("+")[0]
+
+    images = {name: _load(name)["docker"]["image"] for name in CONFIGS}
+    assert len(set(images.values())) == 1, images
+    image = images["aws.yaml"]
+    assert not image.startswith("rayproject/")
+    assert image.rsplit("/", 1)[-1] in dockerfile  # the build command names the configured tag
+    registry = image.split("/")[0]
+    assert any("docker login" in c and registry in c for c in _load("aws.yaml")["initialization_commands"])
+
+    for name in CONFIGS:
+        cfg = _load(name)
+        assert cfg["docker"]["pull_before_run"] is True, name
+        installs = [c for c in cfg["setup_commands"] if "pip install" in c]
+        assert any("/home/ray/vitcae_ray" in c for c in installs), name
+        for c in installs:  # the image holds the dependencies; nothing is reinstalled at boot
+            assert "--no-deps" in c.split() and not re.search(r"\btorch", c), (name, c)
+        assert cfg["file_mounts"]["/home/ray/vitcae_ray"] == "."
+        head = " ".join(cfg["head_start_ray_commands"])
+        assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head, name
 
 
 def test_no_rule_opens_anything_to_the_internet_and_every_node_type_names_its_groups():
