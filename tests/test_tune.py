@@ -1,7 +1,6 @@
 """Ray Tune sweeps over the trainer: ASHA, the results table, resume, bad spaces."""
 
 import math
-import signal
 import subprocess
 import sys
 
@@ -47,6 +46,11 @@ def test_smoke_sweep_asha_stops_trials_and_the_table_has_every_trial(ray_session
     assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["epochs"] == 3
     stopped = [r for r in rows if r["status"] == "stopped"]
     assert stopped and all(r["epochs"] < 3 for r in stopped)
+    # ASHA's clock is the epoch count each trial reports, not Tune's iteration counter
+    for result in results:
+        trial_id = result.metrics["trial_id"]
+        assert result.metrics["epochs_done"] == next(r["epochs"] for r in rows
+                                                     if r["trial_id"] == trial_id)
     assert rows[0]["optim.lr"] == 3e-3  # sorted best first
     table = pq.read_table(tmp_path / "exp" / "results.parquet").to_pylist()
     assert [r["trial_id"] for r in table] == [r["trial_id"] for r in rows]
@@ -101,43 +105,6 @@ def test_bad_space_fails_before_anything_starts(tmp_path):
 def test_pareto_front_marks_the_non_dominated_trials():
     points = [(1.0, 0.9), (2.0, 0.5), (1.5, 0.95), (3.0, 0.5), (math.nan, 0.1)]
     assert pareto_front(points) == [True, True, False, False, False]
-
-
-def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_session, tmp_path):
-    import os
-
-    from ray import tune
-
-    class InterruptAfterFirstTrial(tune.Callback):
-        """Ctrl-C once; a restored Tuner brings its callbacks back, so it remembers on disk."""
-
-        def __init__(self, marker):
-            self.marker = marker
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if not os.path.exists(self.marker):
-                open(self.marker, "w").close()
-                os.kill(os.getpid(), signal.SIGINT)
-
-    space = _space(tmp_path, "optim.lr: {grid: [3.0e-3, 2.0e-3, 1.0e-3]}\n")
-    base = build_config({**BASE, "train.epochs": 2})
-    exp = tmp_path / "exp"
-    try:
-        # grace period = every epoch: ASHA stops nothing, so every trial must finish
-        _, before = run_sweep(base, space, str(exp), num_samples=1, grace_period=2,
-                              callbacks=[InterruptAfterFirstTrial(str(tmp_path / "interrupted"))])
-    except (KeyboardInterrupt, tune.TuneError):
-        before = None
-    assert (tmp_path / "interrupted").exists()
-    if before is not None:  # the interrupted sweep left work undone
-        assert sum(r["status"] == "completed" for r in before) < 3
-    _, rows = run_sweep(base, space, str(exp), num_samples=1, grace_period=2, resume=True)
-    assert sorted(r["optim.lr"] for r in rows) == [1e-3, 2e-3, 3e-3]
-    assert len({r["trial_id"] for r in rows}) == 3
-    for r in rows:
-        epochs = [json.loads(line)["epoch"]
-                  for line in (exp / "trials" / r["trial_id"] / "metrics.jsonl").read_text().splitlines()]
-        assert epochs == [0, 1] and r["status"] == "completed"
 
 
 def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys):

@@ -1,0 +1,123 @@
+"""One machine to a cluster: resource defaults and checks, paths from any directory, trial
+capacity, failed trials, and the Parquet train split streamed with Ray Data."""
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from tiny import TINY
+from vitcae_ray.cluster import (TrialCapacity, is_autoscaling, settle_resources, trials_that_fit)
+from vitcae_ray.config import ConfigError, build_config, resolve
+from vitcae_ray.tune import load_space, split_space
+
+SMALL = {**TINY, "train.batch_size": 32, "train.log_images": False, "train.eval_every": 0}
+
+
+# --- paths from any directory ------------------------------------------------------------
+
+def test_shipped_spaces_and_configs_load_by_name_or_path_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("default", "small", "tune_spaces/small.yaml", "small.yaml"):
+        space = load_space(name)
+        assert "scheduler.alpha" in space, name
+    searched, fixed = split_space(load_space("small"))
+    assert fixed == {"train.epochs": 6} and "train.epochs" not in searched
+    for name in ("digits_tiny", "configs/digits_tiny.yaml"):
+        assert resolve(name, {}, []).data.dataset == "digits"
+    with pytest.raises(ConfigError, match=r"not found.*default, small"):
+        load_space("nope")
+    # a file of the current directory wins over a shipped one of the same name
+    (tmp_path / "small.yaml").write_text("optim.lr: {choice: [0.001]}\n")
+    assert list(load_space("small.yaml")) == ["optim.lr"]
+
+
+def test_relative_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(None, {"data.root": "data/faces", "train.output": "runs/x",
+                         "train.storage_path": "s3://bucket/ckpt"}, [])
+    assert cfg.data.root == str(tmp_path / "data" / "faces")
+    assert cfg.train.output == str(tmp_path / "runs" / "x")
+    assert cfg.train.storage_path == "s3://bucket/ckpt"
+
+
+# --- what the cluster holds ----------------------------------------------------------------
+
+def test_packing_counts_whole_trials_per_node():
+    nodes = [{"CPU": 8.0, "trial_driver": 64.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    driver, gpu_worker = {"CPU": 0.25, "trial_driver": 1.0}, {"CPU": 1.0, "GPU": 1.0}
+    assert trials_that_fit(nodes, driver, gpu_worker, 1) == 2
+    assert trials_that_fit(nodes, driver, gpu_worker, 2) == 1
+    assert trials_that_fit(nodes, driver, gpu_worker, 3) == 0
+    assert trials_that_fit([{"CPU": 2.0}], {"CPU": 0.25}, {"CPU": 0.5}, 1) == 2
+
+
+def test_auto_worker_cpus_fit_this_machine_and_too_much_is_one_line(ray_session):
+    assert not is_autoscaling()  # the Ray the tests start is fixed
+    cpus = ray_session.cluster_resources()["CPU"]
+    cfg = settle_resources(build_config({"train.num_workers": 2}))
+    assert cfg.train.cpus_per_worker == cpus / 2
+    trial = settle_resources(build_config({"train.num_workers": 1}), {"CPU": 0.25})
+    assert trial.train.cpus_per_worker == min(cpus - 0.25, 0.75)  # trials side by side
+    local = settle_resources(build_config({"train.num_workers": 0}))
+    assert local.train.cpus_per_worker >= 1
+    with pytest.raises(ConfigError) as err:
+        settle_resources(build_config({"train.num_workers": 3, "train.cpus_per_worker": 1.0}))
+    msg = str(err.value)
+    assert "\n" not in msg and "3 Ray Train workers x {1 CPU}" in msg and f"{cpus:g} CPU" in msg
+
+
+def test_an_infeasible_run_is_exit_2_before_anything_is_written(ray_session, tmp_path, capsys):
+    from vitcae_ray.train import main
+
+    out = tmp_path / "run"
+    code = main(["--num-workers", "2", "--output", str(out),
+                 "--set", "train.cpus_per_worker=2", "--set", "train.worker_resource=accel"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "accel" in err
+    assert not out.exists()
+
+
+def test_trial_capacity_follows_the_cluster_and_a_restored_limit_cannot_pin_it(ray_session):
+    from vitcae_ray.sweep_capacity import LiveVariantGenerator, set_capacity
+
+    capacity = TrialCapacity({"CPU": 0.25}, {"CPU": 0.5}, 1, every_s=0)
+    assert capacity() == trials_that_fit([{"CPU": ray_session.cluster_resources()["CPU"]}],
+                                         {"CPU": 0.25}, {"CPU": 0.5}, 1)
+    assert TrialCapacity({"CPU": 0.25}, {"CPU": 0.5}, 1, cap=1, every_s=0)() == 1
+    # the sweep saved with limit 1 and resumed on a cluster that holds 3
+    saved = LiveVariantGenerator(max_concurrent=1).get_state()
+    restored = LiveVariantGenerator()
+    restored.set_state({**saved, "max_concurrent": 1})
+    set_capacity(lambda: 3)
+    assert restored.max_concurrent == 3
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+
+def test_a_sweep_refuses_a_shared_checkpoint_storage(tmp_path):
+    from vitcae_ray.tune import run_sweep
+
+    base = build_config({**SMALL, "train.storage_path": str(tmp_path / "ckpt")})
+    with pytest.raises(ConfigError, match="train.storage_path"):
+        run_sweep(base, load_space("small"), str(tmp_path / "exp"), num_samples=1)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_sweep_whose_trials_all_fail_is_reported_as_failed(ray_session, tmp_path, capsys):
+    from vitcae_ray.tune import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-3]}\n")
+    exp = tmp_path / "exp"
+    # NaN loss weight: every trial stops at its first step; --metric val/mse must still work
+    code = main(["--space", str(space), "--output", str(exp), "--num-samples", "1",
+                 "--max-epochs", "2", "--metric", "val/mse",
+                 *[f"--set={k}={v}" for k, v in SMALL.items()],
+                 "--set", "train.cpus_per_worker=0.5", "--set", "loss.recon_weight=nan"])
+    captured = capsys.readouterr()
+    assert code == 1 and "every trial failed" in captured.err
+    assert (exp / "results.csv").is_file()
+    table = pq.read_table(exp / "results.parquet").to_pylist()
+    assert len(table) == 1 and all(r["status"] == "error" for r in table)
+    assert all(math.isnan(r["best/val/mse"]) for r in table)
