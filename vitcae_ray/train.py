@@ -498,6 +498,8 @@ def run(cfg: Config, verbose: bool = True, callbacks: list | None = None,
     t = cfg.train
     if not local and check_cluster:
         check_shared_output(t.output, t.shared_fs)
+        if t.storage_path is not None:
+            check_shared_output(t.storage_path, t.shared_fs, "train.storage_path")
     datasets, stream_info = None, None
     if stream:  # Ray Data reads and decodes the train split; each worker iterates its shard
         channels = channels_of(cfg.data)
