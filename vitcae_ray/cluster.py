@@ -125,8 +125,8 @@ def settle_resources(cfg: Config, driver: dict[str, float] | None = None,
 
     Auto (0) CPUs: in local mode the process's CPUs; on a Ray started here (no address), its
     CPUs shared by the workers, or for a sweep's trial (``driver`` given) one CPU per worker
-    with its share of the driver, so trials run side by side; on a cluster, 1 per worker. A request that
-    does not fit raises :class:`ConfigError` on a fixed cluster; on an autoscaling cluster it
+    with its share of the driver, so trials run side by side; on a cluster, 1 per worker. A
+    request that does not fit raises :class:`ConfigError` on a fixed cluster; on an autoscaling cluster it
     is logged as a wait (Ray Train starts the workers when nodes join).
     """
     t = cfg.train
@@ -136,7 +136,8 @@ def settle_resources(cfg: Config, driver: dict[str, float] | None = None,
     nodes = node_resources()
     if t.cpus_per_worker == 0:
         if t.address is None:
-            spare = (sum(n.get("CPU", 0.0) for n in nodes) - (driver or {}).get("CPU", 0.0)) / t.num_workers
+            total = sum(n.get("CPU", 0.0) for n in nodes)
+            spare = (total - (driver or {}).get("CPU", 0.0)) / t.num_workers
             if driver is not None:
                 # a sweep: one CPU per worker, its share of the trial driver included, so
                 # trials run side by side (a small model gains little from more threads)

@@ -7,7 +7,6 @@ raises :class:`ConfigError` with a one-line message naming the key.
 
 from __future__ import annotations
 
-import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -361,10 +360,10 @@ def load_yaml(path: str | Path, what: str = "config file", folder: str = "config
 def absolute_paths(cfg: "Config") -> "Config":
     """Local paths made absolute against the current directory, since Ray Train workers and
     Tune trials run in directories of their own (URIs are kept as they are)."""
+    from .outputs import storage_root
+
     def absolute(path: str | None) -> str | None:
-        if path is None or "://" in path:
-            return path
-        return os.path.abspath(os.path.expanduser(path))
+        return None if path is None else storage_root(path)
 
     t, d = cfg.train, cfg.data
     return replace(cfg, data=replace(d, root=absolute(d.root)),

@@ -210,14 +210,15 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .cluster import TrialCapacity, check_shared_output, settle_resources, worker_request
+    from .cluster import (TrialCapacity, check_shared_output, driver_request, settle_resources,
+                          worker_request)
     from .sweep_capacity import LiveConcurrencyLimiter, LiveVariantGenerator, set_capacity
 
     if base.train.storage_path is not None:
         raise ConfigError("train.storage_path cannot be set for a sweep: each trial keeps its "
                           "checkpoints in its own run directory under --output; remove it")
     experiment = storage_root(experiment)
-    driver = {"CPU": driver_cpus, **({driver_resource: 1.0} if driver_resource else {})}
+    driver = driver_request(driver_cpus, driver_resource)
     base = settle_resources(absolute_paths(base), driver)
     check_shared_output(experiment, base.train.shared_fs)
     space, fixed = split_space(space)

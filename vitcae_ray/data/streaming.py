@@ -4,9 +4,9 @@ For a to_parquet output (``train/`` and ``val/`` folders, local or ``s3://``), a
 does not load the train split on every worker: the driver hands Ray Train a
 ``ray.data.read_parquet`` dataset, Ray Data tasks read and decode it in blocks, and each worker
 iterates its own shard (``ray.train.get_dataset_shard``), so a worker holds a few batches, not
-the split. Rank 0 reads at most the first ``max_rows`` train rows for its periodic evaluation;
-the validation split (a tenth of the data) stays map-style for exact, repeatable validation
-and the fixed probe images.
+the split. Rank 0 reads at most the first 5,000 train rows (``train.EVAL_TRAIN_ROWS``) for its
+periodic evaluation; the validation split (a tenth of the data) stays map-style for exact,
+repeatable validation and the fixed probe images.
 
 The order of a streamed epoch follows Ray Data's scheduling (files are shuffled every epoch,
 then rows within a buffer with a per-epoch seed), so a replayed epoch is not bit-identical.
@@ -113,4 +113,3 @@ class StreamingLoader:
                 break
             yield (torch.from_numpy(batch["image"]).float().div_(255.0),
                    torch.from_numpy(batch["label"]))
-
