@@ -1,6 +1,6 @@
 """Everything on S3 (moto's S3 server in this process): Parquet data streamed to two workers
-with Ray Data into a run directory on S3, a sweep that resumes from S3 (its trials continue
-from their checkpoints there), export to S3 and ``load_pretrained`` from S3."""
+with Ray Data into a run directory on S3, an interrupted sweep on S3 resumed, export to S3
+and ``load_pretrained`` from S3."""
 
 import json
 import os
@@ -39,17 +39,25 @@ def _dirs(uri: str) -> list[str]:
 
 def test_parquet_on_s3_streams_to_two_workers_with_the_run_directory_on_s3(ray_session, s3):
     data = s3("digits-16")
-    assert to_parquet(["--dataset", "digits", "--image-size", "16", "--out", data]) == 0
-    cfg = build_config({**SMALL, "data.dataset": "parquet", "data.root": data,
-                        "train.num_workers": 2, "train.epochs": 1, "train.output": s3("runs/pq")})
-    assert streams(cfg.data)
-    train_rows = sum(1 for _ in build_datasets(cfg.data)[0])
+    # 1,599 train rows: odd, and half of them rounded up (800) is a multiple of 32 (see below)
+    assert to_parquet(["--dataset", "digits", "--image-size", "16", "--val-fraction", "0.1102",
+                       "--out", data]) == 0
+    base = {**SMALL, "data.dataset": "parquet", "data.root": data, "train.num_workers": 2,
+            "train.epochs": 1, "train.output": s3("runs/pq")}
+    assert streams(build_config(base).data)
+    train_rows = sum(1 for _ in build_datasets(build_config(base).data)[0])
+    # Ray Data splits the stream into equal shards of floor(rows / 2); a DataLoader with a
+    # DistributedSampler would give each worker ceil(rows / 2). With an odd row count and a
+    # batch size that divides ceil(rows / 2), the DataLoader path trains one more batch.
+    half_up = -(-train_rows // 2)
+    batch = 32
+    assert train_rows % 2 and half_up % batch == 0
+    cfg = build_config(base)
     run(cfg, verbose=False)
     out = cfg.train.output
     (first,) = _lines(out, "metrics.jsonl")
-    # each worker iterates its own half of the stream: whole batches of floor(rows / 2)
-    per_worker = (train_rows // 2) // 32 * 32
-    assert first["train/samples"] == 2 * per_worker
+    assert first["train/samples"] == 2 * ((train_rows // 2) // batch * batch)
+    assert first["train/samples"] != 2 * half_up  # what the DataLoader path trains on
     assert first["epochs_done"] == 1 and first["val/mse"] < 0.1
     assert _dirs(join(out, "train")) == ["checkpoint_epoch_0000"]
     assert read_text(out, "config.yaml") is not None
