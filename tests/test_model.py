@@ -70,12 +70,13 @@ def test_model_fused_flag_does_not_change_outputs():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_cls_readout_equals_manual_attention_cls_row():
+def test_cls_readout_equals_the_diagnostic_attention_cls_row_without_the_factor():
     torch.manual_seed(0)
     model = _model("tiny", 32, 1)
     for a in model.attention_layers:
         with torch.no_grad():
             a.tau_active.uniform_(0.5, 2.0)
+            a.tau_factor.uniform_(0.2, 0.9)  # the scheduler's factor: left out of the diagnostics
     x = torch.rand(5, 1, 32, 32)
     model.set_readout(True)
     model(x, sample=False)
@@ -86,8 +87,14 @@ def test_cls_readout_equals_manual_attention_cls_row():
     t = model.patch_embed(x).flatten(2).transpose(1, 2)
     t = torch.cat([model.cls_token.expand(5, -1, -1), t], 1) + model.pos_embed
     for layer, blk in enumerate(model.blocks):
-        _, weights = blk.attn(blk.norm1(t), return_attn=True)
+        weights = blk.attn.diagnostic_attention(blk.norm1(t))
         torch.testing.assert_close(readout[layer], weights[:, :, 0].sum(0), rtol=1e-4, atol=1e-5)
+        # the same weights as the manual path with factor 1
+        factor = blk.attn.tau_factor.clone()
+        blk.attn.tau_factor.fill_(1.0)
+        _, manual = blk.attn(blk.norm1(t), return_attn=True)
+        blk.attn.tau_factor.copy_(factor)
+        torch.testing.assert_close(weights, manual, rtol=1e-4, atol=1e-6)
         t = blk(t)
     assert readout.shape == (len(model.blocks), model.cfg.num_heads, model.num_patches + 1)
 

@@ -66,8 +66,13 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     assert all(m["heads/total"] == total for m in history)
     assert all(m["ddp/rank_spread"] == 0.0 for m in history)
     assert history[2]["comm/grad_elements"] < history[1]["comm/grad_elements"]
-    assert history[1]["flops/saved_frac"] == 0.0 < history[2]["flops/saved_frac"]
-    assert 0.0 < history[4]["flops/cumulative_saved_frac"] < history[4]["flops/saved_frac"]
+    # FLOPs as run: nothing frozen at epoch 1, so the readout and probe are a net cost; the
+    # freeze cuts the step; the MMD terms join after the KL warm-up (epochs 0-2)
+    assert history[1]["flops/saved_frac"] < 0.0 < history[2]["flops/saved_frac"]
+    assert history[2]["flops/train_step"] < history[1]["flops/train_step"] < history[3]["flops/train_step"]
+    assert history[3]["flops/epoch_unfrozen"] > history[2]["flops/epoch_unfrozen"]
+    cumulative = 1 - sum(m["flops/epoch"] for m in history) / sum(m["flops/epoch_unfrozen"] for m in history)
+    assert history[4]["flops/cumulative_saved_frac"] == pytest.approx(cumulative)
     table = pq.read_table(out / "heads.parquet").to_pylist()
     assert len(table) == 5 * total
     frozen_rows = [r for r in table if r["epoch"] == 4 and r["frozen"]]

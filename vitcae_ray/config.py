@@ -93,6 +93,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.0  # also the worker's torch threads; 0 = auto: a Ray started here shares its CPUs among the workers, a cluster (address) gives 1
     worker_resource: str | None = None  # custom resource each worker also requests 1 of (keeps workers on the node types that have it)
     gpu: bool = False  # one GPU per worker, bf16 autocast
+    compile: bool = False  # torch.compile the model (recompiles when the frozen set changes)
     address: str | None = None  # Ray cluster address ("auto"); None starts a local Ray
     output: str = "runs/digits-tiny"  # run directory: config.yaml, metrics.jsonl, TensorBoard
     storage_path: str | None = None  # Ray Train checkpoint storage; None = the run directory
@@ -116,6 +117,7 @@ class SchedulerConfig:
 class FreezeConfig:
     enabled: bool = True  # False never freezes a head (ablation)
     mode: str = "weights"  # "weights": exact gradients; "detach": cut frozen heads from autograd
+    out_proj: bool = False  # also freeze the frozen heads' columns of the attention output projection
     drift_threshold: float = 0.002  # drift_w1 below this counts as converged (grid units in [0, 1])
     patience: int = 3  # epochs the drift must stay below the threshold
     kappa_window: int = 3  # epochs over which kappa must not change

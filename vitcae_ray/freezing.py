@@ -1,9 +1,10 @@
 """Applying head-convergence decisions to a model and its optimizer, and measuring what
 freezing saves.
 
-Freezing replaces attention parameters with new, smaller ones (see ``model/attention.py``), so
-the optimizer is rebuilt around the surviving parameters, carrying their AdamW state (sliced
-to the heads that stay active), and DDP must be re-wrapped by the caller on every rank.
+Freezing re-groups each layer's heads and replaces its grouped attention parameters with new
+views (see ``model/attention.py``), so the optimizer is rebuilt around the surviving
+parameters, carrying their AdamW state (re-ordered, cut to the heads that stay trainable),
+and DDP must be re-wrapped by the caller on every rank.
 """
 
 from __future__ import annotations
@@ -12,15 +13,36 @@ import copy
 from typing import Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .config import Config
 from .engine import decode_prior
-from .losses import vitcae_loss
+from .losses import curriculum, vitcae_loss
 from .model import ViTCAE
+from .model.attention import GROUPED
 from .optim import build_lr_schedule, build_optimizer
 
-_GROUPED = ("qkv_weight_active", "qkv_bias_active", "tau_active")
+
+
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                              out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter(display: bool = False) -> FlopCounterMode:
+    """The project's FLOP counter: torch's ``FlopCounterMode`` plus the formulas it lacks for
+    CPU attention (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward,
+    counted as 0 by torch), with the same formulas torch uses for the CUDA flash kernels:
+    the forward's two matmuls, and the backward's four plus the recomputed scores."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=display, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+    })
 
 
 def frozen_heads(model: ViTCAE) -> list[list[int]]:
@@ -35,33 +57,37 @@ def set_tau_factors(model: ViTCAE, factors: Sequence[Sequence[float]]) -> None:
 
 
 def apply_frozen(model: ViTCAE, frozen: Sequence[Sequence[int]], mode: str,
-                 optimizer: torch.optim.Optimizer | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Freeze ``frozen[l]`` heads of each encoder layer whose frozen set changed.
+                 optimizer: torch.optim.Optimizer | None = None,
+                 out_proj: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+    """Freeze ``frozen[l]`` heads of each encoder layer whose frozen set (or mode) changed;
+    with ``out_proj`` also their columns of the output projection.
 
-    Returns ``{id(new_param): state}`` for the new active-group parameters, with the old
-    optimizer state sliced to the heads that stay active (empty without an optimizer).
+    Returns ``{id(new_param): state}`` for the new grouped parameters, with the old
+    optimizer state re-ordered to the new group order and cut to the heads that stay
+    trainable (empty without an optimizer; a head that becomes trainable again starts
+    fresh, so its parameter gets no carried state).
     """
     carried: dict[int, dict[str, torch.Tensor]] = {}
     for attn, heads in zip(model.attention_layers, frozen):
         heads = sorted(heads)
-        if heads == attn.frozen_heads and mode == attn.freeze_mode:
+        if (heads, mode, out_proj) == (attn.frozen_heads, attn.freeze_mode, attn.out_proj_frozen):
             continue
-        old_active = list(attn.active_heads)
-        old_params = {name: getattr(attn, name) for name in _GROUPED}
-        attn.set_frozen(heads, mode)
+        old = {name: (getattr(attn, f"{name}_active"), attn.heads_in(name)) for name in GROUPED}
+        attn.set_frozen(heads, mode, out_proj)
         if optimizer is None:
             continue
-        keep = torch.tensor([old_active.index(h) for h in attn.active_heads], dtype=torch.long)
-        for name, old in old_params.items():
-            state = optimizer.state.get(old)
-            if not state:
+        for name, (old_param, old_heads) in old.items():
+            state, new_heads = optimizer.state.get(old_param), attn.heads_in(name)
+            if not state or not new_heads or not set(new_heads) <= set(old_heads):
                 continue
-            dim = 0 if name == "tau_active" else 1
+            keep = torch.tensor([old_heads.index(h) for h in new_heads], dtype=torch.long)
             new_state = {}
             for k, v in state.items():
-                sliced = torch.is_tensor(v) and v.dim() > 0 and v.shape == old.shape
-                new_state[k] = v.index_select(dim, keep.to(v.device)) if sliced else v
-            carried[id(getattr(attn, name))] = new_state
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape == old_param.shape:
+                    per_head = v.view(len(old_heads), -1, *v.shape[1:])
+                    v = per_head.index_select(0, keep.to(v.device)).reshape(-1, *v.shape[1:])
+                new_state[k] = v
+            carried[id(getattr(attn, f"{name}_active"))] = new_state
     return carried
 
 
@@ -91,21 +117,52 @@ def grad_elements(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int) -> int:
-    """Forward + backward FLOPs of one training step on ``x`` (optimizer excluded), as
-    executed: weight gradients autograd skips for frozen heads are not counted."""
+def mmd_active(epoch: int, cfg: Config) -> bool:
+    """Whether the loss at ``epoch`` computes the MMD terms (not during the KL warm-up)."""
+    return curriculum(epoch, cfg.loss)[1] > 0
+
+
+def train_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int,
+                     readout: bool = False) -> int:
+    """Forward + backward FLOPs of one training step on ``x`` with the loss of ``epoch``
+    (optimizer excluded), as executed: weight gradients skipped for frozen heads are not
+    counted. ``readout`` includes the CLS attention readout the convergence scheduler runs
+    in every training step. Call it on the model without its DDP wrapper, before wrapping:
+    the backward would fire DDP's hooks."""
     was_training = model.training
+    saved = [(a.record_cls, a.cls_attn_sum) for a in model.attention_layers]
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    model.set_readout(readout)
+    with flop_counter() as counter:
         out = model(x, decode_prior=decode_prior(cfg))
         vitcae_loss(out, x, epoch, cfg.loss)["loss"].backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
+    for a, (on, total) in zip(model.attention_layers, saved):
+        a.record_cls, a.cls_attn_sum = on, total
     return int(counter.get_total_flops())
 
 
-def unfrozen_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int) -> int:
-    """The same count for a copy of ``model`` with no head frozen (the baseline)."""
+def step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config,
+                        readout: bool = True) -> dict[bool, int]:
+    """One training step's FLOPs in each loss phase, ``{mmd_active: flops}`` (the phases
+    differ by the MMD terms); by default with the readout, as training runs."""
+    epochs = {mmd_active(e, cfg): e for e in (0, cfg.loss.warmup_epochs)}
+    return {phase: train_step_flops(model, x, cfg, e, readout) for phase, e in epochs.items()}
+
+
+def unfrozen_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config) -> dict[bool, int]:
+    """The baseline: :func:`step_flops_by_phase` for a copy of ``model`` with no head frozen
+    and no convergence readout (training without the scheduler)."""
     baseline = copy.deepcopy(model)
     apply_frozen(baseline, [[] for _ in baseline.attention_layers], "weights")
-    return train_step_flops(baseline, x, cfg, epoch)
+    return step_flops_by_phase(baseline, x, cfg, readout=False)
+
+
+def probe_flops(model: ViTCAE, probe: torch.Tensor) -> int:
+    """FLOPs of the epoch's probe pass (the patch->patch attention maps behind kappa)."""
+    if not len(probe):
+        return 0
+    with flop_counter() as counter:
+        model.attention_maps(probe)
+    return int(counter.get_total_flops())

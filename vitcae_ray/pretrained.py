@@ -56,7 +56,8 @@ def model_from_state(state: dict[str, Any]) -> ViTCAE:
     cfg = build_config(state["config"])
     model = build_model(cfg.model, **state["model_args"])
     apply_frozen(model, state.get("frozen_heads") or [[] for _ in range(cfg.model.depth)],
-                 cfg.freeze.mode)
+                 cfg.freeze.mode,
+                 out_proj=cfg.freeze.out_proj)
     model.load_state_dict(state["model"])
     return model
 

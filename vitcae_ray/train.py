@@ -29,8 +29,8 @@ from .data import DataError, build_datasets
 from .data.streaming import TRAIN, StreamingLoader, channels_of, local_splits, streams, train_dataset
 from .convergence import HeadController, HeadDecision
 from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch
-from .freezing import (apply_frozen, frozen_heads, grad_elements, rebuild_optimizer,
-                       set_tau_factors, train_step_flops, unfrozen_step_flops)
+from .freezing import (apply_frozen, frozen_heads, grad_elements, mmd_active, probe_flops,
+                       rebuild_optimizer, set_tau_factors, step_flops_by_phase, unfrozen_step_flops)
 from .model import ViTCAE, build_model
 from .optim import build_lr_schedule, build_optimizer
 from .pretrained import model_from_state  # noqa: F401  (rebuilds a model from a checkpoint)
@@ -50,6 +50,19 @@ def unwrap(model: torch.nn.Module) -> ViTCAE:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
+
+
+def wrap_model(model: ViTCAE, compile_model: bool) -> torch.nn.Module:
+    """DDP (through Ray Train) and, with ``train.compile``, ``torch.compile`` on top. Called
+    at the start and after every change of the frozen set; compiled graphs of the previous
+    set are dropped, so the model recompiles only when its frozen set changes."""
+    import ray.train.torch
+
+    wrapped = ray.train.torch.prepare_model(model)
+    if compile_model:
+        torch._dynamo.reset()
+        wrapped = torch.compile(wrapped)
+    return wrapped
 
 
 def checkpoint_state(model: ViTCAE, optimizer, lr_sched, epoch: int, cfg: Config,
@@ -149,7 +162,7 @@ def _progress_line(m: dict[str, Any], epochs: int) -> str:
             f"recon {m['train/recon']:.2f} kl {m['train/kl']:.2f} mmd {m['train/mmd']:.4f} | "
             f"val elbo {m['val/elbo']:.1f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB |"
             f"{evaluated} heads {m['heads/frozen']}/{m['heads/total']} frozen "
-            f"(+{m['heads/newly_frozen']}), step FLOPs -{m['flops/saved_frac']:.1%} | "
+            f"(+{m['heads/newly_frozen']}), FLOPs saved {m['flops/saved_frac']:.1%} | "
             f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s")
 
 
@@ -326,7 +339,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         heads.load_state_dict(heads_state)
     dec = last_decision(cfg, heads_state)
     if dec is not None:
-        apply_frozen(model, frozen_sets(dec), cfg.freeze.mode)
+        apply_frozen(model, frozen_sets(dec), cfg.freeze.mode, out_proj=cfg.freeze.out_proj)
     optimizer = build_optimizer(model, cfg.optim)
     lr_sched = build_lr_schedule(optimizer, cfg.optim, t.epochs, steps_per_epoch)
     start_epoch, history, head_rows = 0, [], []
@@ -339,12 +352,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}", flush=True)
 
-    # What one step costs, counted on the unwrapped model (FLOPs do not depend on the data).
+    # What one step costs in each loss phase, counted on the unwrapped model before DDP wraps
+    # it (FLOPs do not depend on the data); the baseline is an unfrozen step without readout.
     flop_x = torch.zeros(t.batch_size, channels, cfg.data.image_size, cfg.data.image_size, device=device)
-    flop_epoch = cfg.loss.warmup_epochs + cfg.loss.ramp_epochs  # the full loss
-    base_flops = unfrozen_step_flops(model, flop_x, cfg, flop_epoch)
-    step_flops = train_step_flops(model, flop_x, cfg, flop_epoch)
-    ddp_model = ray.train.torch.prepare_model(model)
+    base_flops = unfrozen_step_flops(model, flop_x, cfg)
+    step_flops = step_flops_by_phase(model, flop_x, cfg)
+    ddp_model = wrap_model(model, t.compile)
 
     logger = RunLogger(RunDir(t.output), history) if rank == 0 else None
     n_img = min(t.num_image_samples, len(val_set))
@@ -356,6 +369,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = EpochEvaluator(train_set, val_set, seed=t.seed, max_train=EVAL_TRAIN_ROWS)
     probe_all = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
     probe = probe_all[rank::world].to(device)
+    probe_cost = probe_flops(model, probe)
     total_heads = cfg.model.depth * cfg.model.num_heads
 
     for epoch in range(start_epoch, t.epochs):
@@ -389,26 +403,32 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         head_rows.extend(rows)
 
         # Apply the decision on every rank at the same point: tau factors, then freezing.
-        trained_flops = step_flops
+        phase = mmd_active(epoch, cfg)
+        trained_flops = step_flops[phase]
         set_tau_factors(model, dec.tau_factor)
         if frozen_sets(dec) != frozen_heads(model):
             del ddp_model  # its reducer holds the old parameters; re-wrap after the change
-            carried = apply_frozen(model, frozen_sets(dec), cfg.freeze.mode, optimizer)
+            carried = apply_frozen(model, frozen_sets(dec), cfg.freeze.mode, optimizer,
+                                   out_proj=cfg.freeze.out_proj)
             optimizer, lr_sched = rebuild_optimizer(model, optimizer, lr_sched, cfg,
                                                     steps_per_epoch, carried)
-            step_flops = train_step_flops(model, flop_x, cfg, flop_epoch)
-            ddp_model = ray.train.torch.prepare_model(model)
+            step_flops = step_flops_by_phase(model, flop_x, cfg)
+            ddp_model = wrap_model(model, t.compile)
 
         # Validation sees the model exactly as the checkpoint below stores it.
         metrics.update(evaluate(ddp_model, val_loader, epoch, cfg, device, amp_dtype, seed=t.seed))
-        seen = history + [{"flops/train_step": trained_flops}]
+        epoch_flops = steps_per_epoch * trained_flops + probe_cost
+        unfrozen_flops = steps_per_epoch * base_flops[phase]
+        seen = [m for m in history if "flops/epoch_unfrozen" in m]
         metrics = {
             "epoch": epoch, EPOCHS_DONE: epoch + 1, **metrics,
             "heads/frozen": frozen_now, "heads/total": total_heads,
             "heads/newly_frozen": len(dec.newly_frozen),
-            "flops/train_step": trained_flops, "flops/saved_frac": 1.0 - trained_flops / base_flops,
+            "flops/train_step": trained_flops, "flops/epoch": epoch_flops,
+            "flops/epoch_unfrozen": unfrozen_flops, "flops/saved_frac": 1.0 - epoch_flops / unfrozen_flops,
             "flops/cumulative_saved_frac":
-                1.0 - sum(m.get("flops/train_step", base_flops) for m in seen) / (len(seen) * base_flops),
+                1.0 - (epoch_flops + sum(m["flops/epoch"] for m in seen))
+                / (unfrozen_flops + sum(m["flops/epoch_unfrozen"] for m in seen)),
             "freeze/mean_drift": dec.mean_drift,
             "comm/grad_elements": elements,
             "time/step_s": metrics["time/epoch_s"] / max(steps_per_epoch, 1),

@@ -2,7 +2,9 @@
 epoch. Plain Python and numpy; ``actor.py`` wraps it in a Ray actor.
 
 At epoch t, for head (l, h) with p^(t)_{l,h} its mean CLS->patch attention (normalised over the
-N patches) and A^(t)_{l,h} its mean patch->patch attention on the probe batch:
+N patches) and A^(t)_{l,h} its mean patch->patch attention on the probe batch, both measured
+with the head's learned temperature alone (the factor f below left out, so a change of f between
+epochs never shows up as drift; see ``Attention.diagnostic_attention``):
 
 - drift    d^(t) = W1(p^(t-1), p^(t))   (NaN at the first epoch the controller sees);
 - clusters kappa^(t) = kappa(A^(t))      (-1 when no patch attention is given);

@@ -78,7 +78,10 @@ class Block(nn.Module):
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I)."""
-    eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+    if generator is None:  # randn_like also traces under torch.compile with dynamic shapes
+        eps = torch.randn_like(mu)
+    else:
+        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -155,6 +158,8 @@ class ViTCAE(nn.Module):
             if isinstance(m, nn.Linear) and not name.endswith(".film"):  # FiLM stays identity
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, Attention):  # its output projection
+                m.init_proj_(nn.init.xavier_uniform_)
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -261,13 +266,14 @@ class ViTCAE(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder attention weights summed over the batch: (L, H, 1 + N, 1 + N) (manual path)."""
+        """Encoder attention weights summed over the batch, (L, H, 1 + N, 1 + N), each layer's
+        with its learned temperatures alone (the scheduler's factor left out, as in the CLS
+        readout): what the convergence diagnostics measure."""
         t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed
         maps = []
         for blk in self.blocks:
-            _, attn = blk.attn(blk.norm1(t), return_attn=True)  # (B, H, T, T)
-            maps.append(attn.float().sum(0))
+            maps.append(blk.attn.diagnostic_attention(blk.norm1(t)).sum(0))  # (H, T, T)
             t = blk(t)
         return torch.stack(maps)
 
@@ -283,7 +289,7 @@ class ViTCAE(nn.Module):
         layers = self.attention_layers
         if layers[0].cls_attn_sum is None:
             raise RuntimeError("no CLS attention recorded: call set_readout(True) before forward")
-        return torch.stack([a.cls_attn_sum for a in layers]), layers[0].cls_attn_count
+        return torch.stack([a.cls_attn_sum for a in layers]), layers[0].readout_count()
 
 
 def build_model(cfg: ModelConfig, img_size: int, in_chans: int) -> ViTCAE:
