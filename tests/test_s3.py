@@ -63,6 +63,7 @@ def test_parquet_on_s3_streams_to_two_workers_with_the_run_directory_on_s3(ray_s
     assert read_text(out, "config.yaml") is not None
 
 
+@pytest.mark.slow  # about 2.5 minutes: a two-trial sweep, its resume, an export
 def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tmp_path):
     from ray import tune
 

@@ -1,0 +1,223 @@
+"""overhead: what the convergence machinery costs a training epoch.
+
+Two copies of the quickstart model (same initialisation, same batches) train epochs in turn,
+with the full loss. The plain one trains and nothing else. The other does what every epoch
+of a run does for the head controller: the CLS readout on during the epoch
+(``model.set_readout(True)``), the probe pass (:func:`vitcae_ray.engine.head_statistics`), the
+all-reduce of those statistics (here in a one-process gloo group: no network), the
+controller's update (W1 drift, kappa, decision) and the round trip to the run's Ray actor
+(``update`` then ``decision``, through the trainer's own client). Decisions are computed, not
+applied, so both copies train the same network. Each part is reported as a fraction of the
+plain epoch's time (target: all together at most 3%). The readout is timed where it runs (each
+attention layer's accumulation in the forward pass); ``epoch_difference``, the two epochs'
+difference, is the same cost as the epoch clock sees it, with the machine's noise in it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from types import SimpleNamespace
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config
+from ..data import build_datasets
+from ..engine import head_statistics, train_one_epoch
+from ..model import build_model
+from ..optim import build_lr_schedule, build_optimizer
+from .common import pct, progress, quartiles, round_orders, spread, start_ray, table
+
+NAME = "overhead"
+SUMMARY = "convergence machinery per epoch, as a fraction of a plain epoch (target: total <= 3%)"
+DEFAULT_CONFIG = "configs/digits_tiny.yaml"
+DEFAULTS = {"rounds": 5, "steps": None, "batch_size": None}
+QUICK = {"rounds": 1, "steps": 4, "batch_size": 16}
+TARGET = 0.03
+PARTS = ("readout", "probe", "all_reduce", "controller", "actor_round_trip")
+# rows: the plain epoch, each part, their total, and the readout seen by the epoch clock
+
+
+class Limited:
+    """The first ``steps`` batches of ``loader`` (all of them when ``steps`` is None)."""
+
+    def __init__(self, loader: DataLoader, steps: int | None) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.steps is None else min(self.steps, len(self.loader))
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), len(self))
+
+
+class _ProcessGroup:
+    """A one-process gloo group for the statistics' all-reduce (unless one exists)."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.owned = not dist.is_initialized()
+        if self.owned:
+            self.file = os.path.join(tempfile.gettempdir(), f"vitcae_bench_pg_{uuid.uuid4().hex}")
+            dist.init_process_group("gloo", init_method=f"file://{self.file}", rank=0,
+                                    world_size=1)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if self.owned:
+            dist.destroy_process_group()
+            if os.path.exists(self.file):
+                os.remove(self.file)
+
+
+class _Ray:
+    """A local Ray for the actor, started here unless one is running; stopped on exit."""
+
+    def __init__(self, settle: bool) -> None:
+        self.settle = settle
+
+    def __enter__(self):
+        import ray
+
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            start_ray(self.settle)
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        if self.owned:
+            ray.shutdown()
+
+
+def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
+    import ray
+    import torch.distributed as dist
+
+    from ..convergence.actor import create_actor
+    from ..train import HeadsClient, controller_args
+
+    device = opts.device
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    batch_size = opts.batch_size or cfg.train.batch_size
+    train_set, val_set, chans = build_datasets(cfg.data)
+    probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
+    probe = probe.to(device)
+    epoch_loss = cfg.loss.warmup_epochs + cfg.loss.ramp_epochs  # the full loss, MMD included
+
+    def variant(name: str) -> SimpleNamespace:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, cfg.data.image_size, chans).to(device)
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.data.loader_workers,
+                            generator=torch.Generator().manual_seed(cfg.train.seed))
+        opt = build_optimizer(model, cfg.optim)
+        steps = len(Limited(loader, opts.steps))
+        sched = build_lr_schedule(opt, cfg.optim, opts.rounds + 2, steps)
+        return SimpleNamespace(name=name, model=model, loader=Limited(loader, opts.steps),
+                               opt=opt, sched=sched, steps=steps,
+                               times={p: [] for p in ("epoch", *PARTS)})  # per round
+
+    plain, machinery = variant("plain"), variant("machinery")
+    readout_s = [0.0]  # the readout's own time, summed over an epoch's forward passes
+
+    def timed_record(record):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return record(*args, **kwargs)
+            finally:
+                readout_s[0] += time.perf_counter() - t0
+        return call
+
+    for attn in machinery.model.attention_layers:
+        attn._record = timed_record(attn._record)
+    with _Ray(settle=not opts.quick), _ProcessGroup():
+        name = f"bench-heads-{uuid.uuid4().hex[:8]}"
+        actor = create_actor(name, *controller_args(cfg))
+        remote = HeadsClient(name, controller_args(cfg))
+        local = HeadsClient(None, controller_args(cfg))
+        try:
+            def measure(v: SimpleNamespace, epoch: int) -> None:
+                readout_s[0] = 0.0
+                t0 = time.perf_counter()
+                if v is machinery:
+                    v.model.set_readout(True)
+                try:
+                    train_one_epoch(v.model, v.loader, v.opt, v.sched, epoch_loss, cfg, device,
+                                    amp_dtype)
+                finally:
+                    v.model.set_readout(False)
+                t1 = time.perf_counter()
+                v.times["epoch"].append(t1 - t0)
+                if v is not machinery:
+                    return
+                cls, patch = head_statistics(v.model, probe)
+                t2 = time.perf_counter()
+                flat = torch.cat([cls.double().flatten(), patch.double().flatten()])
+                dist.all_reduce(flat)  # what head_statistics does across ranks
+                t3 = time.perf_counter()
+                local.update(epoch, cls.numpy(), patch.numpy())
+                local.decision(epoch)
+                t4 = time.perf_counter()
+                remote.update(epoch, cls.numpy(), patch.numpy())
+                remote.decision(epoch)
+                t5 = time.perf_counter()
+                for part, t in (("readout", readout_s[0]), ("probe", t2 - t1), ("all_reduce", t3 - t2),
+                                ("controller", t4 - t3), ("actor_round_trip", t5 - t4)):
+                    v.times[part].append(t)
+
+            for v in (plain, machinery):  # warm-up: the controllers' first epoch has no drift
+                measure(v, 0)
+                for times in v.times.values():
+                    times.clear()
+            for r, order in round_orders([plain, machinery], opts.rounds):
+                for v in order:
+                    measure(v, r + 1)
+                progress(f"round {r + 1}/{opts.rounds}: epoch {plain.times['epoch'][-1]:.3f}s "
+                         f"plain, {machinery.times['epoch'][-1]:.3f}s with the readout")
+        finally:
+            ray.kill(actor)
+
+    base = plain.times["epoch"]
+    m = machinery.times
+    # The actor's part is the round trip less the controller work it also does (measured
+    # in-process just before).
+    per_round = {
+        "readout": m["readout"], "probe": m["probe"], "all_reduce": m["all_reduce"],
+        "controller": m["controller"],
+        "actor_round_trip": [a - c for a, c in zip(m["actor_round_trip"], m["controller"])],
+    }
+    per_round["total"] = [sum(vals) for vals in zip(*per_round.values())]
+    # the readout as the epoch clock sees it: the two epochs' difference (noisier)
+    per_round["epoch_difference"] = [a - b for a, b in zip(m["epoch"], base)]
+    base_med = statistics.median(base)
+    common = {"epoch_ms": 1e3 * base_med, "steps": plain.steps, "batch_size": batch_size,
+              "rounds": opts.rounds, "device": device.type}
+    rows = [{"part": "epoch", "ms": 1e3 * base_med, "epoch_frac": 1.0,
+             "epoch_frac_spread": spread([1.0] * len(base)), **common}]
+    for part, values in per_round.items():
+        fracs = [v / b for v, b in zip(values, base)]
+        rows.append({"part": part, "ms": 1e3 * statistics.median(values),
+                     "epoch_frac": quartiles(fracs)[1], "epoch_frac_spread": spread(fracs),
+                     **common})
+    total = rows[-2]
+    total.update(target=TARGET, meets_target=total["epoch_frac"] <= TARGET)
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    return table(rows, [
+        ("part", "part", str), ("ms", "ms", lambda v: f"{v:.2f}"),
+        ("epoch_frac", "of epoch", pct),
+        ("epoch_frac_spread", "min..max", lambda s: f"[{s['min']:.1%}, {s['max']:.1%}]"),
+    ])

@@ -1,0 +1,392 @@
+"""ray: a one-worker TorchTrainer epoch against the same epoch in-process, and where the gap goes.
+
+Each round trains the quickstart through ``vitcae_ray.train.run``, every run in a fresh run
+directory with the same config and seed: ``ray`` with ``train.num_workers=1`` (a Ray Train
+worker process), ``local`` with ``train.num_workers=0`` (Ray Train's local mode, in this
+process) while Ray runs, and, when this suite started Ray itself (not with --quick),
+``local_no_ray`` in local mode with Ray shut down, as ``python -m vitcae_ray.train --set
+train.num_workers=0`` runs. The first two alternate round by round. The first epoch of every
+run is a warm-up; a run's epoch time is the mean over the others (every variant trains the
+same epochs, and the loss curriculum makes later ones dearer); ratios are per round, their
+median and spread reported.
+
+The per-worker loop is the trainer's own, with its phases timed on rank 0 (the calls it makes
+are wrapped, nothing else changes): ``train`` (``train_one_epoch``), ``head_stats``, ``heads``
+(the controller: the run's Ray actor, or in-process in local mode), ``evaluate``,
+``evaluator`` (the periodic tasks), ``log`` (``metrics.jsonl``, TensorBoard, the heads table),
+``ckpt_save`` (``torch.save``), ``persist`` (local mode's checkpoint copy), ``report``
+(``ray.train.report``; under Ray split into ``report_sync`` (the checkpoint-name broadcast),
+``report_upload`` (the checkpoint copy into storage) and ``report_wait`` (waiting for the
+controller to take the previous result)), and ``other`` (the rest: image grids, checksums).
+Also recorded inside the loop: torch's intra-/inter-op threads, ``OMP_NUM_THREADS``, the CPUs
+the process may run on and its thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from ..config import Config
+from ..train import train_fn_per_worker as _train_fn_per_worker
+from .common import (BenchError, progress, ratio_stats, round_orders, spread, start_ray, table,
+                     training_output)
+
+NAME = "ray"
+SUMMARY = "epoch under Ray Train (1 worker) vs in-process (target: ratio <= 1.10)"
+DEFAULT_CONFIG = "configs/digits_tiny.yaml"
+DEFAULTS = {"rounds": 3, "epochs": 6, "batch_size": None, "output": None}
+QUICK = {"rounds": 1, "epochs": 2}
+QUICK_SETS = {"train.eval_every": 0, "train.log_images": False}
+TARGET = 1.10
+# variant -> train.num_workers; local_no_ray runs with this suite's Ray shut down
+VARIANTS = {"ray": 1, "local": 0, "local_no_ray": 0}
+TIMINGS_FILE = "bench_timings.jsonl"
+PHASES = ("train", "head_stats", "heads", "evaluate", "evaluator", "log", "ckpt_save",
+          "persist", "report", "report_sync", "report_upload", "report_wait")
+# report's parts are inside report: not added again when the rest of the epoch is computed
+NESTED = ("report_sync", "report_upload", "report_wait")
+
+
+# --- inside the training loop ----------------------------------------------------------------
+
+class _Recorder:
+    """Rank 0's per-epoch phase times, one JSON line per epoch in the run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.epoch, self.phases, self.start = path, None, {}, 0.0
+
+    def begin(self, epoch: int) -> None:
+        self.epoch, self.phases, self.start = epoch, {}, time.perf_counter()
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+    def end(self) -> None:
+        import torch
+
+        if self.epoch is None:
+            return
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS, Windows
+            cpus = os.cpu_count() or 1
+        now = time.perf_counter()  # CLOCK_MONOTONIC on Linux: comparable across processes
+        line = {"epoch": self.epoch, "epoch_s": now - self.start, "t0": self.start, "t1": now,
+                "phases": self.phases, "torch_threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(),
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": cpus,
+                "python_threads": threading.active_count(), "os_threads": _os_threads(),
+                "pid": os.getpid()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.epoch = None
+
+
+def _os_threads() -> int | None:
+    """Threads of this process (Linux), the Python ones and every native one."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("Threads:"))
+    except (OSError, StopIteration):
+        return None
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[Any, str, Callable[[Callable], Callable]]]):
+    """Replace ``obj.name`` by ``wrap(original)`` for each patch; restore on exit."""
+    saved = []
+    try:
+        for obj, name, wrap in patches:
+            original = getattr(obj, name)
+            saved.append((obj, name, original))
+            setattr(obj, name, wrap(original))
+        yield
+    finally:
+        for obj, name, original in reversed(saved):
+            setattr(obj, name, original)
+
+
+def timed_train_fn(loop_config: dict[str, Any]) -> None:
+    """The trainer's per-worker loop with its phases timed (see the module docstring)."""
+    import ray.train
+    import torch
+
+    from .. import evaluate as evaluate_module
+    from .. import train as T
+
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    rec = _Recorder(Path(loop_config["config"]["train"]["output"]) / TIMINGS_FILE)
+
+    def timer(phase: str) -> Callable[[Callable], Callable]:
+        def wrap(fn: Callable) -> Callable:
+            def timed_call(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    rec.add(phase, time.perf_counter() - t0)
+            return timed_call
+        return wrap
+
+    def begins_epoch(fn: Callable) -> Callable:
+        def call(seed, epoch, rank):
+            rec.begin(epoch)
+            return fn(seed, epoch, rank)
+        return call
+
+    def ends_epoch(fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                rec.add("report", time.perf_counter() - t0)
+                rec.end()
+        return call
+
+    patches = [(T, "seed_everything", begins_epoch), (T, "train_one_epoch", timer("train")),
+               (T, "head_statistics", timer("head_stats")), (T, "evaluate", timer("evaluate")),
+               (T.HeadsClient, "update", timer("heads")),
+               (T.HeadsClient, "decision", timer("heads")),
+               (T.RunLogger, "log_epoch", timer("log")), (torch, "save", timer("ckpt_save")),
+               (T.LocalCheckpoints, "save", timer("persist")),
+               (evaluate_module.EpochEvaluator, "__call__", timer("evaluator")),
+               (ray.train, "report", ends_epoch)]
+    try:  # Ray Train's report, in parts (internal names: skipped where a Ray lacks them)
+        from ray.train.v2._internal.execution.context import TrainContext
+
+        for name, phase in (("_sync_checkpoint_dir_name_across_ranks", "report_sync"),
+                            ("_upload_checkpoint", "report_upload"),
+                            ("_wait_then_report", "report_wait")):
+            if hasattr(TrainContext, name):
+                patches.append((TrainContext, name, timer(phase)))
+    except ImportError:
+        pass
+    if not rank0:
+        patches = []
+    with _patched(patches):
+        _train_fn_per_worker(loop_config)
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+def _is_ray(cmd: str) -> bool:
+    """A process of Ray's (any Ray on the machine): raylet, GCS, dashboard, log monitor, the
+    actors and workers (``ray::...``)."""
+    return cmd.startswith(("ray::", "ray-dashboard")) or "/site-packages/ray/" in cmd \
+        or "/ray/core/src/" in cmd
+
+
+class _CpuSampler:
+    """Every process's CPU time, sampled twice a second in a thread (Linux ``/proc``), so the
+    CPU that Ray's own processes and the rest of the machine take during the timed epochs can
+    be told apart from the training process's."""
+
+    INTERVAL_S = 0.5
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.available = os.path.isdir("/proc/self")
+
+    def __enter__(self):
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+
+    def _loop(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while True:
+            now, procs = time.perf_counter(), {}
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        stat = f.read()
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:  # ended meanwhile
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                procs[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+            self.samples.append((now, procs))
+            if self._stop.wait(self.INTERVAL_S):
+                return
+
+    def cores(self, t0: float, t1: float, worker: int) -> dict[str, float] | None:
+        """Mean cores used in [t0, t1] by the training process, by Ray's processes and by the
+        rest of the machine (from the first and last samples inside the window)."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return None
+        (a_t, a), (b_t, b) = inside[0], inside[-1]
+        used = {"worker": 0.0, "ray": 0.0, "other": 0.0}
+        for pid, (cmd, cpu) in b.items():
+            delta = cpu - a[pid][1] if pid in a else 0.0  # a process started inside: not counted
+            group = "worker" if pid == worker else "ray" if _is_ray(cmd) else "other"
+            used[group] += delta
+        return {k: v / (b_t - a_t) for k, v in used.items()}
+
+
+def _one_run(cfg: Config, workers: int, output: str) -> SimpleNamespace:
+    from .. import train as T
+
+    cfg = replace(cfg, train=replace(cfg.train, num_workers=workers, output=output,
+                                     max_failures=0))
+    t0 = time.perf_counter()
+    with training_output(), _CpuSampler() as cpu, \
+            _patched([(T, "train_fn_per_worker", lambda _: timed_train_fn)]):
+        result = T.run(cfg, verbose=False)
+    wall = time.perf_counter() - t0
+    if result.error is not None or "error" in (result.metrics or {}):
+        raise RuntimeError(f"the {'Ray' if workers else 'local'} run failed: "
+                           f"{result.error or result.metrics['error']}")
+    lines = [json.loads(x) for x in (Path(output) / TIMINGS_FILE).read_text().splitlines()]
+    steady = _steady(lines)
+    cores = cpu.cores(steady[0]["t0"], steady[-1]["t1"], lines[-1]["pid"])
+    return SimpleNamespace(wall_s=wall, epochs=lines, cores=cores)
+
+
+def _steady(lines: list[dict]) -> list[dict]:
+    """Every epoch but the first (a warm-up), or the only one."""
+    return lines[1:] or lines
+
+
+def _other(e: dict) -> float:
+    return e["epoch_s"] - sum(v for k, v in e["phases"].items() if k not in NESTED)
+
+
+def _per_round(runs: list[SimpleNamespace], key: Callable[[dict], float]) -> list[float]:
+    """Per run (round), the mean of ``key`` over its steady epochs. Every variant trains the
+    same epochs (the loss curriculum makes later epochs dearer), so these compare."""
+    return [statistics.fmean(key(e) for e in _steady(run.epochs)) for run in runs]
+
+
+def check(cfg: Config, opts: SimpleNamespace) -> None:
+    if opts.output and os.path.isdir(opts.output) and os.listdir(opts.output):
+        raise BenchError(f"--output {opts.output!r} is not empty: pass a new directory")
+
+
+def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
+    import ray
+
+    if opts.device.type == "cuda":
+        cfg = replace(cfg, train=replace(cfg.train, gpu=True))
+    cfg = replace(cfg, train=replace(cfg.train, epochs=opts.epochs,
+                                     batch_size=opts.batch_size or cfg.train.batch_size))
+    check(cfg, opts)
+    root = opts.output or tempfile.mkdtemp(prefix="vitcae_bench_ray_")
+    owned = not ray.is_initialized() and cfg.train.address is None
+    names = list(VARIANTS) if owned and not opts.quick else ["ray", "local"]
+
+    def record(r: int, v: str) -> None:
+        out = os.path.join(root, f"round{r}-{v}")
+        runs[v].append(_one_run(cfg, VARIANTS[v], out))
+        epoch = _per_round(runs[v][-1:], lambda e: e["epoch_s"])[0]
+        progress(f"round {r + 1}/{opts.rounds}: {v} epoch {epoch:.3f}s "
+                 f"(run {runs[v][-1].wall_s:.1f}s)")
+
+    runs: dict[str, list[SimpleNamespace]] = {v: [] for v in names}
+    try:
+        if owned:
+            start_ray(settle=not opts.quick)
+        for r, order in round_orders(["ray", "local"], opts.rounds):
+            if "local_no_ray" in names:
+                ray.shutdown()
+                record(r, "local_no_ray")
+                start_ray()
+            for v in order:
+                record(r, v)
+    finally:
+        if owned and ray.is_initialized():
+            ray.shutdown()
+        if not opts.output:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def epoch_s(e: dict) -> float:
+        return e["epoch_s"]
+
+    def train_s(e: dict) -> float:
+        return e["phases"].get("train", 0.0)
+
+    def ratios(v: str, base: str, key: Callable[[dict], float]):
+        if base not in runs:
+            return None, None
+        return ratio_stats(_per_round(runs[v], key), _per_round(runs[base], key))
+
+    rows = []
+    for v in names:
+        epoch, train = _per_round(runs[v], epoch_s), _per_round(runs[v], train_s)
+        ratio, ratio_spread = ratios(v, "local", epoch_s)
+        train_ratio, train_spread = ratios(v, "local", train_s)
+        ratio_no_ray, no_ray_spread = ratios(v, "local_no_ray", epoch_s)
+        train_no_ray, _ = ratios(v, "local_no_ray", train_s)
+        last = runs[v][-1].epochs[-1]
+        phases = {p: statistics.median(_per_round(runs[v], lambda e, p=p: e["phases"].get(p, 0.0)))
+                  for p in PHASES if any(p in e["phases"] for run in runs[v] for e in run.epochs)}
+        phases["other"] = statistics.median(_per_round(runs[v], _other))
+        startup = [run.wall_s - sum(e["epoch_s"] for e in run.epochs) for run in runs[v]]
+        cores = [run.cores for run in runs[v] if run.cores]
+        cores = {k: statistics.median(c[k] for c in cores) for k in cores[0]} if cores else None
+        rows.append({
+            "variant": v, "num_workers": VARIANTS[v], "ray_running": v != "local_no_ray",
+            "epoch_s": statistics.median(epoch), "epoch_spread": spread(epoch),
+            "train_s": statistics.median(train),
+            "rest_s": statistics.median(epoch) - statistics.median(train),
+            "ratio": ratio, "ratio_spread": ratio_spread,
+            "train_ratio": train_ratio, "train_ratio_spread": train_spread,
+            "ratio_no_ray": ratio_no_ray, "ratio_no_ray_spread": no_ray_spread,
+            "train_ratio_no_ray": train_no_ray,
+            "phases_s": phases, "run_wall_s": statistics.median(run.wall_s for run in runs[v]),
+            "startup_s": statistics.median(startup),
+            "torch_threads": last["torch_threads"], "interop_threads": last["interop_threads"],
+            "omp_num_threads": last["omp_num_threads"], "cpus": last["cpus"],
+            "python_threads": last["python_threads"], "os_threads": last["os_threads"],
+            "cores_used": cores,
+            "epochs": opts.epochs, "rounds": opts.rounds,
+        })
+    ray_row = rows[0]
+    ray_row.update(target=TARGET, meets_target=ray_row["ratio"] <= TARGET and (
+        ray_row["ratio_no_ray"] is None or ray_row["ratio_no_ray"] <= TARGET))
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    def x(v: float) -> str:
+        return f"{v:.3f}"
+
+    main = table(rows, [
+        ("variant", "variant", str), ("epoch_s", "epoch s", x), ("ratio", "x local", x),
+        ("ratio_spread", "min..max", lambda s: f"[{s['min']:.3f}, {s['max']:.3f}]"),
+        ("ratio_no_ray", "x no Ray", x), ("train_s", "train s", x),
+        ("train_ratio", "x local", x), ("train_ratio_no_ray", "x no Ray", x),
+        ("rest_s", "rest s", x), ("torch_threads", "threads", str),
+        ("cores_used", "cores: train/Ray/other",
+         lambda c: f"{c['worker']:.2f}/{c['ray']:.2f}/{c['other']:.2f}"),
+        ("omp_num_threads", "OMP", str), ("startup_s", "startup s", lambda v: f"{v:.1f}"),
+    ])
+    phases = sorted({p for r in rows for p in r["phases_s"]},
+                    key=lambda p: (PHASES + ("other",)).index(p))
+    breakdown = table([{"phase": p, **{r["variant"]: r["phases_s"].get(p) for r in rows}}
+                       for p in phases],
+                      [("phase", "phase (median s/epoch)", str)]
+                      + [(r["variant"], r["variant"], lambda v: f"{v:.4f}") for r in rows])
+    return main + "\n\n" + breakdown
