@@ -23,7 +23,6 @@ from .model.attention import GROUPED
 from .optim import build_lr_schedule, build_optimizer
 
 
-
 def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
