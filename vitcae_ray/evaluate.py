@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .checkpoints import CHECKPOINT_FILE, DIGEST_FILE, CheckpointError, check_digest
 from .config import SELECT_METRIC, Config, ConfigError, build_config
 from .data import DataError, build_datasets
 
@@ -61,7 +62,7 @@ def _state_bytes(path: str) -> tuple[bytes, str]:
     if kind == pafs.FileType.File:
         with fs.open_input_stream(base) as f:
             return f.read(), path
-    for name in (MODEL_FILE, "checkpoint.pt"):
+    for name in (MODEL_FILE, CHECKPOINT_FILE):
         data = read_bytes(path, name)
         if data is not None:
             return data, f"{path.rstrip('/')}/{name}"
@@ -73,9 +74,9 @@ def _state_bytes(path: str) -> tuple[bytes, str]:
                                          SELECT_METRIC, "min").checkpoint
             except ExportError:  # no metrics for the surviving checkpoints: the latest
                 ckpt = ckpts[max(ckpts)]
-            data = read_bytes(ckpt, "checkpoint.pt")
+            data = read_bytes(ckpt, CHECKPOINT_FILE)
             if data is not None:
-                return data, f"{ckpt}/checkpoint.pt"
+                return data, f"{ckpt}/{CHECKPOINT_FILE}"
     except ExportError as e:
         raise EvalError(str(e)) from None
     raise EvalError(f"{path!r} holds no model.pt, checkpoint.pt or checkpoints: pass an exported "
@@ -84,9 +85,16 @@ def _state_bytes(path: str) -> tuple[bytes, str]:
 
 def load_model(path: str, device: torch.device):
     """(model in eval mode, its Config, where it was read from)."""
-    from .pretrained import load_model_file, model_from_state
+    from .pretrained import load_model_file, model_from_state, read_bytes
 
     data, where = _state_bytes(os.fspath(path))
+    folder, _, name = where.rpartition("/")
+    if name == CHECKPOINT_FILE:  # a training checkpoint: check it against its digest
+        digest = read_bytes(folder, DIGEST_FILE)
+        try:
+            check_digest(data, None if digest is None else digest.decode(), where)
+        except CheckpointError as e:
+            raise EvalError(str(e)) from None
     try:
         state = load_model_file(data, where, device)
         model = model_from_state(state)

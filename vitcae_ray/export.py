@@ -19,12 +19,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from .checkpoints import CHECKPOINT_FILE, DIGEST_FILE, CheckpointError, parse
+from .checkpoints import DIR_PREFIX as CHECKPOINT_PREFIX
 from .config import SELECT_METRIC, Config
 from .outputs import join
 
 RESULTS_FILE, RESULTS_CSV = "results.parquet", "results.csv"
-CHECKPOINT_FILE = "checkpoint.pt"  # vitcae_ray.train.CHECKPOINT_FILE (not imported: it is heavy)
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
 TRIALS_DIR = "trials"
 
 
@@ -254,16 +254,16 @@ def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", tria
 # --- writing --------------------------------------------------------------------------------
 
 def _load_state(checkpoint: str) -> dict[str, Any]:
-    import torch
-
+    """The checkpoint's state, checked against its digest (``weights_only`` loading)."""
     data = _read(join(checkpoint, CHECKPOINT_FILE))
     if data is None:
         raise ExportError(f"checkpoint {checkpoint!r} disappeared during the export")
+    digest = _read(join(checkpoint, DIGEST_FILE))
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"checkpoint {checkpoint!r} is unreadable: {reason}") from None
+        return parse(data, None if digest is None else digest.decode(),
+                     join(checkpoint, CHECKPOINT_FILE))
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
 
 
 def frozen_info(state: dict[str, Any], frozen: list[list[int]], epoch: int) -> dict[str, Any]:
