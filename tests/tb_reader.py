@@ -22,9 +22,13 @@ def read_events(logdir: Path) -> list:
 
 
 def tags(logdir: Path) -> dict[str, list[int]]:
-    """tag -> steps at which it was written (scalars and images)."""
+    """tag -> steps at which it was written (scalars and images), as TensorBoard shows them:
+    a writer's session start at step S (``purge_step``) discards what was written before
+    at steps >= S."""
     out: dict[str, list[int]] = {}
     for ev in read_events(logdir):
+        if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+            out = {tag: [s for s in steps if s < ev.step] for tag, steps in out.items()}
         for v in ev.summary.value:
             out.setdefault(v.tag, []).append(ev.step)
-    return out
+    return {tag: steps for tag, steps in out.items() if steps}

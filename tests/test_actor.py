@@ -1,27 +1,36 @@
 """The run's head-convergence actor, as the driver creates it and the workers find it."""
 
+import os
+import signal
+import time
+
 import numpy as np
 
+from vitcae_ray import checkpoints
 from vitcae_ray.config import FreezeConfig, SchedulerConfig
 from vitcae_ray.convergence import HeadController, HeadDecision
 
+ARGS = (2, 2, 3, SchedulerConfig(), FreezeConfig(drift_threshold=10.0, patience=1, kappa_window=1), 1)
 
-def test_actor_by_name_serves_the_controllers_decisions_and_state(ray_session):
+
+def _stats(rng):
+    return rng.random((2, 2, 9)), np.ones((2, 2, 9, 9))
+
+
+def test_actor_by_name_serves_the_controllers_decisions_and_state(ray_session, tmp_path):
     import ray
 
     from vitcae_ray.convergence.actor import actor_name, create_actor, get_actor
 
-    args = (2, 2, 3, SchedulerConfig(), FreezeConfig(drift_threshold=10.0, patience=1,
-                                                      kappa_window=1), 1)
     name = actor_name("/tmp/storage", "run")
     assert name == actor_name("/tmp/storage", "run") != actor_name("/tmp/storage", "other")
-    create_actor(name, *args)
-    actor = create_actor(name, *args)  # a stale actor of the same name is replaced
-    local = HeadController(*args)
+    create_actor(name, str(tmp_path), "run", *ARGS)
+    actor = create_actor(name, str(tmp_path), "run", *ARGS)  # a stale actor is replaced
+    local = HeadController(*ARGS)
     rng = np.random.default_rng(0)
     try:
         for epoch in range(3):
-            cls, patch = rng.random((2, 2, 9)), np.ones((2, 2, 9, 9))
+            cls, patch = _stats(rng)
             remote = HeadDecision.from_dict(ray.get(actor.update.remote(epoch, cls, patch)))
             assert remote.to_dict() == local.update(epoch, cls, patch).to_dict()
         # a worker finds the same actor by name and reads the same decision
@@ -29,8 +38,50 @@ def test_actor_by_name_serves_the_controllers_decisions_and_state(ray_session):
         assert ray.get(found.decision.remote(2)) == local.decision(2).to_dict()
         assert HeadDecision.from_dict(ray.get(found.decision.remote(1))).num_frozen == 4
         state = ray.get(found.state_dict.remote())
-        fresh = HeadController(*args)
+        fresh = HeadController(*ARGS)
         fresh.load_state_dict(state)
         assert fresh.decision(2).to_dict() == local.decision(2).to_dict()
+    finally:
+        ray.kill(actor)
+
+
+def test_a_killed_actor_comes_back_with_the_latest_checkpoints_state(ray_session, tmp_path):
+    """SIGKILL of the actor's process: Ray restarts it, it reads the run's latest complete
+    checkpoint, and the next epoch's decision is the one the old actor would have made."""
+    import ray
+    from ray.util.state import list_actors
+
+    from vitcae_ray.convergence.actor import create_actor
+
+    rng = np.random.default_rng(1)
+    stats = [_stats(rng) for _ in range(4)]
+    local = HeadController(*ARGS)
+    actor = create_actor("heads-kill-test", str(tmp_path), "run", *ARGS)
+    try:
+        for epoch in range(3):
+            ray.get(actor.update.remote(epoch, *stats[epoch]))
+            local.update(epoch, *stats[epoch])
+            if epoch < 2:  # the run's checkpoints: epoch 1 is the latest complete one...
+                d = tmp_path / "run" / checkpoints.dir_name(epoch)
+                d.mkdir(parents=True)
+                checkpoints.write({"model": {}, "heads": local.state_dict()}, d)
+        # ...and epoch 2's was cut off mid-upload: no digest, so it is not a checkpoint
+        (tmp_path / "run" / checkpoints.dir_name(2)).mkdir()
+        (tmp_path / "run" / checkpoints.dir_name(2) / checkpoints.CHECKPOINT_FILE).write_bytes(b"PK")
+
+        pid = next(a.pid for a in list_actors(filters=[("class_name", "=", "HeadConvergenceActor"),
+                                                        ("state", "=", "ALIVE")])
+                   if a.name == "heads-kill-test")
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        # epoch 2 again (its checkpoint never completed), then epoch 3: the old actor's
+        # decisions (a fresh controller would have no drift history and freeze nothing)
+        assert ray.get(actor.update.remote(2, *stats[2])) == local.decision(2).to_dict()
+        assert local.decision(2).num_frozen == 4
+        assert ray.get(actor.update.remote(3, *stats[3])) == local.update(3, *stats[3]).to_dict()
+        new_pid = next(a.pid for a in list_actors(filters=[("class_name", "=", "HeadConvergenceActor"),
+                                                            ("state", "=", "ALIVE")])
+                       if a.name == "heads-kill-test")
+        assert new_pid != pid
     finally:
         ray.kill(actor)

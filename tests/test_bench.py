@@ -93,6 +93,7 @@ def test_overhead_suite_splits_the_machinery_by_part(ray_session, tmp_path):
     assert ray_session.is_initialized()  # a Ray that was running is left running
 
 
+@pytest.mark.slow  # trains under Ray and in-process: about 45 s on 2 cores
 def test_ray_suite_times_both_variants_and_breaks_the_epoch_down(ray_session, tmp_path):
     rows = _bench(tmp_path, "ray")
     assert [r["variant"] for r in rows] == ["ray", "local"]
@@ -109,12 +110,12 @@ def test_ray_suite_times_both_variants_and_breaks_the_epoch_down(ray_session, tm
             assert all(math.isfinite(v) and v >= 0 for v in r["cores_used"].values())
         assert r["ratio_no_ray"] is None  # a Ray that was running is not shut down for it
     assert by["local"]["ratio"] == 1.0 and by["ray"]["num_workers"] == 1
-    assert {"report_sync", "report_upload", "report_wait"} <= set(by["ray"]["phases_s"])
     assert "persist" in by["local"]["phases_s"]  # local mode copies its checkpoints itself
     assert by["ray"]["target"] == 1.10 and isinstance(by["ray"]["meets_target"], bool)
     assert ray_session.is_initialized()
 
 
+@pytest.mark.slow  # trains every variant: about 45 s on 2 cores
 def test_quality_suite_trains_every_variant_with_the_same_seed(tmp_path):
     rows = _bench(tmp_path, "quality", "--output", str(tmp_path / "runs"))
     runs = [r for r in rows if r["kind"] == "run"]

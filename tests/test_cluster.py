@@ -44,6 +44,19 @@ def test_image_matches_ray_and_python_and_setup_installs_the_project():
     assert _pin(dockerfile, "torch") == torch.__version__.split("+")[0]
     assert _pin(dockerfile, "torchvision") == torchvision.__version__.split("+")[0]
 
+    # the package pins Ray to the image's series: an upgrade is a deliberate change of both
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_req,) = [Requirement(d) for d in deps if Requirement(d).name == "ray"]
+    image_ray = Version(re.search(r"rayproject/ray:([\d.]+)-", dockerfile).group(1))
+    assert image_ray in ray_req.specifier and Version(ray.__version__) in ray_req.specifier
+    assert Version(f"{image_ray.major}.{image_ray.minor + 1}.0") not in ray_req.specifier
+    assert Version(f"{image_ray.major}.{image_ray.minor}.99") in ray_req.specifier
+
     images = {name: _load(name)["docker"]["image"] for name in CONFIGS}
     assert len(set(images.values())) == 1, images
     image = images["aws.yaml"]

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from faults import Killer
 from tb_reader import tags
 from tiny import TINY
 from vitcae_ray.config import build_config
@@ -25,19 +26,38 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypatch):
-    # a relative --output (as in the README) is the caller's directory, not the workers'
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "run"
-    # every head qualifies at epoch 1; the cap freezes half of each layer then (split layers
-    # under DDP); the resumed run lifts the cap, so whole layers freeze (empty active groups)
-    freeze = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
-              "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
-    cfg = build_config({**SMALL, **freeze, "train.epochs": 5, "train.num_workers": 2,
-                        "train.cpus_per_worker": 0.5, "train.output": "run", "train.eval_every": 2})
-    result = run(cfg, verbose=False)
+# every head qualifies at epoch 1; the cap freezes half of each layer then (split layers
+# under DDP); the resumed run lifts the cap, so whole layers freeze (empty active groups)
+FREEZE = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
+          "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
+TWO_WORKERS = {**SMALL, **FREEZE, "train.epochs": 5, "train.num_workers": 2,
+               "train.cpus_per_worker": 0.5, "train.eval_every": 2}
+# what a run decides and learns: equal between an uninterrupted and a restarted run
+DETERMINED = ("train/loss", "train/kl", "val/elbo", "val/mse", "heads/frozen",
+              "heads/newly_frozen", "freeze/mean_drift", "flops/epoch", "comm/grad_elements")
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_session, tmp_path_factory):
+    """An uninterrupted 2-worker run: (config, run directory, its metrics and heads table as
+    they were when it finished)."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("two_workers")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # a relative --output (as in the README) is the caller's directory
+    try:
+        cfg = build_config({**TWO_WORKERS, "train.output": "run"})
+        result = run(cfg, verbose=False)
+    finally:
+        os.chdir(cwd)
     assert result.error is None
-    history = _metrics(out)
+    out = tmp / "run"
+    return cfg, out, _metrics(out), pq.read_table(out / "heads.parquet").to_pylist()
+
+
+def test_two_worker_run_learns_logs_and_resumes(two_worker_run):
+    cfg, out, history, _ = two_worker_run
     assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]
     assert history[-1]["val/mse"] < history[0]["val/mse"]
     for key in ("train/loss", "train/recon", "train/prior_recon", "train/kl", "train/mmd",
@@ -81,7 +101,8 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     before = load_state(ckpts[-1])
 
     # rerunning the same run with more epochs resumes at epoch 5 with the history intact
-    more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7},
+    more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7,
+                                                    "output": str(out)},
                          "freeze": {**cfg.to_dict()["freeze"], "max_frozen_frac": 1.0}})
     result = run(more, verbose=False)
     assert result.error is None
@@ -110,6 +131,32 @@ def test_two_worker_run_learns_logs_and_resumes(ray_session, tmp_path, monkeypat
     model = model_from_state(state)
     x = torch.rand(2, 1, 16, 16)
     assert model(x, sample=False).recon.shape == x.shape
+
+
+def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path):
+    """SIGKILL of a Ray Train worker (found through Ray's state API) once epoch 1 is logged,
+    and of the head-convergence actor once epoch 3 is: the run restarts its workers from the
+    latest checkpoint, the actor comes back with that checkpoint's head state, and the result
+    equals the uninterrupted run's exactly (every RNG is seeded per epoch and rank, and the
+    checkpoint holds the whole state)."""
+    cfg, _, reference, ref_heads = two_worker_run
+    out = tmp_path / "run"
+    killer = Killer(out, [(2, "RayTrainWorker"), (4, "HeadConvergenceActor")])
+    killer.start()
+    try:
+        result = run(build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"],
+                                   "output": str(out), "max_failures": 2}}), verbose=False)
+    finally:
+        killer.join_all()
+    assert [k[1] for k in killer.killed] == ["RayTrainWorker", "HeadConvergenceActor"]
+    assert result.error is None
+    history = _metrics(out)
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]  # one line per epoch
+    for key in DETERMINED:
+        assert [m[key] for m in history] == [m[key] for m in reference], key
+    # frozen sets, temperature factors, drift and kappa of every (epoch, layer, head)
+    assert pq.read_table(out / "heads.parquet").to_pylist() == ref_heads
+    assert tags(out / "tb")["val/mse"] == [0, 1, 2, 3, 4]
 
 
 def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path):

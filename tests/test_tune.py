@@ -46,11 +46,13 @@ def test_smoke_sweep_asha_stops_trials_and_the_table_has_every_trial(ray_session
     assert by_lr[3e-3]["status"] == "completed" and by_lr[3e-3]["epochs"] == 3
     stopped = [r for r in rows if r["status"] == "stopped"]
     assert stopped and all(r["epochs"] < 3 for r in stopped)
-    # ASHA's clock is the epoch count each trial reports, not Tune's iteration counter
+    # ASHA's clock is the epoch count each trial reports, not Tune's iteration counter; a
+    # stopped trial's run may log one more epoch while the stop reaches it
     for result in results:
-        trial_id = result.metrics["trial_id"]
-        assert result.metrics["epochs_done"] == next(r["epochs"] for r in rows
-                                                     if r["trial_id"] == trial_id)
+        m = result.metrics
+        logged = next(r["epochs"] for r in rows if r["trial_id"] == m["trial_id"])
+        assert m["epochs_done"] == m["epoch"] + 1
+        assert m["epochs_done"] <= logged <= m["epochs_done"] + 1
     assert rows[0]["optim.lr"] == 3e-3  # sorted best first
     table = pq.read_table(tmp_path / "exp" / "results.parquet").to_pylist()
     assert [r["trial_id"] for r in table] == [r["trial_id"] for r in rows]

@@ -251,3 +251,28 @@ def on_this_node():
     import ray
 
     return _pinned(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def connect(address: str | None) -> None:
+    """``ray.init``: a new local Ray when ``address`` is None, else the cluster at ``address``
+    (``auto``, ``host:port`` or ``ray://host:port``). An address with no cluster behind it is
+    a :class:`ConfigError` within seconds, not Ray's retries and traceback."""
+    import socket
+
+    import ray
+
+    fix = ("start one (`ray start --head`, or `ray up cluster/aws.yaml` and run on its head "
+           "node) or leave --address out to run on this machine")
+    host, _, port = (address or "").split("://", 1)[-1].rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            raise ConfigError(f"no Ray cluster answers at --address {address} ({reason}): {fix}") from None
+    try:
+        ray.init(address=address)
+    except ConnectionError as e:
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        raise ConfigError(f"no Ray cluster at --address {address} ({reason}): {fix}") from None

@@ -100,7 +100,8 @@ class TrainConfig:
     shared_fs: bool = False  # a local output is a mount every node sees (NFS): skip the multi-node storage check
     run_name: str = "train"  # Ray Train run name (deterministic, so a rerun resumes)
     seed: int = 0
-    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    max_failures: int = 2  # worker-group restarts from the last checkpoint; -1 = no limit
+    max_nonfinite_steps: int = 0  # steps with a non-finite loss skipped (counted in metrics) before the run stops; 0 = stop at the first
     num_checkpoints: int = 2  # best checkpoints kept by val/elbo (the latest is also kept)
     log_images: bool = True  # reconstruction and sample grids in TensorBoard
     num_image_samples: int = 16  # images per grid
@@ -283,8 +284,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction}")
     if t.num_workers < 0:
         raise ConfigError(f"config key 'train.num_workers' must be >= 0, got {t.num_workers}")
-    if t.eval_every < 0:
-        raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {t.eval_every}")
+    for key in ("eval_every", "max_nonfinite_steps"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"config key 'train.{key}' must be >= 0, got {getattr(t, key)}")
+    if t.max_failures < -1:
+        raise ConfigError(f"config key 'train.max_failures' must be >= -1 (-1 = no limit), got {t.max_failures}")
     if t.cpus_per_worker < 0:
         raise ConfigError(f"config key 'train.cpus_per_worker' must be >= 0 (0 = auto), got {t.cpus_per_worker}")
     for key in ("warmup_epochs", "ramp_epochs"):

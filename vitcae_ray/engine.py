@@ -21,14 +21,26 @@ TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mm
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or its gradient stopped being finite at (epoch, step)."""
+    """The loss or its gradient stopped being finite at (epoch, step), with no skip left."""
 
-    def __init__(self, epoch: int, step: int) -> None:
+    def __init__(self, epoch: int, step: int, bound: int = 0, every: bool = False) -> None:
+        skipped = (f" after {bound} skipped non-finite steps (train.max_nonfinite_steps={bound})"
+                   if bound else "")
+        if every:
+            skipped = ", and at every step of the epoch before it (nothing trained)"
         super().__init__(
-            f"non-finite loss at epoch {epoch} step {step}; the last good checkpoint is kept: "
-            "lower optim.lr or raise optim.grad_clip and rerun"
+            f"non-finite loss at epoch {epoch} step {step}{skipped}; the last good checkpoint "
+            "is kept: lower optim.lr or optim.grad_clip and rerun, or let "
+            "train.max_nonfinite_steps skip a few such steps"
         )
         self.epoch, self.step = epoch, step
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
 
 
 def decode_prior(cfg: Config) -> bool:
@@ -80,15 +92,23 @@ def _as_metrics(prefix: str, sums: torch.Tensor) -> dict[str, float]:
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     lr_scheduler, epoch: int, cfg: Config, device: torch.device,
-                    amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns metrics averaged over every rank's samples."""
+                    amp_dtype: torch.dtype | None = None, skips_left: int = 0) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns metrics averaged over every rank's samples.
+
+    A step whose gradient norm is not finite is skipped (no optimizer step; its CLS readout
+    and loss terms are dropped) while fewer than ``skips_left`` were skipped this epoch, and
+    counted in ``train/nonfinite_steps``; past that it raises :class:`NonFiniteLossError`, as it
+    does when every step of the epoch was skipped (there is nothing to measure or keep)."""
     model.train()
+    inner = unwrap(model)
     sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    skipped = 0
     start = time.perf_counter()
     for step, (x, _) in enumerate(loader):
         x = x.to(device, non_blocking=True)
+        readout = inner.readout_state()
         with autocast(device, amp_dtype):
             out = model(x, decode_prior=decode_prior(cfg))
         terms = vitcae_loss(out, x, epoch, cfg.loss)
@@ -97,15 +117,24 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         # DDP has all-reduced the gradients, so this norm (and the check) agrees on every rank.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(epoch, step)
+            if skipped >= skips_left:
+                raise NonFiniteLossError(epoch, step, cfg.train.max_nonfinite_steps)
+            skipped += 1
+            inner.restore_readout(readout)
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()  # the schedule keeps counting steps, as on a resume
+            continue
         optimizer.step()
         lr_scheduler.step()
         n = x.shape[0]
         sums[:-1] += torch.stack([terms[k].detach().double() for k in TERMS]) * n
         sums[-1] += n
+    if skipped and sums[-1] == 0:  # the same steps were skipped on every rank
+        raise NonFiniteLossError(epoch, step, every=True)
     sums = _reduce_sums(sums)
     elapsed = time.perf_counter() - start
     metrics = _as_metrics("train", sums)
+    metrics["train/nonfinite_steps"] = skipped
     metrics["time/epoch_s"] = elapsed
     metrics["throughput/images_per_s"] = metrics["train/samples"] / max(elapsed, 1e-9)
     metrics["lr"] = optimizer.param_groups[0]["lr"]

@@ -49,6 +49,28 @@ def read_text(root: str, name: str) -> str | None:
         return f.read().decode()
 
 
+def check_directory(path: str, flag: str) -> None:
+    """Raise ``ConfigError`` unless ``path`` (local or URI) can be the run's directory: a new
+    one or an earlier run's, not a file, and (locally) under a writable directory."""
+    import pyarrow.fs as pafs
+
+    from .config import ConfigError
+
+    fix = "pass a new directory (or an earlier run's to resume it)"
+    if is_uri(path):
+        fs, base = pafs.FileSystem.from_uri(path)
+        if fs.get_file_info(base).type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+            raise ConfigError(f"{flag} {path} is a file, not a directory: {fix}")
+        return
+    target = Path(storage_root(path))
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == target else f"lies under the file {existing}"
+        raise ConfigError(f"{flag} {path} {what}, not a directory: {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable: {fix}")
+
+
 class RunDir:
     """Local view of the run directory; ``sync()`` mirrors it to the URI when there is one."""
 

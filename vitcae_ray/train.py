@@ -15,28 +15,28 @@ import random
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cluster import check_shared_output, settle_resources, torch_threads, worker_request
+from .cluster import check_shared_output, connect, settle_resources, torch_threads, worker_request
 from .config import (EPOCHS_DONE, SELECT_METRIC, Config, ConfigError, absolute_paths, build_config,
                      dump_yaml, resolve)
 from .data import DataError, build_datasets
 from .data.streaming import TRAIN, StreamingLoader, channels_of, local_splits, streams, train_dataset
 from .convergence import HeadController, HeadDecision
-from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch
+from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch, unwrap  # noqa: F401
 from .freezing import (apply_frozen, frozen_heads, grad_elements, mmd_active, probe_flops,
                        rebuild_optimizer, set_tau_factors, step_flops_by_phase, unfrozen_step_flops)
 from .model import ViTCAE, build_model
 from .optim import build_lr_schedule, build_optimizer
 from .pretrained import model_from_state  # noqa: F401  (rebuilds a model from a checkpoint)
-from .outputs import CONFIG_FILE, RunDir, RunLogger, heatmap, image_grids, read_text, storage_root
+from . import checkpoints
+from .checkpoints import CHECKPOINT_FILE, CheckpointError  # noqa: F401
+from .outputs import CONFIG_FILE, RunDir, check_directory, RunLogger, heatmap, image_grids, read_text, storage_root
 
-CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_TRAIN_ROWS = 5000  # training images rank 0's periodic evaluation holds at most
 # Changing these between a run and its resumption would make the checkpoint meaningless.
 RESUME_KEYS = ("model", "loss", "optim", "data.dataset", "data.image_size", "data.channels",
@@ -44,13 +44,6 @@ RESUME_KEYS = ("model", "loss", "optim", "data.dataset", "data.image_size", "dat
 
 
 # --- checkpoints -------------------------------------------------------------------------
-
-def unwrap(model: torch.nn.Module) -> ViTCAE:
-    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
-
 
 def wrap_model(model: ViTCAE, compile_model: bool) -> torch.nn.Module:
     """DDP (through Ray Train) and, with ``train.compile``, ``torch.compile`` on top. Called
@@ -85,7 +78,8 @@ def checkpoint_state(model: ViTCAE, optimizer, lr_sched, epoch: int, cfg: Config
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
-    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    """A checkpoint directory's state, its digest checked (:mod:`vitcae_ray.checkpoints`)."""
+    return checkpoints.load(checkpoint_dir, device)
 
 
 class LocalCheckpoints:
@@ -101,13 +95,7 @@ class LocalCheckpoints:
         self.fs.create_dir(self.root, recursive=True)
 
     def _dirs(self) -> list[str]:
-        import pyarrow.fs as pafs
-
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        done = [i.path for i in infos if i.type == pafs.FileType.Directory
-                and i.base_name.startswith("checkpoint_epoch_")
-                and self.fs.get_file_info(f"{i.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File]
-        return sorted(done)
+        return checkpoints.complete_dirs(self.fs, self.root)
 
     def latest(self):
         import ray.train
@@ -119,8 +107,8 @@ class LocalCheckpoints:
         import pyarrow.fs as pafs
         import ray.train
 
-        dest = f"{self.root}/checkpoint_epoch_{epoch:04d}"
-        partial = f"{self.root}/.partial_checkpoint_epoch_{epoch:04d}"
+        dest = f"{self.root}/{checkpoints.dir_name(epoch)}"
+        partial = f"{self.root}/.partial_{checkpoints.dir_name(epoch)}"
         self.fs.create_dir(partial, recursive=True)
         pafs.copy_files(local_dir, partial, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
@@ -128,7 +116,7 @@ class LocalCheckpoints:
             self.fs.delete_dir(dest)  # a replayed epoch overwrites
         self.fs.move(partial, dest)  # a checkpoint appears only when complete
         # keep the latest and the best `keep` by the selection metric
-        by_epoch = {f"{self.root}/checkpoint_epoch_{int(m['epoch']):04d}": m[SELECT_METRIC]
+        by_epoch = {f"{self.root}/{checkpoints.dir_name(int(m['epoch']))}": m[SELECT_METRIC]
                     for m in history}
         dirs = self._dirs()
         best = sorted((d for d in dirs if d in by_epoch), key=by_epoch.get)[: self.keep]
@@ -146,6 +134,13 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
+
+
+def init_model(cfg: Config, channels: int, device: torch.device) -> ViTCAE:
+    """The model's initial weights, a function of ``train.seed`` alone: every rank and every
+    restart before the first checkpoint builds the same model."""
+    seed_everything(cfg.train.seed, -1, 0)
+    return build_model(cfg.model, cfg.data.image_size, channels).to(device)
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -166,19 +161,31 @@ def _progress_line(m: dict[str, Any], epochs: int) -> str:
             f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s")
 
 
-def _quiet_report_log() -> None:
-    """Ray Train logs every report's full metrics at INFO under a module-path logger that its
-    LoggingConfig does not reach; the progress line already says what matters."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray without that module logs differently
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+def _quiet_report_log(local: bool) -> None:
+    """Ray Train logs every report's full metrics at INFO; the progress line already says
+    what matters. A worker process is ours: its root logger is raised to WARNING (the report
+    log's logger is named by its file, outside ``ray.train``). In local mode the process is
+    the caller's, and only the ``ray.train`` loggers are raised."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if not local:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def say(line: str) -> None:
+    """A progress line on stdout. Written to the stream, not through ``print``, which Ray
+    Train's workers route into their logger (the line would show twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class HeadsClient:
-    """A rank's access to the run's head controller: the driver's Ray actor, or in local mode
-    an in-process controller. Both hand back :class:`HeadDecision` objects."""
+    """Rank 0's access to the run's head controller: the driver's Ray actor, or in local mode
+    an in-process controller. Both hand back :class:`HeadDecision` objects.
+
+    A restarted actor reloads the latest checkpoint and Ray retries the call in flight (see
+    the actor module). A restart between an epoch's ``update`` and the ``state_dict`` that goes
+    into its checkpoint would hand back the state before that epoch: ``state_dict`` checks the
+    epoch and sends the epoch's statistics again when it is behind."""
 
     def __init__(self, actor_name: str | None, controller_args: tuple) -> None:
         if actor_name is not None:
@@ -187,6 +194,7 @@ class HeadsClient:
             self.actor, self.local = get_actor(actor_name), None
         else:
             self.actor, self.local = None, HeadController(*controller_args)
+        self._last_update: tuple | None = None
 
     def _call(self, method: str, *args):
         if self.actor is None:
@@ -196,17 +204,20 @@ class HeadsClient:
         return ray.get(getattr(self.actor, method).remote(*args))
 
     def update(self, epoch: int, cls_attn, patch_attn) -> HeadDecision:
+        self._last_update = (epoch, cls_attn, patch_attn)
         d = self._call("update", epoch, cls_attn, patch_attn)
         return d if isinstance(d, HeadDecision) else HeadDecision.from_dict(d)
 
-    def decision(self, epoch: int) -> HeadDecision:
-        d = self._call("decision", epoch)
-        return d if isinstance(d, HeadDecision) else HeadDecision.from_dict(d)
-
     def state_dict(self) -> dict:
-        return self._call("state_dict")
+        state = self._call("state_dict")
+        epochs = [int(d["epoch"]) for d in state["decisions"]]
+        if self._last_update is not None and max(epochs, default=-1) < self._last_update[0]:
+            self._call("update", *self._last_update)
+            state = self._call("state_dict")
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        self._last_update = None
         self._call("load_state_dict", state)
 
 
@@ -229,11 +240,15 @@ def last_decision(cfg: Config, heads_state: dict) -> HeadDecision | None:
     return None if last is None else controller.decision(last)
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+def share_decision(dec: HeadDecision | None, world: int) -> HeadDecision:
+    """Rank 0's decision, on every rank (every other rank passes None)."""
+    if world == 1:
+        return dec
+    import torch.distributed as dist
 
-        dist.barrier()
+    box = [None if dec is None else dec.to_dict()]
+    dist.broadcast_object_list(box, src=0)
+    return HeadDecision.from_dict(box[0])
 
 
 def rank_spread(model: ViTCAE, world: int) -> float:
@@ -303,7 +318,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_report_log()
+    _quiet_report_log(loop_config["local_mode"])
     cfg = build_config(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -322,7 +337,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         val_set, batch_size=t.batch_size, shuffle=False, num_workers=cfg.data.loader_workers))
     steps_per_epoch = len(train_loader)
 
-    model = build_model(cfg.model, cfg.data.image_size, channels).to(device)
+    model = init_model(cfg, channels, device)
     local = loop_config["local_mode"]
     local_ckpts = LocalCheckpoints(loop_config["storage"], t.run_name, t.num_checkpoints) if local else None
     checkpoint = local_ckpts.latest() if local else ray.train.get_checkpoint()
@@ -333,9 +348,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     # The checkpoint is the source of truth for the heads: push its controller state into the
     # actor (rank 0) and apply its frozen set before the optimizer sees the parameters.
-    heads = HeadsClient(loop_config.get("heads_actor"), controller_args(cfg))
+    heads = HeadsClient(loop_config.get("heads_actor"), controller_args(cfg)) if rank == 0 else None
     heads_state = (state or {}).get("heads") or HeadController(*controller_args(cfg)).state_dict()
-    if rank == 0:
+    if heads is not None:
         heads.load_state_dict(heads_state)
     dec = last_decision(cfg, heads_state)
     if dec is not None:
@@ -350,7 +365,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         head_rows = state.get("head_rows", [])
         if rank == 0:
-            print(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}", flush=True)
+            say(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}")
 
     # What one step costs in each loss phase, counted on the unwrapped model before DDP wraps
     # it (FLOPs do not depend on the data); the baseline is an unfrozen step without readout.
@@ -378,10 +393,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         frozen_now = sum(len(f) for f in frozen_heads(model))
         elements = grad_elements(model)
         factors_used = [a.tau_factor.tolist() for a in model.attention_layers]
+        skips_left = t.max_nonfinite_steps - sum(m.get("train/nonfinite_steps", 0) for m in history)
         model.set_readout(True)
         try:
             metrics = train_one_epoch(ddp_model, train_loader, optimizer, lr_sched, epoch, cfg,
-                                      device, amp_dtype)
+                                      device, amp_dtype, skips_left)
         except NonFiniteLossError as e:
             # Every rank sees the same all-reduced gradient norm, so all stop here together.
             # inf metrics keep Tune's metric checks and schedulers working on the stop
@@ -395,10 +411,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             model.set_readout(False)
         # Convergence: all-reduced statistics -> the run's controller -> one decision for all.
         cls_attn, patch_attn = head_statistics(model, probe)
-        if rank == 0:
-            heads.update(epoch, cls_attn.numpy(), patch_attn.numpy())
-        _barrier(world)
-        dec = heads.decision(epoch)
+        dec = heads.update(epoch, cls_attn.numpy(), patch_attn.numpy()) if rank == 0 else None
+        dec = share_decision(dec, world)
         rows = _head_rows(model, dec, factors_used)
         head_rows.extend(rows)
 
@@ -406,12 +420,16 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         phase = mmd_active(epoch, cfg)
         trained_flops = step_flops[phase]
         set_tau_factors(model, dec.tau_factor)
-        if frozen_sets(dec) != frozen_heads(model):
+        changed = frozen_sets(dec) != frozen_heads(model)
+        if changed:
             del ddp_model  # its reducer holds the old parameters; re-wrap after the change
             carried = apply_frozen(model, frozen_sets(dec), cfg.freeze.mode, optimizer,
                                    out_proj=cfg.freeze.out_proj)
             optimizer, lr_sched = rebuild_optimizer(model, optimizer, lr_sched, cfg,
                                                     steps_per_epoch, carried)
+        # Before any re-wrap: DDP's construction copies rank 0's weights to every rank.
+        spread = rank_spread(model, world)
+        if changed:
             step_flops = step_flops_by_phase(model, flop_x, cfg)
             ddp_model = wrap_model(model, t.compile)
 
@@ -432,7 +450,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             "freeze/mean_drift": dec.mean_drift,
             "comm/grad_elements": elements,
             "time/step_s": metrics["time/epoch_s"] / max(steps_per_epoch, 1),
-            "ddp/rank_spread": rank_spread(model, world),
+            "ddp/rank_spread": spread,
         }
         task_grids = {}
         if evaluator is not None and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
@@ -453,13 +471,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                     images = {**image_grids(fixed_batch, recon, samples), **task_grids}
                 images.update(_head_heatmaps(rows, cfg.model.depth, cfg.model.num_heads))
                 logger.log_epoch(metrics, images, head_rows)
-                print(_progress_line(metrics, t.epochs), flush=True)
-                torch.save(checkpoint_state(model, optimizer, lr_sched, epoch, cfg, history,
-                                            heads.state_dict(), head_rows),
-                           Path(tmp) / CHECKPOINT_FILE)
+                say(_progress_line(metrics, t.epochs))
+                checkpoints.write(checkpoint_state(model, optimizer, lr_sched, epoch, cfg, history,
+                                                   heads.state_dict(), head_rows), tmp)
                 ckpt = (local_ckpts.save(tmp, epoch, history) if local
                         else ray.train.Checkpoint.from_directory(tmp))
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoints.dir_name(epoch))
     if logger is not None:
         logger.close()
 
@@ -470,6 +487,7 @@ def check_run_dir(output: str, cfg: Config) -> None:
     """Refuse to resume a run directory whose settings differ in ways a checkpoint can't absorb."""
     import yaml
 
+    check_directory(output, "--output")
     text = read_text(output, CONFIG_FILE)
     if text is None:
         return
@@ -513,7 +531,7 @@ def run(cfg: Config, verbose: bool = True, callbacks: list | None = None,
         build_datasets(cfg.data)
     if not local and not ray.is_initialized():
         # The dashboard's state API lets Ray Train's placement-group cleaner see the run.
-        ray.init(address=t.address)
+        connect(t.address)
     cfg = settle_resources(cfg)
     t = cfg.train
     if not local and check_cluster:
@@ -535,7 +553,7 @@ def run(cfg: Config, verbose: bool = True, callbacks: list | None = None,
         from .convergence.actor import actor_name as name_for, create_actor
 
         actor_name = name_for(storage, t.run_name)
-        actor = create_actor(actor_name, *controller_args(cfg))
+        actor = create_actor(actor_name, storage, t.run_name, *controller_args(cfg))
     trainer = TorchTrainer(
         train_fn_per_worker,
         datasets=datasets,
@@ -554,13 +572,14 @@ def run(cfg: Config, verbose: bool = True, callbacks: list | None = None,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
-            # Ray Train tees a patched print() into its logger; keep one copy of each line.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     start = time.perf_counter()
     try:
         result = trainer.fit()
+    except SystemExit:
+        # Ray Train's Ctrl-C handler aborts the run, then exits; it is the only exit in fit()
+        raise KeyboardInterrupt from None
     finally:
         if actor is not None:
             ray.kill(actor)
@@ -623,9 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         result = run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
     except ray.train.TrainingFailedError as e:
         # the workers' tracebacks are above; this is the line to act on
         cause = e.__cause__ or e

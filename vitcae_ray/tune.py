@@ -24,7 +24,7 @@ from typing import Any, Callable
 from .config import (EPOCHS_DONE, SELECT_METRIC, Config, ConfigError, absolute_paths,
                      build_config, load_yaml, resolve)
 from .data import DataError
-from .outputs import is_uri, join, read_text, storage_root
+from .outputs import check_directory, is_uri, join, read_text, storage_root
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 TRIALS_DIR, TUNE_NAME = "trials", "tune"
@@ -218,6 +218,7 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
         raise ConfigError("train.storage_path cannot be set for a sweep: each trial keeps its "
                           "checkpoints in its own run directory under --output; remove it")
     experiment = storage_root(experiment)
+    check_directory(experiment, "--output")
     driver = driver_request(driver_cpus, driver_resource)
     base = settle_resources(absolute_paths(base), driver)
     check_shared_output(experiment, base.train.shared_fs)
@@ -334,10 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                        args.set)
         if base.train.num_workers < 1:
             raise ConfigError("--workers-per-trial must be >= 1 (each trial is a Ray Train run)")
+        check_directory(storage_root(args.output), "--output")
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=base.train.address)
+            from .cluster import connect
+
+            connect(base.train.address)
         _, rows = run_sweep(base, space, args.output, args.num_samples, args.metric, args.mode,
                             args.grace_period, args.reduction_factor, args.search, args.resume,
                             driver_resource=args.trial_driver_resource,

@@ -38,7 +38,7 @@ def progress(msg: str) -> None:
 def training_output():
     """While a suite trains: the trainer's progress lines go to stderr (stdout holds the
     table), and Ray Train's local mode does not log every report's metrics at INFO."""
-    logger = logging.getLogger("ray.train.v2._internal.execution.train_fn_utils")
+    logger = logging.getLogger("ray.train")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:

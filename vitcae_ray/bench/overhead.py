@@ -6,7 +6,7 @@ of a run does for the head controller: the CLS readout on during the epoch
 (``model.set_readout(True)``), the probe pass (:func:`vitcae_ray.engine.head_statistics`), the
 all-reduce of those statistics (here in a one-process gloo group: no network), the
 controller's update (W1 drift, kappa, decision) and the round trip to the run's Ray actor
-(``update`` then ``decision``, through the trainer's own client). Decisions are computed, not
+(``update``, through the trainer's own client). Decisions are computed, not
 applied, so both copies train the same network. Each part is reported as a fraction of the
 plain epoch's time (target: all together at most 3%). The readout is timed where it runs (each
 attention layer's accumulation in the forward pass); ``epoch_difference``, the two epochs'
@@ -143,7 +143,8 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
         attn._record = timed_record(attn._record)
     with _Ray(settle=not opts.quick), _ProcessGroup():
         name = f"bench-heads-{uuid.uuid4().hex[:8]}"
-        actor = create_actor(name, *controller_args(cfg))
+        actor = create_actor(name, tempfile.mkdtemp(prefix="bench-heads-"), "none",
+                             *controller_args(cfg))
         remote = HeadsClient(name, controller_args(cfg))
         local = HeadsClient(None, controller_args(cfg))
         try:
@@ -167,10 +168,8 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
                 dist.all_reduce(flat)  # what head_statistics does across ranks
                 t3 = time.perf_counter()
                 local.update(epoch, cls.numpy(), patch.numpy())
-                local.decision(epoch)
                 t4 = time.perf_counter()
                 remote.update(epoch, cls.numpy(), patch.numpy())
-                remote.decision(epoch)
                 t5 = time.perf_counter()
                 for part, t in (("readout", readout_s[0]), ("probe", t2 - t1), ("all_reduce", t3 - t2),
                                 ("controller", t4 - t3), ("actor_round_trip", t5 - t4)):

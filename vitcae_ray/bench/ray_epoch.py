@@ -15,9 +15,8 @@ are wrapped, nothing else changes): ``train`` (``train_one_epoch``), ``head_stat
 (the controller: the run's Ray actor, or in-process in local mode), ``evaluate``,
 ``evaluator`` (the periodic tasks), ``log`` (``metrics.jsonl``, TensorBoard, the heads table),
 ``ckpt_save`` (``torch.save``), ``persist`` (local mode's checkpoint copy), ``report``
-(``ray.train.report``; under Ray split into ``report_sync`` (the checkpoint-name broadcast),
-``report_upload`` (the checkpoint copy into storage) and ``report_wait`` (waiting for the
-controller to take the previous result)), and ``other`` (the rest: image grids, checksums).
+(``ray.train.report``: under Ray, the checkpoint's upload into storage and the hand-over to
+the controller), and ``other`` (the rest: image grids, checksums).
 Also recorded inside the loop: torch's intra-/inter-op threads, ``OMP_NUM_THREADS``, the CPUs
 the process may run on and its thread count.
 """
@@ -53,9 +52,7 @@ TARGET = 1.10
 VARIANTS = {"ray": 1, "local": 0, "local_no_ray": 0}
 TIMINGS_FILE = "bench_timings.jsonl"
 PHASES = ("train", "head_stats", "heads", "evaluate", "evaluator", "log", "ckpt_save",
-          "persist", "report", "report_sync", "report_upload", "report_wait")
-# report's parts are inside report: not added again when the rest of the epoch is computed
-NESTED = ("report_sync", "report_upload", "report_wait")
+          "persist", "report")
 
 
 # --- inside the training loop ----------------------------------------------------------------
@@ -158,21 +155,11 @@ def timed_train_fn(loop_config: dict[str, Any]) -> None:
     patches = [(T, "seed_everything", begins_epoch), (T, "train_one_epoch", timer("train")),
                (T, "head_statistics", timer("head_stats")), (T, "evaluate", timer("evaluate")),
                (T.HeadsClient, "update", timer("heads")),
-               (T.HeadsClient, "decision", timer("heads")),
+               (T, "share_decision", timer("heads")),
                (T.RunLogger, "log_epoch", timer("log")), (torch, "save", timer("ckpt_save")),
                (T.LocalCheckpoints, "save", timer("persist")),
                (evaluate_module.EpochEvaluator, "__call__", timer("evaluator")),
                (ray.train, "report", ends_epoch)]
-    try:  # Ray Train's report, in parts (internal names: skipped where a Ray lacks them)
-        from ray.train.v2._internal.execution.context import TrainContext
-
-        for name, phase in (("_sync_checkpoint_dir_name_across_ranks", "report_sync"),
-                            ("_upload_checkpoint", "report_upload"),
-                            ("_wait_then_report", "report_wait")):
-            if hasattr(TrainContext, name):
-                patches.append((TrainContext, name, timer(phase)))
-    except ImportError:
-        pass
     if not rank0:
         patches = []
     with _patched(patches):
@@ -271,7 +258,7 @@ def _steady(lines: list[dict]) -> list[dict]:
 
 
 def _other(e: dict) -> float:
-    return e["epoch_s"] - sum(v for k, v in e["phases"].items() if k not in NESTED)
+    return e["epoch_s"] - sum(e["phases"].values())
 
 
 def _per_round(runs: list[SimpleNamespace], key: Callable[[dict], float]) -> list[float]:

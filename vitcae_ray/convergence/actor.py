@@ -1,7 +1,13 @@
 """The run's head-convergence actor: one per training run (or Tune trial), created by the
 driver so it outlives worker-group restarts, found by the workers by name. It wraps the
 plain-Python :class:`HeadController`; rank 0 sends each epoch's all-reduced statistics and
-every rank reads back the same decision for that epoch.
+broadcasts the decision it gets back to the other ranks.
+
+If the actor's process dies, Ray restarts it (``max_restarts=-1``): it comes back with the
+head state of the run's latest checkpoint, which is the state before the epoch in progress,
+and Ray retries the call in flight (``max_task_retries=-1``), so the epoch's decision is the
+one the old actor would have made. (A whole worker-group restart instead pushes the state of
+the checkpoint it resumes from.)
 """
 
 from __future__ import annotations
@@ -17,22 +23,40 @@ from .controller import HeadController
 NAMESPACE = "vitcae_ray"
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class HeadConvergenceActor:
-    def __init__(self, *controller_args: Any) -> None:
+    """Created with the run's checkpoint location. A restarted actor loads the latest
+    checkpoint's head state at its first call, not in ``__init__``: by the time rank 0 sends
+    epoch ``e``, epoch ``e - 1``'s checkpoint is complete (``ray.train.report`` returns after
+    the upload), while at the moment of the restart it may still be uploading."""
+
+    def __init__(self, storage: str, run_name: str, *controller_args: Any) -> None:
+        self._where = (storage, run_name)
         self._controller = HeadController(*controller_args)
+        self._loaded = False
+
+    def _ready(self) -> HeadController:
+        if not self._loaded:
+            from ..checkpoints import latest_heads_state
+
+            state = latest_heads_state(*self._where)
+            if state:
+                self._controller.load_state_dict(state)
+            self._loaded = True
+        return self._controller
 
     def update(self, epoch: int, cls_attn: np.ndarray, patch_attn: np.ndarray | None) -> dict:
-        return self._controller.update(epoch, cls_attn, patch_attn).to_dict()
+        return self._ready().update(epoch, cls_attn, patch_attn).to_dict()
 
     def decision(self, epoch: int) -> dict:
-        return self._controller.decision(epoch).to_dict()
+        return self._ready().decision(epoch).to_dict()
 
     def state_dict(self) -> dict:
-        return self._controller.state_dict()
+        return self._ready().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self._controller.load_state_dict(state)
+        self._loaded = True
 
 
 def actor_name(storage: str, run_name: str) -> str:
@@ -40,10 +64,11 @@ def actor_name(storage: str, run_name: str) -> str:
     return "heads-" + hashlib.sha1(f"{storage}/{run_name}".encode()).hexdigest()[:16]
 
 
-def create_actor(name: str, *controller_args: Any):
+def create_actor(name: str, storage: str, run_name: str, *controller_args: Any):
     """Create the run's actor on the caller's node (the training driver's or the Tune trial
     driver's: never a GPU worker that spot reclaims) and outside any placement group (so a
-    trial's bundles stay for its workers); a stale actor of the same name is replaced."""
+    trial's bundles stay for its workers); a stale actor of the same name is replaced.
+    ``storage``/``run_name`` locate the run's checkpoints, which a restarted actor reads."""
     from ..cluster import on_this_node
 
     try:
@@ -51,7 +76,8 @@ def create_actor(name: str, *controller_args: Any):
     except ValueError:
         pass
     return HeadConvergenceActor.options(name=name, namespace=NAMESPACE,
-                                        scheduling_strategy=on_this_node()).remote(*controller_args)
+                                        scheduling_strategy=on_this_node()).remote(
+        storage, run_name, *controller_args)
 
 
 def get_actor(name: str):

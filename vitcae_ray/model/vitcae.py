@@ -284,6 +284,15 @@ class ViTCAE(nn.Module):
             if on:
                 attn.reset_readout()
 
+    def readout_state(self) -> list[torch.Tensor | None]:
+        """The readout sums as they stand (each step replaces them, never edits them in place),
+        for :meth:`restore_readout` to drop a skipped step's share."""
+        return [a.cls_attn_sum for a in self.attention_layers]
+
+    def restore_readout(self, state: list[torch.Tensor | None]) -> None:
+        for attn, s in zip(self.attention_layers, state):
+            attn.cls_attn_sum = s
+
     def cls_attention(self) -> tuple[torch.Tensor, int]:
         """Accumulated CLS->token attention, (L, H, 1 + N) summed over samples, and the count."""
         layers = self.attention_layers
