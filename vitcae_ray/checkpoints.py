@@ -112,8 +112,8 @@ def read(fs, directory: str, device: Any = "cpu") -> dict[str, Any]:
 def latest_heads_state(storage: str, run_name: str) -> dict[str, Any] | None:
     """The head controller's state in the run's latest complete checkpoint (``storage`` is a
     local path or a URI, as Ray Train's storage_path), or None before the first one."""
-    import pyarrow.fs as pafs
+    from .pretrained import filesystem
 
-    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else "file://" + storage)
+    fs, root = filesystem(storage)
     dirs = complete_dirs(fs, f"{root.rstrip('/')}/{run_name}")
     return read(fs, dirs[-1]).get("heads") if dirs else None

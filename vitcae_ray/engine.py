@@ -108,7 +108,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     start = time.perf_counter()
     for step, (x, _) in enumerate(loader):
         x = x.to(device, non_blocking=True)
-        readout = inner.readout_state()
+        readout = inner.readout_state() if skips_left else None  # to drop a skipped step's share
         with autocast(device, amp_dtype):
             out = model(x, decode_prior=decode_prior(cfg))
         terms = vitcae_loss(out, x, epoch, cfg.loss)

@@ -56,9 +56,14 @@ def check_directory(path: str, flag: str) -> None:
 
     from .config import ConfigError
 
+    from .pretrained import filesystem
+
     fix = "pass a new directory (or an earlier run's to resume it)"
     if is_uri(path):
-        fs, base = pafs.FileSystem.from_uri(path)
+        try:
+            fs, base = filesystem(path)
+        except ValueError as e:
+            raise ConfigError(f"{flag} {e}") from None
         if fs.get_file_info(base).type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
             raise ConfigError(f"{flag} {path} is a file, not a directory: {fix}")
         return

@@ -27,7 +27,7 @@ from .config import (EPOCHS_DONE, SELECT_METRIC, Config, ConfigError, absolute_p
 from .data import DataError, build_datasets
 from .data.streaming import TRAIN, StreamingLoader, channels_of, local_splits, streams, train_dataset
 from .convergence import HeadController, HeadDecision
-from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch, unwrap  # noqa: F401
+from .engine import NonFiniteLossError, evaluate, head_statistics, train_one_epoch
 from .freezing import (apply_frozen, frozen_heads, grad_elements, mmd_active, probe_flops,
                        rebuild_optimizer, set_tau_factors, step_flops_by_phase, unfrozen_step_flops)
 from .model import ViTCAE, build_model
@@ -35,7 +35,8 @@ from .optim import build_lr_schedule, build_optimizer
 from .pretrained import model_from_state  # noqa: F401  (rebuilds a model from a checkpoint)
 from . import checkpoints
 from .checkpoints import CHECKPOINT_FILE, CheckpointError  # noqa: F401
-from .outputs import CONFIG_FILE, RunDir, check_directory, RunLogger, heatmap, image_grids, read_text, storage_root
+from .outputs import (CONFIG_FILE, RunDir, RunLogger, check_directory, heatmap, image_grids, read_text,
+                      storage_root)
 
 EVAL_TRAIN_ROWS = 5000  # training images rank 0's periodic evaluation holds at most
 # Changing these between a run and its resumption would make the checkpoint meaningless.

@@ -143,12 +143,12 @@ def timed_train_fn(loop_config: dict[str, Any]) -> None:
         return call
 
     def ends_epoch(fn: Callable) -> Callable:
+        timed = timer("report")(fn)
+
         def call(*args, **kwargs):
-            t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return timed(*args, **kwargs)
             finally:
-                rec.add("report", time.perf_counter() - t0)
                 rec.end()
         return call
 
