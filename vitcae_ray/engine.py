@@ -1,20 +1,23 @@
-"""One epoch of training or evaluation. No Ray here: the launcher passes the loader, the
-(possibly DDP-wrapped) model and the optimizer; metrics are summed across ranks with
-torch.distributed when it is initialised."""
+"""One epoch of training or evaluation, seeding, and the epoch's head statistics. No Ray here:
+the launcher passes the loader, the (possibly DDP-wrapped) model and the optimizer; metrics are
+summed across ranks with torch.distributed when it is initialised."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import Config
 from .losses import vitcae_loss
+from .model import ViTCAE, build_model
 
 TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy",
          "mse")
@@ -34,6 +37,41 @@ class NonFiniteLossError(RuntimeError):
             "train.max_nonfinite_steps skip a few such steps"
         )
         self.epoch, self.step = epoch, step
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """Every RNG is a function of (seed, epoch, rank), so a resumed epoch replays exactly."""
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def init_model(cfg: Config, channels: int, device: torch.device) -> ViTCAE:
+    """The model's initial weights, a function of ``train.seed`` alone: every rank and every
+    restart before the first checkpoint builds the same model."""
+    seed_everything(cfg.train.seed, -1, 0)
+    return build_model(cfg.model, cfg.data.image_size, channels).to(device)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Tell the loader (or its distributed sampler) the epoch, for its per-epoch shuffle."""
+    for obj in (loader, getattr(loader, "sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+def wrap_model(model: nn.Module, prepare, compile_model: bool = False) -> nn.Module:
+    """``prepare(model)`` (the launcher's DDP wrapper, e.g. Ray Train's ``prepare_model``) and,
+    with ``train.compile``, ``torch.compile`` on top. Called at the start and after every
+    change of the frozen set; compiled graphs of the previous set are dropped, so the model
+    recompiles only when its frozen set changes."""
+    wrapped = prepare(model)
+    if compile_model:
+        torch._dynamo.reset()
+        wrapped = torch.compile(wrapped)
+    return wrapped
 
 
 def unwrap(model: nn.Module) -> nn.Module:

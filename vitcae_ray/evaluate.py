@@ -29,8 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import filesystem
 from . import metrics as M
-from .checkpoints import CHECKPOINT_FILE, DIGEST_FILE, CheckpointError, check_digest
+from .checkpoints import (CHECKPOINT_FILE, DIGEST_FILE, MODEL_FILE, CheckpointError, check_digest,
+                          load_model_file, model_from_state)
+from .errors import fail, first_line
 from .config import SELECT_METRIC, Config, ConfigError, build_config
 from .data import DataError, build_datasets
 
@@ -43,63 +46,59 @@ class EvalError(ValueError):
 
 # --- loading --------------------------------------------------------------------------------
 
-def _state_bytes(path: str) -> tuple[bytes, str]:
-    """The model/checkpoint file behind ``path``: an exported model directory (``model.pt``),
-    a run directory (its best checkpoint by ``val/elbo``), a checkpoint directory, or a file."""
-    import pyarrow.fs as pafs
-
-    from .export import ExportError, choose_checkpoint, surviving_checkpoints
-    from .pretrained import MODEL_FILE, filesystem, read_bytes
+def _state_bytes(path: str) -> tuple[bytes, str, str | None]:
+    """(bytes, where, the digest of a training checkpoint) of the model/checkpoint file behind
+    ``path``: an exported model directory (``model.pt``), a run directory (its best checkpoint
+    by ``val/elbo``), a checkpoint directory, or a file."""
+    from .export import ExportError, choose_checkpoint, surviving_checkpoints, train_folder
 
     try:
-        fs, base = filesystem(path)
-    except ValueError as e:
+        kind = filesystem.kind(path)
+    except filesystem.FileSystemError as e:
         raise EvalError(str(e)) from None
-    kind = fs.get_file_info(base).type
-    if kind == pafs.FileType.NotFound:
+    if kind == filesystem.FileType.NotFound:
         raise EvalError(f"model {path!r} not found: pass an exported model directory, a run "
                         "directory or a checkpoint")
-    if kind == pafs.FileType.File:
-        with fs.open_input_stream(base) as f:
-            return f.read(), path
+    if kind == filesystem.FileType.File:
+        return filesystem.read_bytes(path), path, None
     for name in (MODEL_FILE, CHECKPOINT_FILE):
-        data = read_bytes(path, name)
+        data = filesystem.read_bytes(filesystem.join(path, name))
         if data is not None:
-            return data, f"{path.rstrip('/')}/{name}"
+            return data, filesystem.join(path, name), _digest(path, name)
     try:
-        ckpts = surviving_checkpoints(path)
+        ckpts = surviving_checkpoints(train_folder(path))
         if ckpts:
             try:
                 ckpt = choose_checkpoint({"trial_id": path, "run_dir": path}, path,
                                          SELECT_METRIC, "min").checkpoint
             except ExportError:  # no metrics for the surviving checkpoints: the latest
                 ckpt = ckpts[max(ckpts)]
-            data = read_bytes(ckpt, CHECKPOINT_FILE)
+            data = filesystem.read_bytes(filesystem.join(ckpt, CHECKPOINT_FILE))
             if data is not None:
-                return data, f"{ckpt}/{CHECKPOINT_FILE}"
+                return data, filesystem.join(ckpt, CHECKPOINT_FILE), _digest(ckpt, CHECKPOINT_FILE)
     except ExportError as e:
         raise EvalError(str(e)) from None
     raise EvalError(f"{path!r} holds no model.pt, checkpoint.pt or checkpoints: pass an exported "
                     "model directory, a run directory or a checkpoint")
 
 
+def _digest(folder: str, name: str) -> str | None:
+    """A training checkpoint's digest text (None for a model file or a checkpoint without one)."""
+    return filesystem.read_text(filesystem.join(folder, DIGEST_FILE)) if name == CHECKPOINT_FILE else None
+
+
 def load_model(path: str, device: torch.device):
     """(model in eval mode, its Config, where it was read from)."""
-    from .pretrained import load_model_file, model_from_state, read_bytes
-
-    data, where = _state_bytes(os.fspath(path))
-    folder, _, name = where.rpartition("/")
-    if name == CHECKPOINT_FILE:  # a training checkpoint: check it against its digest
-        digest = read_bytes(folder, DIGEST_FILE)
-        try:
-            check_digest(data, None if digest is None else digest.decode(), where)
-        except CheckpointError as e:
-            raise EvalError(str(e)) from None
+    data, where, digest = _state_bytes(os.fspath(path))
+    try:
+        check_digest(data, digest, where)  # a training checkpoint against its digest
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
     try:
         state = load_model_file(data, where, device)
         model = model_from_state(state)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise EvalError(str(e).splitlines()[0] if str(e) else f"{where}: not a model") from None
+        raise EvalError(first_line(e) if str(e) else f"{where}: not a model") from None
     return model.to(device).eval(), build_config(state["config"]), where
 
 
@@ -340,9 +339,8 @@ def run(model_path: str, dataset: str | None, data_root: str | None, out: str,
         results.update(m)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items())
         log(f"{task}: {shown} ({time.perf_counter() - start:.1f}s) -> {outdir / (task + '.png')}")
-    tmp = outdir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, outdir / "metrics.json")
+    text = json.dumps(results, indent=2) + "\n"
+    filesystem.atomic_write(outdir / "metrics.json", lambda tmp: tmp.write_text(text))
     log(f"wrote {outdir / 'metrics.json'}")
     return results
 
@@ -377,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args.model, args.dataset, args.data_root, args.out, tasks, args.gpu, args.seed,
             args.baseline, args.fid_weights, args.download, log=lambda s: print(s, flush=True))
     except (EvalError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

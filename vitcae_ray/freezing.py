@@ -4,18 +4,21 @@ freezing saves.
 Freezing re-groups each layer's heads and replaces its grouped attention parameters with new
 views (see ``model/attention.py``), so the optimizer is rebuilt around the surviving
 parameters, carrying their AdamW state (re-ordered, cut to the heads that stay trainable),
-and DDP must be re-wrapped by the caller on every rank.
+and DDP is re-wrapped on every rank. :func:`apply_decision` does all of it in one call.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .config import Config
+from .convergence import HeadDecision
 from .engine import decode_prior
 from .losses import curriculum, vitcae_loss
 from .model import ViTCAE
@@ -146,7 +149,7 @@ def step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config,
                         readout: bool = True) -> dict[bool, int]:
     """One training step's FLOPs in each loss phase, ``{mmd_active: flops}`` (the phases
     differ by the MMD terms); by default with the readout, as training runs."""
-    epochs = {mmd_active(e, cfg): e for e in (0, cfg.loss.warmup_epochs)}
+    epochs = {mmd_active(e, cfg): e for e in (0, cfg.loss.kl_warmup_epochs)}
     return {phase: train_step_flops(model, x, cfg, e, readout) for phase, e in epochs.items()}
 
 
@@ -165,3 +168,93 @@ def probe_flops(model: ViTCAE, probe: torch.Tensor) -> int:
     with flop_counter() as counter:
         model.attention_maps(probe)
     return int(counter.get_total_flops())
+
+
+class FlopAccount:
+    """What training costs in FLOPs, counted once on the unwrapped model (FLOPs do not depend
+    on the data): one step in each loss phase as it runs now (``step``, recounted when the
+    frozen set changes), the same step with no head frozen and no readout (``unfrozen``, the
+    baseline), and the epoch's probe pass."""
+
+    def __init__(self, model: ViTCAE, x: torch.Tensor, cfg: Config, probe: torch.Tensor) -> None:
+        self.x, self.cfg = x, cfg
+        self.unfrozen = unfrozen_step_flops(model, x, cfg)
+        self.step = step_flops_by_phase(model, x, cfg)
+        self.probe = probe_flops(model, probe)
+
+    def recount(self, model: ViTCAE) -> None:
+        self.step = step_flops_by_phase(model, self.x, self.cfg)
+
+    def epoch_metrics(self, epoch: int, steps: int, history: list[dict[str, Any]]) -> dict[str, float]:
+        """``flops/*`` of an epoch of ``steps`` steps trained with the current frozen set (call
+        before the epoch's decision changes it); cumulative over ``history`` (earlier epochs)."""
+        phase = mmd_active(epoch, self.cfg)
+        trained = self.step[phase]
+        spent = steps * trained + self.probe
+        unfrozen = steps * self.unfrozen[phase]
+        seen = [m for m in history if "flops/epoch_unfrozen" in m]
+        total_spent = spent + sum(m["flops/epoch"] for m in seen)
+        total_unfrozen = unfrozen + sum(m["flops/epoch_unfrozen"] for m in seen)
+        return {"flops/train_step": trained, "flops/epoch": spent, "flops/epoch_unfrozen": unfrozen,
+                "flops/saved_frac": 1.0 - spent / unfrozen,
+                "flops/cumulative_saved_frac": 1.0 - total_spent / total_unfrozen}
+
+
+@dataclass
+class Trainee:
+    """The model and what a change of its frozen set replaces: the optimizer and LR schedule
+    (rebuilt around the surviving parameters), the wrapped model (``wrap``: DDP, and
+    ``torch.compile`` with ``train.compile``) and the FLOP count of a step."""
+
+    model: ViTCAE
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+    wrap: Callable[[ViTCAE], nn.Module]
+    flops: FlopAccount
+    wrapped: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.wrapped is None:
+            self.wrapped = self.wrap(self.model)
+
+
+def apply_decision(trainee: Trainee, decision: HeadDecision, cfg: Config, steps_per_epoch: int,
+                   world: int) -> float:
+    """Apply an epoch's decision, on every rank at the same point: the temperature factors,
+    then (if the frozen set changed) the frozen heads, the optimizer rebuild, the FLOP recount
+    and the re-wrap. Returns :func:`rank_spread`, measured before the re-wrap (DDP's
+    construction copies rank 0's weights to every rank, which would hide a difference)."""
+    model = trainee.model
+    set_tau_factors(model, decision.tau_factor)
+    changed = decision.frozen_heads != frozen_heads(model)
+    if changed:
+        trainee.wrapped = None  # DDP's reducer holds the old parameters
+        carried = apply_frozen(model, decision.frozen_heads, cfg.freeze.mode, trainee.optimizer,
+                               out_proj=cfg.freeze.out_proj)
+        trainee.optimizer, trainee.lr_schedule = rebuild_optimizer(
+            model, trainee.optimizer, trainee.lr_schedule, cfg, steps_per_epoch, carried)
+    spread = rank_spread(model, world)
+    if changed:
+        trainee.flops.recount(model)
+        trainee.wrapped = trainee.wrap(model)
+    return spread
+
+
+def rank_spread(model: ViTCAE, world: int) -> float:
+    """Largest difference across ranks of (a parameter checksum, the frozen-head signature):
+    0 when every rank holds the same weights and frozen set, as DDP requires."""
+    if world == 1:
+        return 0.0
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        checksum = sum(p.double().sum() for p in model.parameters()).item()
+    # hashes of int tuples are the same in every process
+    signature = float(hash(tuple(map(tuple, frozen_heads(model)))) % 2**52)
+    local = torch.tensor([checksum, signature], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        local = local.cuda()
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    stacked = torch.stack(gathered)
+    return float((stacked.max(0).values - stacked.min(0).values).max())

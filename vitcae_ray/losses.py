@@ -62,11 +62,11 @@ def imq_mmd(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> torc
 
 
 def curriculum(epoch: int, cfg: LossConfig) -> tuple[float, float]:
-    """(KL factor, MMD factor) at ``epoch`` (0-based): KL only for ``warmup_epochs``, then a
+    """(KL factor, MMD factor) at ``epoch`` (0-based): KL only for ``kl_warmup_epochs``, then a
     linear ramp over ``ramp_epochs`` to KL x ``kl_mix`` + MMD x 1."""
-    if epoch < cfg.warmup_epochs:
+    if epoch < cfg.kl_warmup_epochs:
         return 1.0, 0.0
-    r = min(1.0, (epoch - cfg.warmup_epochs + 1) / max(cfg.ramp_epochs, 1))
+    r = min(1.0, (epoch - cfg.kl_warmup_epochs + 1) / max(cfg.ramp_epochs, 1))
     return 1.0 - r * (1.0 - cfg.kl_mix), r
 
 

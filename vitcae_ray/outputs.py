@@ -1,4 +1,5 @@
-"""The run directory: ``config.yaml``, ``metrics.jsonl``, TensorBoard events and image grids.
+"""The run directory: ``config.yaml``, ``metrics.jsonl``, TensorBoard events, image grids and
+the per-head table (``heads.parquet``) with its heatmaps; the run's progress lines.
 
 The output may be a local directory or a pyarrow filesystem URI (``s3://bucket/run``); for a
 URI, files are written to a local staging directory and copied up after every epoch.
@@ -8,66 +9,46 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from . import filesystem
+from .config import Config, ConfigError, build_config
 
 if TYPE_CHECKING:  # torch is imported where it is used: export imports this module light
     import torch
 
+    from .convergence import HeadDecision
+    from .model import ViTCAE
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 HEADS_FILE = "heads.parquet"
+# a Tune experiment directory: its results table, one run directory per trial, Tune's state
+RESULTS_FILE, RESULTS_CSV = "results.parquet", "results.csv"
+TRIALS_DIR, TUNE_NAME = "trials", "tune"
 PNG_GRIDS = ("reconstructions", "samples", "inpainting", "interpolation")  # also written as PNGs
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def join(root: str, *parts: str) -> str:
-    """``root/part/...`` for a local path or a URI; a URI's query (``?endpoint_override=...``)
-    stays at the end."""
-    base, sep, query = root.partition("?")
-    return "/".join([base.rstrip("/"), *parts]) + sep + query
-
-
-def storage_root(path: str) -> str:
-    """An absolute local path or the URI unchanged (what Ray Train's storage_path expects)."""
-    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
-
-
-def read_text(root: str, name: str) -> str | None:
-    """``root/name`` as text, for a local directory or a pyarrow URI; None if it is not a file."""
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(root if is_uri(root) else "file://" + storage_root(root))
-    path = f"{base.rstrip('/')}/{name}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
+# Changing these between a run and its resumption would make the checkpoint meaningless.
+RESUME_KEYS = ("model", "loss", "optim", "data.dataset", "data.image_size", "data.channels",
+               "data.val_fraction", "data.split_seed", "train.batch_size", "train.seed")
 
 
 def check_directory(path: str, flag: str) -> None:
     """Raise ``ConfigError`` unless ``path`` (local or URI) can be the run's directory: a new
     one or an earlier run's, not a file, and (locally) under a writable directory."""
-    import pyarrow.fs as pafs
-
-    from .config import ConfigError
-
-    from .pretrained import filesystem
-
     fix = "pass a new directory (or an earlier run's to resume it)"
-    if is_uri(path):
+    if filesystem.is_uri(path):
         try:
-            fs, base = filesystem(path)
-        except ValueError as e:
+            kind = filesystem.kind(path)
+        except filesystem.FileSystemError as e:
             raise ConfigError(f"{flag} {e}") from None
-        if fs.get_file_info(base).type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+        if kind not in (filesystem.FileType.NotFound, filesystem.FileType.Directory):
             raise ConfigError(f"{flag} {path} is a file, not a directory: {fix}")
         return
-    target = Path(storage_root(path))
+    target = Path(filesystem.absolute(path))
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
         what = "is a file" if existing == target else f"lies under the file {existing}"
@@ -76,36 +57,58 @@ def check_directory(path: str, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {existing} is not writable: {fix}")
 
 
+def check_run_dir(output: str, cfg: Config) -> None:
+    """Refuse a run directory that is no directory, or that holds a run whose settings differ
+    in ways a checkpoint can't absorb (:data:`RESUME_KEYS`)."""
+    import yaml
+
+    check_directory(output, "--output")
+    text = filesystem.read_text(filesystem.join(output, CONFIG_FILE))
+    if text is None:
+        return
+    old = build_config(yaml.safe_load(text) or {}).to_dict()
+    new = cfg.to_dict()
+
+    def get(d: dict, key: str):
+        for part in key.split("."):
+            d = d[part]
+        return d
+
+    for key in RESUME_KEYS:
+        a, b = get(old, key), get(new, key)
+        if a != b:
+            if isinstance(a, dict):
+                diff = next(k for k in a if a[k] != b[k])
+                key, a, b = f"{key}.{diff}", a[diff], b[diff]
+            raise ConfigError(
+                f"run directory {output!r} holds a run with {key}={a!r} (now {b!r}); "
+                "pass another --output to start a new run, or the same settings to resume it"
+            )
+
+
 class RunDir:
     """Local view of the run directory; ``sync()`` mirrors it to the URI when there is one."""
 
     def __init__(self, output: str) -> None:
         self.output = output
-        if is_uri(output):
+        if filesystem.is_uri(output):
             digest = hashlib.sha1(output.encode()).hexdigest()[:12]
             self.local = Path.home() / ".cache" / "vitcae_ray" / "runs" / digest
         else:
-            self.local = Path(storage_root(output))
+            self.local = Path(filesystem.absolute(output))
         self.local.mkdir(parents=True, exist_ok=True)
 
     def read_text(self, name: str) -> str | None:
         """A file of the run directory (from the URI when there is one), or None."""
-        return read_text(self.output, name)
+        return filesystem.read_text(filesystem.join(self.output, name))
 
     def write_text(self, name: str, text: str) -> None:
-        """Write atomically (temp file + rename), so an interrupted write never truncates."""
-        p = self.local / name
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, p)
+        """Write atomically, so an interrupted write never truncates."""
+        filesystem.atomic_write(self.local / name, lambda tmp: tmp.write_text(text))
 
     def sync(self) -> None:
-        if is_uri(self.output):
-            import pyarrow.fs as pafs
-
-            fs, root = pafs.FileSystem.from_uri(self.output)
-            pafs.copy_files(str(self.local), root, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
+        if filesystem.is_uri(self.output):
+            filesystem.upload_dir(self.local, self.output)
 
 
 class RunLogger:
@@ -154,9 +157,7 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
 
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    filesystem.atomic_write(path, img.save)
 
 
 def grid_image(images: torch.Tensor, nrow: int, upscale: int = 2) -> torch.Tensor:
@@ -177,21 +178,54 @@ def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor
             "samples": grid_image(samples, n)}
 
 
-
+# heads.parquet: tau_effective = tau * f, the learned temperature times the schedule's factor
 HEADS_SCHEMA_FIELDS = (("epoch", "int64"), ("layer", "int64"), ("head", "int64"),
-                       ("drift_w1", "float64"), ("kappa", "int64"), ("tau", "float64"),
+                       ("drift_w1", "float64"), ("kappa", "int64"), ("tau_effective", "float64"),
                        ("tau_factor", "float64"), ("frozen", "bool_"), ("frozen_epoch", "int64"))
 
 
+def head_rows(model: ViTCAE, decision: HeadDecision, factors_used: list[list[float]]) -> list[dict]:
+    """The epoch's rows of ``heads.parquet``, one per (layer, head); ``factors_used`` are the
+    temperature factors the epoch trained with (the decision carries the next epoch's)."""
+    rows = []
+    for layer, attn in enumerate(model.attention_layers):
+        tau = attn.tau.tolist()
+        for head in range(attn.num_heads):
+            drift, factor = decision.drift[layer][head], factors_used[layer][head]
+            rows.append({
+                "epoch": decision.epoch, "layer": layer, "head": head,
+                "drift_w1": None if drift is None or math.isnan(drift) else float(drift),
+                "kappa": int(decision.kappa[layer][head]),
+                "tau_effective": tau[head] * factor, "tau_factor": factor,
+                "frozen": bool(decision.frozen[layer][head]),
+                "frozen_epoch": decision.frozen_epoch[layer][head],
+            })
+    return rows
+
+
+def head_heatmaps(rows: list[dict], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """TensorBoard heatmaps (layers x heads) of one epoch's rows: drift, tau_effective, frozen."""
+    import torch
+
+    def grid(key: str) -> torch.Tensor:
+        t = torch.zeros(num_layers, num_heads)
+        for r in rows:
+            t[r["layer"], r["head"]] = float("nan") if r[key] is None else float(r[key])
+        return t
+
+    return {"heads/drift_w1": heatmap(grid("drift_w1")),
+            "heads/tau_effective": heatmap(grid("tau_effective")),
+            "heads/frozen": heatmap(grid("frozen"), vmax=1.0)}
+
+
 def write_heads_table(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One row per (epoch, layer, head); written to a temp file, then renamed."""
+    """One row per (epoch, layer, head), written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([(name, getattr(pa, t)()) for name, t in HEADS_SCHEMA_FIELDS])
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    os.replace(tmp, path)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    filesystem.atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def heatmap(values: torch.Tensor, vmax: float | None = None, cell: int = 16) -> torch.Tensor:
@@ -203,3 +237,22 @@ def heatmap(values: torch.Tensor, vmax: float | None = None, cell: int = 16) -> 
     top = vmax if vmax is not None else float(v.max())
     v = (v / top).clamp(0, 1) if top > 0 else torch.zeros_like(v)
     return v.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None]
+
+
+def progress_line(m: dict[str, Any], epochs: int) -> str:
+    """The epoch's one line on the console."""
+    evaluated = (f" probe {m['val/probe_acc']:.1%} sample score {m['val/sample_score']:.2f} |"
+                 if "val/probe_acc" in m else "")
+    return (f"epoch {int(m['epoch']) + 1}/{epochs} | loss {m['train/loss']:.2f} "
+            f"recon {m['train/recon']:.2f} kl {m['train/kl']:.2f} mmd {m['train/mmd']:.4f} | "
+            f"val elbo {m['val/elbo']:.1f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB |"
+            f"{evaluated} heads {m['heads/frozen']}/{m['heads/total']} frozen "
+            f"(+{m['heads/newly_frozen']}), FLOPs saved {m['flops/saved_frac']:.1%} | "
+            f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s")
+
+
+def say(line: str) -> None:
+    """A progress line on stdout. Written to the stream, not through ``print``, which Ray
+    Train's workers route into their logger (the line would show twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

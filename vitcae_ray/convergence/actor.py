@@ -1,7 +1,9 @@
-"""The run's head-convergence actor: one per training run (or Tune trial), created by the
-driver so it outlives worker-group restarts, found by the workers by name. It wraps the
-plain-Python :class:`HeadController`; rank 0 sends each epoch's all-reduced statistics and
-broadcasts the decision it gets back to the other ranks.
+"""The run's head-convergence actor and rank 0's client of it.
+
+One actor per training run (or Tune trial), created by the driver so it outlives worker-group
+restarts, found by the workers by name. It wraps the plain-Python :class:`HeadController`;
+rank 0's :class:`HeadsClient` sends each epoch's all-reduced statistics, and
+:func:`share_decision` broadcasts the decision it gets back to the other ranks.
 
 If the actor's process dies, Ray restarts it (``max_restarts=-1``): it comes back with the
 head state of the run's latest checkpoint, which is the state before the epoch in progress,
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from .controller import HeadController
+from .controller import HeadController, HeadDecision
 
 NAMESPACE = "vitcae_ray"
 
@@ -82,3 +84,52 @@ def create_actor(name: str, storage: str, run_name: str, *controller_args: Any):
 
 def get_actor(name: str):
     return ray.get_actor(name, namespace=NAMESPACE)
+
+
+class HeadsClient:
+    """Rank 0's access to the run's head controller: the driver's Ray actor, or in local mode
+    (``actor_name`` None) an in-process controller. Both hand back :class:`HeadDecision` objects.
+
+    A restarted actor reloads the latest checkpoint and Ray retries the call in flight. A
+    restart between an epoch's ``update`` and the ``state_dict`` that goes into its checkpoint
+    would hand back the state before that epoch: ``state_dict`` checks the epoch and sends the
+    epoch's statistics again when it is behind."""
+
+    def __init__(self, actor_name: str | None, controller_args: tuple) -> None:
+        self.actor = None if actor_name is None else get_actor(actor_name)
+        self.local = HeadController(*controller_args) if actor_name is None else None
+        self._last_update: tuple | None = None
+
+    def _call(self, method: str, *args):
+        if self.actor is None:
+            return getattr(self.local, method)(*args)
+        return ray.get(getattr(self.actor, method).remote(*args))
+
+    def update(self, epoch: int, cls_attn: np.ndarray, patch_attn: np.ndarray | None) -> HeadDecision:
+        self._last_update = (epoch, cls_attn, patch_attn)
+        d = self._call("update", epoch, cls_attn, patch_attn)
+        return d if isinstance(d, HeadDecision) else HeadDecision.from_dict(d)
+
+    def state_dict(self) -> dict:
+        state = self._call("state_dict")
+        epochs = [int(d["epoch"]) for d in state["decisions"]]
+        if self._last_update is not None and max(epochs, default=-1) < self._last_update[0]:
+            self._call("update", *self._last_update)
+            state = self._call("state_dict")
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._last_update = None
+        self._call("load_state_dict", state)
+
+
+def share_decision(decision: HeadDecision | None, world: int) -> HeadDecision:
+    """Rank 0's decision on every rank (every other rank passes None), so that all apply the
+    same one at the same step."""
+    if world == 1:
+        return decision
+    import torch.distributed as dist
+
+    box = [None if decision is None else decision.to_dict()]
+    dist.broadcast_object_list(box, src=0)
+    return HeadDecision.from_dict(box[0])

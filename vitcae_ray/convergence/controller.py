@@ -9,7 +9,7 @@ epochs never shows up as drift; see ``Attention.diagnostic_attention``):
 - drift    d^(t) = W1(p^(t-1), p^(t))   (NaN at the first epoch the controller sees);
 - clusters kappa^(t) = kappa(A^(t))      (-1 when no patch attention is given);
 - factor   f^(t+1) = 1 / (1 + alpha * d^(t)) for heads not frozen at t (1 when d^(t) is NaN);
-  a frozen head keeps f^(t_freeze), the factor it used in its freeze epoch; with the scheduler
+  a frozen head keeps f^(t_freeze), the factor it used in its freeze epoch; with the temperature schedule
   disabled f = 1 everywhere. The decision for epoch t carries f^(t+1), applied from t + 1 on.
 - freeze   (freezing enabled) head (l, h) freezes at t when t >= min_epoch,
   d^(s) < drift_threshold for every s in t-patience+1..t (all defined), and kappa^(s) takes a
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import FreezeConfig, SchedulerConfig
+from ..config import Config, FreezeConfig, TemperatureConfig
 from .diagnostics import drift_w1_heads, kappa_heads
 
-__all__ = ["HeadController", "HeadDecision"]
+__all__ = ["HeadController", "HeadDecision", "controller_args"]
 
 STATE_VERSION = 1
 
@@ -53,6 +53,11 @@ class HeadDecision:
     @property
     def num_heads_total(self) -> int:
         return sum(len(row) for row in self.frozen)
+
+    @property
+    def frozen_heads(self) -> list[list[int]]:
+        """Per layer, the indices of the heads this decision has frozen."""
+        return [[h for h, f in enumerate(row) if f] for row in self.frozen]
 
     @property
     def mean_drift(self) -> float | None:
@@ -92,7 +97,7 @@ class HeadController:
     Args:
         num_layers, num_heads: the encoder's attention heads (L x H).
         grid: the patch grid side (image_size // patch_size); N = grid**2 patches.
-        scheduler, freeze: the config sections.
+        temperature, freeze: the config sections.
         min_epoch: the first epoch at which a head may freeze (already resolved by the caller).
         replay_window: how many of the latest recorded epochs can be replayed; the controller
             keeps the CLS distributions of the last ``replay_window + 1`` epochs.
@@ -102,12 +107,12 @@ class HeadController:
     contiguous: ``update(t)`` needs epoch t - 1 recorded, unless the history is empty.
     """
 
-    def __init__(self, num_layers: int, num_heads: int, grid: int, scheduler: SchedulerConfig,
+    def __init__(self, num_layers: int, num_heads: int, grid: int, temperature: TemperatureConfig,
                  freeze: FreezeConfig, min_epoch: int, replay_window: int = 8) -> None:
         if replay_window < 1:
             raise ValueError(f"replay_window must be >= 1, got {replay_window}")
         self.num_layers, self.num_heads, self.grid = num_layers, num_heads, grid
-        self.scheduler, self.freeze, self.min_epoch = scheduler, freeze, min_epoch
+        self.temperature, self.freeze, self.min_epoch = temperature, freeze, min_epoch
         self.replay_window = replay_window
         self._decisions: dict[int, HeadDecision] = {}
         self._cls: dict[int, np.ndarray] = {}  # epoch -> normalised (L, H, N) CLS->patch attention
@@ -154,13 +159,13 @@ class HeadController:
 
         in_use = prev.tau_factor if prev else [[1.0] * H for _ in range(L)]
         tau = [[1.0] * H for _ in range(L)]
-        if self.scheduler.enabled:
+        if self.temperature.enabled:
             for l in range(L):
                 for h in range(H):
                     if frozen[l][h]:
                         tau[l][h] = in_use[l][h]  # the factor it used when it froze
                     elif not math.isnan(drift[l, h]):
-                        tau[l][h] = 1.0 / (1.0 + self.scheduler.alpha * float(drift[l, h]))
+                        tau[l][h] = 1.0 / (1.0 + self.temperature.alpha * float(drift[l, h]))
         dec = HeadDecision(epoch=epoch, tau_factor=tau, frozen=frozen, frozen_epoch=frozen_epoch,
                            drift=drift.tolist(), kappa=kap.tolist(), newly_frozen=newly)
 
@@ -251,3 +256,11 @@ class HeadController:
         self._decisions = decisions
         self._cls = {e: v for e, v in cls.items()
                      if last is not None and last - self.replay_window <= e <= last}
+
+
+def controller_args(cfg: Config) -> tuple:
+    """``HeadController(*controller_args(cfg))``: (layers, heads, patch grid, temperature,
+    freeze, min_epoch), with ``freeze.min_epoch`` -1 resolved to the end of the KL warm-up."""
+    min_epoch = cfg.freeze.min_epoch if cfg.freeze.min_epoch >= 0 else cfg.loss.kl_warmup_epochs
+    return (cfg.model.depth, cfg.model.num_heads, cfg.data.image_size // cfg.model.patch_size,
+            cfg.temperature, cfg.freeze, min_epoch)
