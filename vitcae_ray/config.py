@@ -1,20 +1,25 @@
 """One config system: frozen dataclasses, YAML presets, CLI flags and ``--set`` overrides.
 
 Precedence, lowest first: dataclass defaults < ``--config`` YAML < CLI flags < ``--set``.
-Every key is a dotted path ``section.field``; an unknown key or a value of the wrong type
-raises :class:`ConfigError` with a one-line message naming the key.
+Every key is a dotted path ``section.field``. A field declares its default, its one-line
+description and its constraints (``depth: int = key(4, "encoder blocks", gt=0)``):
+:func:`build_config` reads each value as its field's type and :func:`validate` checks the
+constraints and the rules across keys; :func:`reference_markdown` writes the reference from
+the same fields (``python -m vitcae_ray.config > docs/config.md``). An unknown, renamed or bad
+key raises :class:`ConfigError` with a one-line message naming it.
 """
 
 from __future__ import annotations
 
+import operator
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from collections.abc import Mapping
+from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
-
 
 # The fixed-weight selection metric (negative ELBO, nats per image): checkpoint ranking,
 # ASHA and export compare it, since val/loss changes its weights along the curriculum.
@@ -27,105 +32,124 @@ class ConfigError(ValueError):
     """A bad config key or value; the message is one line naming the key and the fix."""
 
 
+def key(default: Any, text: str, **constraints: Any) -> Any:
+    """A field with its default, its one-line description and its constraints: ``gt``, ``ge``,
+    ``lt``, ``le`` (on a list field, of each element), ``choices``, ``min_length``."""
+    return field(default=default, metadata={"doc": text, **constraints})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "tiny"  # size preset the fields below start from ("tiny", "small")
-    patch_size: int = 4  # pixels per patch side; image_size must be a multiple
-    embed_dim: int = 64  # encoder width D
-    depth: int = 4  # encoder blocks
-    num_heads: int = 4  # encoder heads per block (the scheduler's heads)
-    mlp_ratio: float = 2.0  # MLP hidden width / D
-    z_cls_dim: int = 8  # global latent z_cls
-    z_patch_dim: int = 8  # per-patch latent z_patch
-    prior_hidden: int = 256  # hidden width of the neural prior MLP z_cls -> p(z_patch | z_cls)
-    dec_dim: int = 64  # decoder width
-    dec_depth: int = 2  # decoder blocks (FiLM-conditioned on z_cls)
-    dec_heads: int = 4  # decoder heads per block
-    fused_attn: bool = True  # SDPA on the training path; False uses the manual softmax path
-    conditional_prior: bool = True  # False: p(z_patch) = N(0, I) and Z~_patch = 0 (ablation)
+    preset: str = key("tiny", "size preset the other model keys start from (see Model presets)")
+    patch_size: int = key(4, "pixels per patch side; data.image_size must be a multiple", gt=0)
+    embed_dim: int = key(64, "encoder width D; a multiple of model.num_heads", gt=0)
+    depth: int = key(4, "encoder blocks", gt=0)
+    num_heads: int = key(4, "encoder heads per block (the heads the temperature schedule and freezing "
+                            "act on)", gt=0)
+    mlp_ratio: float = key(2.0, "MLP hidden width / D")
+    z_cls_dim: int = key(8, "size of the global latent z_cls", gt=0)
+    z_patch_dim: int = key(8, "size of the per-patch latent z_patch", gt=0)
+    prior_hidden: int = key(256, "hidden width of the neural prior MLP z_cls -> p(z_patch | z_cls)", gt=0)
+    dec_dim: int = key(64, "decoder width; a multiple of model.dec_heads", gt=0)
+    dec_depth: int = key(2, "decoder blocks (FiLM-conditioned on z_cls)", gt=0)
+    dec_heads: int = key(4, "decoder heads per block", gt=0)
+    fused_attn: bool = key(True, "SDPA on the training path; false uses the manual softmax path")
+    conditional_prior: bool = key(True, "false: p(z_patch) = N(0, I) and Z~_patch = 0 (ablation)")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # registry name: digits, mnist, fashion_mnist, cifar10, cifar100, celeba, imagefolder, parquet
-    root: str | None = None  # dataset root directory, Parquet path or pyarrow URI (s3://...)
-    download: bool = False  # let torchvision download into root
-    image_size: int = 32  # images are resized to image_size x image_size
-    channels: int = 0  # 1 or 3 to force grayscale/RGB; 0 keeps the dataset's own
-    val_fraction: float = 0.1  # held-out fraction when the dataset has no validation split
-    split_seed: int = 0  # seed of the deterministic train/val split
-    loader_workers: int = 0  # DataLoader worker processes per training worker
+    dataset: str = key("digits", "registry name: digits, mnist, fashion_mnist, cifar10, cifar100, celeba, "
+                                 "imagefolder, parquet")
+    root: str | None = key(None, "dataset root directory, Parquet path or pyarrow URI (s3://...)")
+    download: bool = key(False, "let torchvision download into data.root")
+    image_size: int = key(32, "images are resized to image_size x image_size", gt=0)
+    channels: int = key(0, "1 or 3 forces grayscale/RGB; 0 keeps the dataset's own", choices=(0, 1, 3))
+    val_fraction: float = key(0.1, "held-out fraction when the dataset has no validation split", gt=0, lt=1)
+    split_seed: int = key(0, "seed of the deterministic train/val split")
+    loader_workers: int = key(0, "DataLoader worker processes per training worker")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    recon_weight: float = 10.0  # weight of the per-image summed squared error (1 / 2 sigma^2)
-    kl_cls_weight: float = 1.0  # weight of KL(q(z_cls|x) || N(0, I))
-    kl_cls_free_bits: float = 1.0  # nats per z_cls dimension that KL(z_cls) does not charge
-    kl_patch_weight: float = 1.0  # weight of KL(q(z_patch|x) || p(z_patch|z_cls))
-    mmd_weight: float = 10.0  # weight of the patch IMQ-MMD once the curriculum has ramped in
-    mmd_cls_weight: float = 10.0  # weight of the z_cls IMQ-MMD (aggregate q(z_cls) vs N(0, I))
-    discrepancy_weight: float = 0.1  # weight of ||mu_patch - Z~_patch||^2 (posterior mean)
-    prior_recon_weight: float = 1.0  # weight (x recon_weight) of the error of x decoded from p(z_patch | z_cls) alone
-    warmup_epochs: int = 3  # T_w: KL-only epochs
-    ramp_epochs: int = 3  # epochs of the linear ramp from KL to the KL/MMD mix
-    kl_mix: float = 0.5  # fraction of the KL weight kept after the ramp
-    mmd_scales: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # IMQ scales C = 2 d s
-    mmd_max_samples: int = 512  # patch latents per batch compared by the patch MMD (random subset)
+    recon_weight: float = key(10.0, "weight of the per-image summed squared error (1 / 2 sigma^2)")
+    kl_cls_weight: float = key(1.0, "weight of KL(q(z_cls|x) || N(0, I))")
+    kl_cls_free_bits: float = key(1.0, "nats per z_cls dimension that KL(z_cls) does not charge", ge=0)
+    kl_patch_weight: float = key(1.0, "weight of KL(q(z_patch|x) || p(z_patch|z_cls))")
+    mmd_weight: float = key(10.0, "weight of the patch IMQ-MMD once the curriculum has ramped in")
+    mmd_cls_weight: float = key(10.0, "weight of the z_cls IMQ-MMD (aggregate q(z_cls) vs N(0, I))")
+    discrepancy_weight: float = key(0.1, "weight of ||mu_patch - Z~_patch||^2 (posterior mean)")
+    prior_recon_weight: float = key(1.0, "weight (x recon_weight) of the error of x decoded from "
+                                         "p(z_patch | z_cls) alone; 0 skips that pass")
+    kl_warmup_epochs: int = key(3, "T_w: KL-only epochs", ge=0)
+    ramp_epochs: int = key(3, "epochs of the linear ramp from KL to the KL/MMD mix", ge=0)
+    kl_mix: float = key(0.5, "fraction of the KL weight kept after the ramp", ge=0, le=1)
+    mmd_scales: tuple[float, ...] = key((0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+                                        "IMQ kernel scales s (C = 2 d s)", min_length=1, gt=0)
+    mmd_max_samples: int = key(512, "patch latents per batch compared by the patch MMD (random subset)", ge=2)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 2e-3  # peak AdamW learning rate
-    weight_decay: float = 0.05  # on weight matrices only (not norms, biases, tokens, tau)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_epochs: float = 1.0  # linear LR warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    lr: float = key(0.002, "peak AdamW learning rate", gt=0)
+    weight_decay: float = key(0.05, "AdamW decay on weight matrices only (not norms, biases, tokens, tau)")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.95, "AdamW beta2")
+    warmup_epochs: float = key(1.0, "epochs of linear LR warm-up, then cosine decay to min_lr_ratio * lr")
+    min_lr_ratio: float = key(0.05, "final LR / peak LR")
+    grad_clip: float = key(1.0, "max global gradient norm; 0 disables clipping")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32  # per worker
-    num_workers: int = 1  # Ray Train workers; 0 runs Ray Train's local mode in this process
-    cpus_per_worker: float = 0.0  # also the worker's torch threads; 0 = auto: a Ray started here shares its CPUs among the workers, a cluster (address) gives 1
-    worker_resource: str | None = None  # custom resource each worker also requests 1 of (keeps workers on the node types that have it)
-    gpu: bool = False  # one GPU per worker, bf16 autocast
-    compile: bool = False  # torch.compile the model (recompiles when the frozen set changes)
-    address: str | None = None  # Ray cluster address ("auto"); None starts a local Ray
-    output: str = "runs/digits-tiny"  # run directory: config.yaml, metrics.jsonl, TensorBoard
-    storage_path: str | None = None  # Ray Train checkpoint storage; None = the run directory
-    shared_fs: bool = False  # a local output is a mount every node sees (NFS): skip the multi-node storage check
-    run_name: str = "train"  # Ray Train run name (deterministic, so a rerun resumes)
-    seed: int = 0
-    max_failures: int = 2  # worker-group restarts from the last checkpoint; -1 = no limit
-    max_nonfinite_steps: int = 0  # steps with a non-finite loss skipped (counted in metrics) before the run stops; 0 = stop at the first
-    num_checkpoints: int = 2  # best checkpoints kept by val/elbo (the latest is also kept)
-    log_images: bool = True  # reconstruction and sample grids in TensorBoard
-    num_image_samples: int = 16  # images per grid
-    eval_every: int = 5  # every N epochs and the last: val/probe_acc, val/sample_score, task grids; 0 = never
+    epochs: int = key(30, "epochs to train", gt=0)
+    batch_size: int = key(32, "batch size per worker", gt=0)
+    num_workers: int = key(1, "Ray Train workers; 0 runs Ray Train's local mode in this process", ge=0)
+    cpus_per_worker: float = key(0.0, "CPUs per worker, also its torch threads; 0 = auto: a Ray started "
+                                      "here shares its CPUs among the workers, a cluster (train.address) "
+                                      "gives 1", ge=0)
+    worker_resource: str | None = key(None, "custom resource each worker also requests 1 of (keeps workers "
+                                            "on the node types that have it)")
+    gpu: bool = key(False, "one GPU per worker, bf16 autocast")
+    compile: bool = key(False, "torch.compile the model (recompiles when the frozen set changes)")
+    address: str | None = key(None, 'Ray cluster address ("auto"); null starts a local Ray')
+    output: str = key("runs/digits-tiny", "run directory, local or URI: config.yaml, metrics.jsonl, "
+                                          "TensorBoard")
+    storage_path: str | None = key(None, "Ray Train checkpoint storage; null = the run directory")
+    shared_fs: bool = key(False, "a local output is a mount every node sees (NFS): skip the multi-node "
+                                 "storage check")
+    run_name: str = key("train", "Ray Train run name (deterministic, so a rerun resumes)")
+    seed: int = key(0, "seed of all randomness")
+    max_failures: int = key(2, "worker-group restarts from the last checkpoint; -1 = no limit", ge=-1)
+    max_nonfinite_steps: int = key(0, "steps with a non-finite loss skipped (counted in metrics) before the "
+                                      "run stops; 0 = stop at the first", ge=0)
+    num_checkpoints: int = key(2, "best checkpoints kept by val/elbo (the latest is also kept)")
+    log_images: bool = key(True, "reconstruction and sample grids in TensorBoard")
+    num_image_samples: int = key(16, "images per grid")
+    eval_every: int = key(5, "every N epochs and the last: val/probe_acc, val/sample_score, the inpainting "
+                             "and interpolation grids; 0 = never", ge=0)
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    enabled: bool = True  # False fixes every head's tau factor at 1 (ablation)
-    alpha: float = 5.0  # tau factor^(t+1) = 1 / (1 + alpha * drift_w1^(t))
+class TemperatureConfig:
+    enabled: bool = key(True, "false fixes every head's tau factor at 1 (ablation)")
+    alpha: float = key(5.0, "tau factor^(t+1) = 1 / (1 + alpha * drift_w1^(t))", ge=0)
 
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    enabled: bool = True  # False never freezes a head (ablation)
-    mode: str = "weights"  # "weights": exact gradients; "detach": cut frozen heads from autograd
-    out_proj: bool = False  # also freeze the frozen heads' columns of the attention output projection
-    drift_threshold: float = 0.002  # drift_w1 below this counts as converged (grid units in [0, 1])
-    patience: int = 3  # epochs the drift must stay below the threshold
-    kappa_window: int = 3  # epochs over which kappa must not change
-    min_epoch: int = -1  # no freezing before this epoch; -1 = loss.warmup_epochs
-    max_frozen_frac: float = 1.0  # cap on the fraction of a layer's heads that may freeze
-    probe_size: int = 64  # fixed validation images for the patch->patch attention (kappa)
-    kappa_top_k: int = 8  # eigenvalue magnitudes examined for the cluster-count gap
+    enabled: bool = key(True, "false never freezes a head (ablation)")
+    mode: str = key("weights", "weights: exact gradients; detach: cut frozen heads from autograd",
+                    choices=("weights", "detach"))
+    out_proj: bool = key(False, "also freeze the frozen heads' columns of the attention output projection")
+    drift_threshold: float = key(0.002, "drift_w1 below this counts as converged (grid units in [0, 1])",
+                                 ge=0)
+    patience: int = key(3, "epochs the drift must stay below the threshold", ge=1)
+    kappa_window: int = key(3, "epochs over which kappa must not change", ge=1)
+    min_epoch: int = key(-1, "no freezing before this epoch; -1 = loss.kl_warmup_epochs")
+    max_frozen_frac: float = key(1.0, "cap on the fraction of a layer's heads that may freeze", ge=0, le=1)
+    probe_size: int = key(64, "fixed validation images for the patch->patch attention (kappa)", ge=1)
+    kappa_top_k: int = key(8, "eigenvalue magnitudes examined for the cluster-count gap", ge=1)
 
 
 @dataclass(frozen=True)
@@ -135,7 +159,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,12 +168,17 @@ class Config:
 
 # Model size presets: the starting values of ``model.*`` for ``model.preset``.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {},  # the ModelConfig defaults: fast CPU runs on 32x32 images
-    "small": dict(  # about ViT-S width, for 64x64 GPU runs
+    "tiny": {},  # the ModelConfig defaults
+    "small": dict(
         patch_size=8, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, z_cls_dim=64,
         z_patch_dim=16, prior_hidden=1024, dec_dim=256, dec_depth=4, dec_heads=8,
     ),
 }
+_PRESET_USES = {"tiny": "fast CPU runs on 32x32 images", "small": "about ViT-S width, for 64x64 GPU runs"}
+
+# Keys that were renamed: an old one is an error naming the new one.
+RENAMED_SECTIONS = {"scheduler": "temperature"}
+RENAMED_KEYS = {"loss.warmup_epochs": "loss.kl_warmup_epochs"}
 
 
 def to_dict(obj: Any) -> Any:
@@ -160,57 +189,41 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (int->float, list->tuple)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
-        return tuple(_coerce(key, v, args[0]) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:  # pragma: no cover - only the types above are used
-        return value
-    raise ConfigError(
-        f"config key '{key}' expects {getattr(tp, '__name__', tp)}, got {value!r}"
-    )
-
-
-def _section_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _sections() -> dict[str, type]:
+    """Section name -> section class, in ``Config``'s order."""
+    return {f.name: f.default_factory for f in fields(Config)}
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
+        dotted = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+            out.update(_flatten(v, dotted + "."))
         else:
-            out[key] = v
+            out[dotted] = v
+    return out
+
+
+def _by_section(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Dotted keys grouped as {section: {field: value}}, each value read as its field's type;
+    unknown and renamed keys raise."""
+    sections = _sections()
+    out: dict[str, dict[str, Any]] = {}
+    for dotted, value in flat.items():
+        name, _, field_name = dotted.partition(".")
+        if name in RENAMED_SECTIONS:
+            new = f"{RENAMED_SECTIONS[name]}.{field_name or '<key>'}"
+            raise ConfigError(f"config key '{dotted}' was renamed: use '{new}'")
+        if dotted in RENAMED_KEYS:
+            raise ConfigError(f"config key '{dotted}' was renamed: use '{RENAMED_KEYS[dotted]}'")
+        if name not in sections or not field_name:
+            raise ConfigError(f"unknown config key '{dotted}': sections are {', '.join(sections)}")
+        hints = typing.get_type_hints(sections[name])
+        if field_name not in hints:
+            raise ConfigError(
+                f"unknown config key '{dotted}': valid keys in '{name}' are {', '.join(hints)}")
+        out.setdefault(name, {})[field_name] = _coerce(dotted, value, hints[field_name])
     return out
 
 
@@ -219,105 +232,119 @@ def build_config(overrides: Mapping[str, Any] | None = None, base: Config | None
 
     ``model.preset`` is applied first, so explicit ``model.*`` keys win over the preset.
     """
-    base = base or Config()
-    flat = _flatten(overrides or {})
-    sections: dict[str, dict[str, Any]] = {}
-    top_types = _section_types(Config)
-    for key, value in flat.items():
-        section, _, name = key.partition(".")
-        if section not in top_types or not name:
-            raise ConfigError(
-                f"unknown config key '{key}': sections are {', '.join(top_types)}"
-            )
-        types = _section_types(top_types[section])
-        if name not in types:
-            raise ConfigError(
-                f"unknown config key '{key}': valid keys in '{section}' are {', '.join(types)}"
-            )
-        sections.setdefault(section, {})[name] = _coerce(key, value, types[name])
-
-    model_over = sections.get("model", {})
-    if "preset" in model_over:
-        preset = model_over["preset"]
+    cfg = base or Config()
+    sections = _by_section(_flatten(overrides or {}))
+    if "preset" in sections.get("model", {}):
+        preset = sections["model"]["preset"]
         if preset not in MODEL_PRESETS:
             raise ConfigError(
-                f"config key 'model.preset' must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}"
-            )
-        preset_model = replace(ModelConfig(), preset=preset, **MODEL_PRESETS[preset])
-        base = replace(base, model=preset_model)
-    cfg = base
-    for section, values in sections.items():
-        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values)})
+                f"config key 'model.preset' must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}")
+        cfg = replace(cfg, model=ModelConfig(preset=preset, **MODEL_PRESETS[preset]))
+    for name, values in sections.items():
+        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **values)})
     validate(cfg)
     return cfg
 
 
+_BAD = object()
+
+
+def _read(value: Any, tp: type) -> Any:
+    """``value`` as a ``tp`` (bool, int, float or str), or ``_BAD``: a bool is only a bool, an
+    int only an int (not 3.0 or "3"), a float also an int or a numeric string (YAML 1.1 reads
+    1e-3 as a string), a str also a number."""
+    if isinstance(value, bool) or tp is bool:  # true/false only where a bool belongs
+        return value if isinstance(value, bool) and tp is bool else _BAD
+    if tp is float and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            return _BAD
+    if tp is str and isinstance(value, (int, float)):
+        return str(value)
+    return value if isinstance(value, tp) else _BAD
+
+
+def _coerce(dotted: str, value: Any, tp: Any) -> Any:
+    """``value`` read as the annotation ``tp`` (``X | None`` takes None, a tuple a list)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return None if value is None else _coerce(dotted, value, args[0])
+    if origin is tuple:
+        items = [_read(v, args[0]) for v in value] if isinstance(value, (list, tuple)) else [_BAD]
+        out = _BAD if any(v is _BAD for v in items) else tuple(items)
+    else:
+        out = _read(value, tp)
+    if out is _BAD:
+        raise ConfigError(f"config key '{dotted}' expects {_type_name(tp)}, got {value!r}")
+    return out
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks, each a one-line error naming the key."""
-    m, d, t, lo = cfg.model, cfg.data, cfg.train, cfg.loss
-    positive = {
-        "model.patch_size": m.patch_size, "model.embed_dim": m.embed_dim, "model.depth": m.depth,
-        "model.num_heads": m.num_heads, "model.z_cls_dim": m.z_cls_dim,
-        "model.z_patch_dim": m.z_patch_dim, "model.prior_hidden": m.prior_hidden,
-        "model.dec_dim": m.dec_dim, "model.dec_depth": m.dec_depth, "model.dec_heads": m.dec_heads,
-        "data.image_size": d.image_size, "train.epochs": t.epochs,
-        "train.batch_size": t.batch_size, "optim.lr": cfg.optim.lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    """Every field's constraints, then the checks across keys; each a one-line error naming the key."""
+    for name in _sections():
+        section = getattr(cfg, name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if not _satisfies(value, f.metadata):
+                raise ConfigError(
+                    f"config key '{name}.{f.name}' must be {_constraint(f)}, got {to_dict(value)!r}")
+    m, d = cfg.model, cfg.data
     if m.embed_dim % m.num_heads:
-        raise ConfigError(
-            f"config key 'model.embed_dim' ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})"
-        )
+        raise ConfigError(f"config key 'model.embed_dim' ({m.embed_dim}) must be divisible by "
+                          f"model.num_heads ({m.num_heads})")
     if m.dec_dim % m.dec_heads:
-        raise ConfigError(
-            f"config key 'model.dec_dim' ({m.dec_dim}) must be divisible by model.dec_heads ({m.dec_heads})"
-        )
+        raise ConfigError(f"config key 'model.dec_dim' ({m.dec_dim}) must be divisible by "
+                          f"model.dec_heads ({m.dec_heads})")
     if d.image_size % m.patch_size:
-        raise ConfigError(
-            f"config key 'data.image_size' ({d.image_size}) must be a multiple of model.patch_size ({m.patch_size})"
-        )
-    if d.channels not in (0, 1, 3):
-        raise ConfigError(f"config key 'data.channels' must be 0, 1 or 3, got {d.channels}")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction}")
-    if t.num_workers < 0:
-        raise ConfigError(f"config key 'train.num_workers' must be >= 0, got {t.num_workers}")
-    for key in ("eval_every", "max_nonfinite_steps"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"config key 'train.{key}' must be >= 0, got {getattr(t, key)}")
-    if t.max_failures < -1:
-        raise ConfigError(f"config key 'train.max_failures' must be >= -1 (-1 = no limit), got {t.max_failures}")
-    if t.cpus_per_worker < 0:
-        raise ConfigError(f"config key 'train.cpus_per_worker' must be >= 0 (0 = auto), got {t.cpus_per_worker}")
-    for key in ("warmup_epochs", "ramp_epochs"):
-        if getattr(lo, key) < 0:
-            raise ConfigError(f"config key 'loss.{key}' must be >= 0, got {getattr(lo, key)}")
-    if lo.kl_cls_free_bits < 0:
-        raise ConfigError(f"config key 'loss.kl_cls_free_bits' must be >= 0, got {lo.kl_cls_free_bits}")
-    if not 0.0 <= lo.kl_mix <= 1.0:
-        raise ConfigError(f"config key 'loss.kl_mix' must be in [0, 1], got {lo.kl_mix}")
-    fz = cfg.freeze
-    if fz.mode not in ("weights", "detach"):
-        raise ConfigError(f"config key 'freeze.mode' must be 'weights' or 'detach', got {fz.mode!r}")
-    for key in ("patience", "kappa_window", "probe_size", "kappa_top_k"):
-        if getattr(fz, key) < 1:
-            raise ConfigError(f"config key 'freeze.{key}' must be >= 1, got {getattr(fz, key)}")
-    if not 0.0 <= fz.max_frozen_frac <= 1.0:
-        raise ConfigError(f"config key 'freeze.max_frozen_frac' must be in [0, 1], got {fz.max_frozen_frac}")
-    if fz.drift_threshold < 0 or cfg.scheduler.alpha < 0:
-        raise ConfigError("config keys 'freeze.drift_threshold' and 'scheduler.alpha' must be >= 0")
-    if lo.mmd_max_samples < 2:
-        raise ConfigError(f"config key 'loss.mmd_max_samples' must be >= 2, got {lo.mmd_max_samples}")
-    if not lo.mmd_scales or min(lo.mmd_scales) <= 0:
-        raise ConfigError("config key 'loss.mmd_scales' must be a non-empty list of positive numbers")
+        raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
+                          f"model.patch_size ({m.patch_size})")
+
+
+_BOUNDS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
+_SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _satisfies(value: Any, constraints: Mapping[str, Any]) -> bool:
+    """Whether ``value`` meets a field's constraints (NaN meets no bound)."""
+    if "choices" in constraints and value not in constraints["choices"]:
+        return False
+    items = value if isinstance(value, tuple) else (value,)
+    if len(items) < constraints.get("min_length", 0):
+        return False
+    return all(op(v, constraints[k]) for k, op in _BOUNDS.items() if k in constraints for v in items)
+
+
+def _constraint(f: Field) -> str:
+    """A field's constraints in words (``> 0``, ``in (0, 1)``, ``weights or detach``); "" if none."""
+    c = f.metadata
+    if "choices" in c:
+        *first, last = map(str, c["choices"])
+        return f"{', '.join(first)} or {last}"
+    low = next((k for k in ("gt", "ge") if k in c), None)
+    high = next((k for k in ("lt", "le") if k in c), None)
+    if low and high:
+        bounds = f"in {'(' if low == 'gt' else '['}{c[low]}, {c[high]}{')' if high == 'lt' else ']'}"
+    else:
+        bounds = " ".join(f"{_SYMBOLS[k]} {c[k]}" for k in (low, high) if k)
+    if not isinstance(f.default, tuple):
+        return bounds
+    # a list field (its default a tuple): the bounds are each element's
+    return ", ".join(filter(None, ["non-empty" if c.get("min_length") else "", bounds and f"each {bounds}"]))
+
+
+def _type_name(tp: Any) -> str:
+    """A type in YAML words: ``int``, ``float``, ``str or null``, ``list of float``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return f"list of {_type_name(args[0])}" if origin is tuple else tp.__name__
 
 
 def parse_set(item: str) -> tuple[str, Any]:
     """Parse one ``--set dotted.key=value``; the value is read as YAML (``1e-3``, ``true``, ``[1, 2]``)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
+    dotted, sep, raw = item.partition("=")
+    if not sep or not dotted.strip():
         raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -325,7 +352,7 @@ def parse_set(item: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, str) and value.lower() in ("none", "null"):
         value = None
-    return key.strip(), value
+    return dotted.strip(), value
 
 
 # The source tree holding the shipped presets (configs/, tune_spaces/): the package's parent.
@@ -363,13 +390,13 @@ def load_yaml(path: str | Path, what: str = "config file", folder: str = "config
     return data
 
 
-def absolute_paths(cfg: "Config") -> "Config":
+def absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute against the current directory, since Ray Train workers and
     Tune trials run in directories of their own (URIs are kept as they are)."""
-    from .outputs import storage_root
+    from . import filesystem
 
     def absolute(path: str | None) -> str | None:
-        return None if path is None else storage_root(path)
+        return None if path is None else filesystem.absolute(path)
 
     t, d = cfg.train, cfg.data
     return replace(cfg, data=replace(d, root=absolute(d.root)),
@@ -397,8 +424,53 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def _yaml(value: Any) -> str:
+    """A value as YAML writes it inline: ``true``, ``null``, ``[0.1, 0.2]``."""
+    text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=1000).strip()
+    return text.removesuffix("...").strip()
+
+
+def reference_markdown() -> str:
+    """The config reference (``docs/config.md``): every key with its default, its accepted
+    values and its meaning, section by section, then the model presets."""
+    renamed = [f"`{old}.*` is now `{new}.*`" for old, new in RENAMED_SECTIONS.items()]
+    renamed += [f"`{old}` is now `{new}`" for old, new in RENAMED_KEYS.items()]
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `vitcae_ray/config.py` by `python -m vitcae_ray.config > docs/config.md`.",
+        "",
+        "Precedence, lowest first: the defaults below < `--config FILE.yaml` < CLI flags <",
+        "`--set section.key=value` (repeatable; the value is read as YAML:",
+        "`--set loss.mmd_scales=[0.5,1,2]`).",
+        "An unknown key or a bad value stops with a one-line error naming the key (exit code 2).",
+        f"Renamed keys (an old key is an error naming the new one): {', '.join(renamed)}.",
+    ]
+    for name, cls in _sections().items():
+        lines += ["", f"## `{name}`", "", "| key | default | accepts | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            accepts = "" if "choices" in f.metadata else _type_name(hints[f.name])  # choices say it all
+            accepts = f"{accepts} {_constraint(f)}".strip()
+            meaning = f.metadata["doc"].replace("|", "\\|")
+            lines.append(f"| `{name}.{f.name}` | `{_yaml(f.default)}` | {accepts} | {meaning} |")
+    lines += ["", "## Model presets", "",
+              "`model.preset` sets these `model.*` keys first; explicit `model.*` keys win.", "",
+              "| preset | use | keys |", "|---|---|---|"]
+    for preset, values in MODEL_PRESETS.items():
+        keys = ", ".join(f"`{k}={_yaml(v)}`" for k, v in values.items()) or "the defaults above"
+        lines.append(f"| `{preset}` | {_PRESET_USES.get(preset, '')} | {keys} |")
+    return "\n".join(lines) + "\n"
+
+
 __all__ = [
-    "EPOCHS_DONE", "SELECT_METRIC", "Config", "ConfigError", "DataConfig", "FreezeConfig", "SchedulerConfig", "LossConfig", "ModelConfig", "OptimConfig",
-    "TrainConfig", "MODEL_PRESETS", "PROJECT_ROOT", "absolute_paths", "build_config", "find_yaml", "dump_yaml", "from_dict", "load_yaml",
-    "parse_set", "resolve", "to_dict", "validate",
+    "EPOCHS_DONE", "SELECT_METRIC", "Config", "ConfigError", "DataConfig", "FreezeConfig",
+    "TemperatureConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "MODEL_PRESETS",
+    "PROJECT_ROOT", "RENAMED_KEYS", "RENAMED_SECTIONS", "absolute_paths", "build_config", "find_yaml",
+    "dump_yaml", "from_dict", "load_yaml", "parse_set", "reference_markdown", "resolve", "to_dict",
+    "validate",
 ]
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
