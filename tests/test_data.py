@@ -130,6 +130,41 @@ def test_imagefolder_empty_folders(tmp_path: Path) -> None:
         build_datasets(DataConfig(dataset="imagefolder", root=None))
 
 
+def test_imagefolder_scan_hidden_symlinks_and_val_classes(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    _png(elsewhere / "bird" / "0.png", (8, 8), "RGB", 10)
+    _png(elsewhere / "more" / "1.png", (8, 8), "RGB", 20)
+    root = tmp_path / "root"
+    _png(root / "cat" / "0.PNG", (8, 8), "RGB", 30)  # extensions match in any case
+    _png(root / "cat" / ".hidden.png", (8, 8), "RGB", 40)
+    _png(root / ".thumbs" / "0.png", (8, 8), "RGB", 50)
+    (root / "cat" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)
+    (root / "bird").symlink_to(elsewhere / "bird", target_is_directory=True)
+    train, val, _ = build_datasets(DataConfig(dataset="imagefolder", root=str(root), val_fraction=0.34))
+    assert train.classes == ["bird", "cat"]
+    names = sorted(Path(p).relative_to(root).as_posix() for p in train.paths + val.paths)
+    assert names == ["bird/0.png", "cat/0.PNG", "cat/linked/1.png"]
+
+    split = tmp_path / "split"
+    _png(split / "train" / "cat" / "0.png", (8, 8), "RGB", 1)
+    _png(split / "train" / "dog" / "0.png", (8, 8), "RGB", 2)
+    _png(split / "val" / "cow" / "0.png", (8, 8), "RGB", 3)
+    cfg = DataConfig(dataset="imagefolder", root=str(split))
+    with pytest.raises(DataError, match=r"class folder .*cow.* has no matching train class") as info:
+        build_datasets(cfg)
+    assert "\n" not in str(info.value)
+    (split / "val" / "cow" / "0.png").rename(split / "val" / "cow" / "0.txt")
+    (split / "val" / "cow").rename(split / "val" / "dog")
+    with pytest.raises(DataError, match=r"class folder .*val.*dog.* holds no images"):
+        build_datasets(cfg)
+
+
+def test_parquet_bad_uri_is_one_line() -> None:
+    with pytest.raises(DataError, match=r"cannot open 'nosuchfs://bucket/x'") as info:
+        build_datasets(DataConfig(dataset="parquet", root="nosuchfs://bucket/x"))
+    assert "\n" not in str(info.value)
+
+
 def test_imagefolder_corrupt_file(tmp_path: Path) -> None:
     _tree(tmp_path)
     bad = tmp_path / "dog" / "zz_broken.png"
@@ -188,7 +223,8 @@ def test_to_parquet_cli_bad_dataset(tmp_path: Path) -> None:
 
 
 def _write_table(path: Path, images: list[bytes], labels: list[int]) -> None:
-    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())}), path)
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())})
+    pq.write_table(table, path)
 
 
 def _png_bytes(mode: str, size: int, value: int) -> bytes:
@@ -215,7 +251,8 @@ def test_parquet_single_file_split_resize_and_errors(tmp_path: Path) -> None:
 
     broken = tmp_path / "broken.parquet"
     _write_table(broken, [_png_bytes("L", 8, 1), b"garbage", _png_bytes("L", 8, 2)], [0, 1, 2])
-    train, val, _ = build_datasets(DataConfig(dataset="parquet", root=str(broken), image_size=8, val_fraction=0.3))
+    cfg = DataConfig(dataset="parquet", root=str(broken), image_size=8, val_fraction=0.3)
+    train, val, _ = build_datasets(cfg)
     with pytest.raises(DataError, match=r"row 1 of .*broken.parquet"):
         for ds in (train, val):
             _all(ds)

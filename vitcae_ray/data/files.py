@@ -15,13 +15,15 @@ import pyarrow.fs as pafs
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
+from vitcae_ray import filesystem
 from vitcae_ray.config import DataConfig
+from vitcae_ray.errors import first_line
 
 from .datasets import (
     DataError,
     DatasetTriple,
-    first_line,
     image_to_tensor,
     native_channels,
     pil_mode,
@@ -30,7 +32,6 @@ from .datasets import (
     split_indices,
 )
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Marker left by to_parquet while it writes; its presence means the output is unusable.
 INCOMPLETE_MARKER = "_INCOMPLETE"
 SUCCESS_MARKER = "_SUCCESS"
@@ -101,42 +102,41 @@ class ImageFolderDataset(EncodedImageDataset):
         return f"image file {self.paths[i]!r}"
 
 
+def _is_image(path: str) -> bool:
+    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
 def _class_folders(folder: str) -> list[str]:
+    """The class folders torchvision's ``ImageFolder`` sees (symlinks followed), less hidden ones."""
     if not os.path.isdir(folder):
-        raise DataError(
-            f"dataset 'imagefolder': folder {folder!r} not found; pass --data-root DIR (one sub-folder per class)"
-        )
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        raise DataError(f"dataset 'imagefolder': folder {folder!r} not found; "
+                        "pass --data-root DIR (one sub-folder per class)")
+    try:
+        classes = [c for c in find_classes(folder)[0] if not c.startswith(".")]
+    except FileNotFoundError:  # no sub-folder at all
+        classes = []
     if not classes:
-        raise DataError(
-            f"dataset 'imagefolder': no class folders in {folder!r}; expected one sub-folder of images per class"
-        )
+        raise DataError(f"dataset 'imagefolder': no class folders in {folder!r}; "
+                        "expected one sub-folder of images per class")
     return classes
 
 
 def _scan(folder: str, class_to_idx: dict[str, int]) -> tuple[list[str], list[int]]:
-    paths: list[str] = []
-    labels: list[int] = []
-    for name in _class_folders(folder):
-        if name not in class_to_idx:
-            raise DataError(
-                f"dataset 'imagefolder': class folder {os.path.join(folder, name)!r} has no matching train class; "
-                "val/ must use the train class names"
-            )
-        class_dir = os.path.join(folder, name)
-        found = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, _, files in os.walk(class_dir, followlinks=True)
-            for f in files
-            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
-        )
-        if not found:
-            raise DataError(
-                f"dataset 'imagefolder': class folder {class_dir!r} holds no images "
-                f"({', '.join(IMG_EXTENSIONS)}); add images or remove it"
-            )
-        paths += found
-        labels += [class_to_idx[name]] * len(found)
+    """(paths, labels) of the images in ``folder``'s class folders, which must all be train
+    classes and hold an image each; hidden files are left out."""
+    names = _class_folders(folder)
+    unknown = [n for n in names if n not in class_to_idx]
+    if unknown:
+        raise DataError(f"dataset 'imagefolder': class folder {os.path.join(folder, unknown[0])!r} "
+                        "has no matching train class; val/ must use the train class names")
+    index = {n: class_to_idx[n] for n in names}
+    found = make_dataset(folder, index, is_valid_file=_is_image, allow_empty=True)
+    paths, labels = [path for path, _ in found], [label for _, label in found]
+    present = set(labels)
+    empty = [n for n in names if index[n] not in present]
+    if empty:
+        raise DataError(f"dataset 'imagefolder': class folder {os.path.join(folder, empty[0])!r} "
+                        f"holds no images ({', '.join(IMG_EXTENSIONS)}); add images or remove it")
     return paths, labels
 
 
@@ -153,7 +153,8 @@ def _imagefolder(cfg: DataConfig) -> DatasetTriple:
     else:
         classes = _class_folders(root)
         paths, labels = _scan(root, {c: i for i, c in enumerate(classes)})
-        tr, va = split_indices(len(paths), cfg.val_fraction, cfg.split_seed, f"dataset 'imagefolder' {root!r}")
+        tr, va = split_indices(len(paths), cfg.val_fraction, cfg.split_seed,
+                               f"dataset 'imagefolder' {root!r}")
         train = ImageFolderDataset([paths[i] for i in tr], [labels[i] for i in tr], classes, size)
         val = ImageFolderDataset([paths[i] for i in va], [labels[i] for i in va], classes, size)
     return _finish(cfg, train, val)
@@ -163,19 +164,12 @@ def _imagefolder(cfg: DataConfig) -> DatasetTriple:
 # parquet
 
 
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """A local path or any pyarrow URI (s3://, gs://, hdfs://, file://) -> (filesystem, path)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise DataError(f"cannot open {uri!r}: {first_line(err)}") from None
-    return fs, path.rstrip("/")
-
-
-def join(path: str, *parts: str) -> str:
-    return "/".join([path.rstrip("/"), *parts])
+        return filesystem.resolve(uri)
+    except filesystem.FileSystemError as err:
+        raise DataError(str(err)) from None
 
 
 class ParquetImageDataset(EncodedImageDataset):
@@ -208,9 +202,8 @@ def _read_table(fs: pafs.FileSystem, path: str, shown: str, limit: int | None = 
         raise DataError(f"dataset 'parquet': no Parquet files in {shown!r}")
     for col, ok in (("image", _is_binary), ("label", pa.types.is_integer)):
         if col not in schema.names:
-            raise DataError(
-                f"dataset 'parquet': {shown!r} has no column {col!r} (columns: {', '.join(schema.names)}); {hint}"
-            )
+            raise DataError(f"dataset 'parquet': {shown!r} has no column {col!r} "
+                            f"(columns: {', '.join(schema.names)}); {hint}")
         if not ok(schema.field(col).type):
             raise DataError(
                 f"dataset 'parquet': column {col!r} of {shown!r} has type {schema.field(col).type}; {hint}"
@@ -240,24 +233,21 @@ def parquet_splits(cfg: DataConfig) -> tuple[pafs.FileSystem, str, str] | None:
     """(filesystem, path, shown root) when ``data.root`` is a finished to_parquet output with
     ``train/`` and ``val/`` folders, else None. Only such a root streams with Ray Data."""
     root = require_root(cfg, "PATH_OR_URI of a Parquet file or folder")
-    fs, path = resolve_filesystem(root)
+    fs, path = resolve(root)
     shown = root.rstrip("/")
     try:
         info = fs.get_file_info(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"dataset 'parquet': cannot access {shown!r} ({first_line(err)})") from None
     if info.type == pafs.FileType.NotFound:
-        raise DataError(
-            f"dataset 'parquet': {shown!r} not found; pass --data-root PATH_OR_URI of a Parquet file or folder "
-            "(write one with python -m vitcae_ray.data.to_parquet)"
-        )
+        raise DataError(f"dataset 'parquet': {shown!r} not found; pass --data-root PATH_OR_URI of a "
+                        "Parquet file or folder (write one with python -m vitcae_ray.data.to_parquet)")
     if info.type != pafs.FileType.Directory:
         return None
-    if fs.get_file_info(join(path, INCOMPLETE_MARKER)).type != pafs.FileType.NotFound:
-        raise DataError(
-            f"dataset 'parquet': {shown!r} is an unfinished to_parquet output; rerun to_parquet with --overwrite"
-        )
-    subs = fs.get_file_info([join(path, "train"), join(path, "val")])
+    if fs.get_file_info(filesystem.join(path, INCOMPLETE_MARKER)).type != pafs.FileType.NotFound:
+        raise DataError(f"dataset 'parquet': {shown!r} is an unfinished to_parquet output; "
+                        "rerun to_parquet with --overwrite")
+    subs = fs.get_file_info([filesystem.join(path, "train"), filesystem.join(path, "val")])
     if all(s.type == pafs.FileType.Directory for s in subs):
         return fs, path, shown
     return None
@@ -271,8 +261,9 @@ def parquet_split(cfg: DataConfig, split: str, limit: int | None = None) -> Parq
         raise DataError(f"dataset 'parquet': {cfg.root!r} has no train/ and val/ folders; "
                         "write it with python -m vitcae_ray.data.to_parquet")
     fs, path, shown = found
-    where = join(shown, split)
-    return _to_dataset(_read_table(fs, join(path, split), where, limit), None, where, cfg.image_size)
+    where = filesystem.join(shown, split)
+    table = _read_table(fs, filesystem.join(path, split), where, limit)
+    return _to_dataset(table, None, where, cfg.image_size)
 
 
 @register("parquet")
@@ -280,7 +271,7 @@ def _parquet(cfg: DataConfig) -> DatasetTriple:
     if parquet_splits(cfg) is not None:
         return _finish(cfg, parquet_split(cfg, "train"), parquet_split(cfg, "val"))
     root = require_root(cfg, "PATH_OR_URI of a Parquet file or folder")
-    fs, path = resolve_filesystem(root)
+    fs, path = resolve(root)
     shown = root.rstrip("/")
     size = cfg.image_size
     table = _read_table(fs, path, shown)

@@ -15,15 +15,18 @@ then rows within a buffer with a per-epoch seed), so a replayed epoch is not bit
 from __future__ import annotations
 
 import io
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vitcae_ray import filesystem
 from vitcae_ray.config import DataConfig
+from vitcae_ray.errors import first_line
 
-from .datasets import DataError, first_line, image_to_tensor, pil_mode
+from .datasets import DataError, image_to_tensor, pil_mode
 from .files import _PIL_ERRORS, parquet_split, parquet_splits
 
 TRAIN = "train"
@@ -66,10 +69,10 @@ def train_dataset(cfg: DataConfig, channels: int) -> tuple[Any, int]:
     import ray.data
 
     fs, path, shown = parquet_splits(cfg)
-    ds = ray.data.read_parquet(f"{path}/train", filesystem=fs, shuffle="files")
+    ds = ray.data.read_parquet(filesystem.join(path, "train"), filesystem=fs, shuffle="files")
     ds = ds.select_columns(["image", "label"])
     rows = ds.count()  # metadata only, before the decode
-    decoded = ds.map_batches(Decode(channels, cfg.image_size, f"{shown}/train"),
+    decoded = ds.map_batches(Decode(channels, cfg.image_size, filesystem.join(shown, "train")),
                              batch_format="numpy", batch_size=256)
     return decoded, rows
 

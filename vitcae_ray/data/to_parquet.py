@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -23,11 +23,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vitcae_ray import filesystem
 from vitcae_ray.config import ConfigError, build_config
-from vitcae_ray.outputs import join as uri_join
+from vitcae_ray.errors import fail, first_line
+from vitcae_ray.filesystem import join
 
-from .datasets import DataError, build_datasets, first_line
-from .files import INCOMPLETE_MARKER, SUCCESS_MARKER, join, resolve_filesystem
+from .datasets import DataError, build_datasets
+from .files import INCOMPLETE_MARKER, SUCCESS_MARKER, resolve
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64())])
 _OWN_ENTRIES = {"train", "val", INCOMPLETE_MARKER, SUCCESS_MARKER}
@@ -50,13 +52,18 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vitcae_ray.data.to_parquet", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", required=True, help="registered dataset name, e.g. digits, cifar10, imagefolder")
+    p = argparse.ArgumentParser(prog="python -m vitcae_ray.data.to_parquet",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", required=True,
+                   help="registered dataset name, e.g. digits, cifar10, imagefolder")
     p.add_argument("--data-root", default=None, help="dataset root folder, Parquet path or URI")
     p.add_argument("--download", action="store_true", help="let torchvision download into --data-root")
-    p.add_argument("--image-size", type=int, default=None, help="output images are S x S (default: data.image_size)")
-    p.add_argument("--channels", type=int, default=None, help="1 or 3 to force grayscale/RGB; 0 keeps the dataset's own")
-    p.add_argument("--val-fraction", type=float, default=None, help="held-out fraction when the dataset has no val split")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="output images are S x S (default: data.image_size)")
+    p.add_argument("--channels", type=int, default=None,
+                   help="1 or 3 to force grayscale/RGB; 0 keeps the dataset's own")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out fraction when the dataset has no val split")
     p.add_argument("--split-seed", type=int, default=None, help="seed of that train/val split")
     p.add_argument("--out", default=None, help="output folder or URI (default: data/parquet/DATASET-SIZE)")
     p.add_argument("--shard-size", type=_positive_int, default=10_000, help="rows per Parquet file")
@@ -76,7 +83,8 @@ def _prepare_out(fs: pafs.FileSystem, path: str, out: str, overwrite: bool) -> N
     if not entries:
         return
     if not overwrite:
-        raise DataError(f"output {out!r} already exists and is not empty; pass --overwrite or choose another --out")
+        raise DataError(f"output {out!r} already exists and is not empty; "
+                        "pass --overwrite or choose another --out")
     foreign = sorted({e.base_name for e in entries} - _OWN_ENTRIES)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -84,11 +92,6 @@ def _prepare_out(fs: pafs.FileSystem, path: str, out: str, overwrite: bool) -> N
             f"output {out!r} holds files other than a to_parquet output ({shown}); choose another --out"
         )
     fs.delete_dir_contents(path)
-
-
-def _touch(fs: pafs.FileSystem, path: str) -> None:
-    with fs.open_output_stream(path):
-        pass
 
 
 def _write_split(
@@ -102,9 +105,10 @@ def _write_split(
     def flush() -> None:
         nonlocal shard, images, labels
         name = f"part-{shard:05d}.parquet"
-        table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())}, schema=SCHEMA)
+        table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())},
+                         schema=SCHEMA)
         pq.write_table(table, join(base, split, name), filesystem=fs)
-        print(f"wrote {uri_join(out, split, name)} ({table.num_rows} rows)", flush=True)
+        print(f"wrote {join(out, split, name)} ({table.num_rows} rows)", flush=True)
         shard, images, labels = shard + 1, [], []
 
     # batch_size=None yields single items, so workers decode while this process encodes PNGs.
@@ -130,31 +134,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Shards do not depend on the model, so patch_size 1 keeps every image size valid here.
         cfg = build_config({"model.patch_size": 1, **{k: v for k, v in flags.items() if v is not None}}).data
         out = args.out or f"data/parquet/{cfg.dataset}-{cfg.image_size}"
-        fs, base = resolve_filesystem(out)
+        fs, base = resolve(out)
         _prepare_out(fs, base, out, args.overwrite)
         train, val, channels = build_datasets(cfg)
-    except (DataError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (pa.ArrowException, OSError) as err:  # e.g. an unreachable or forbidden output URI
-        print(f"error: {first_line(err)}", file=sys.stderr)
-        return 2
+    except (DataError, ConfigError, pa.ArrowException, OSError) as err:  # OSError: e.g. a forbidden URI
+        return fail(err)
 
     try:
         fs.create_dir(base, recursive=True)
-        _touch(fs, join(base, INCOMPLETE_MARKER))
+        filesystem.write_bytes(join(out, INCOMPLETE_MARKER), b"")
         counts = {
             split: _write_split(fs, base, out, split, ds, args.shard_size, args.workers)
             for split, ds in (("train", train), ("val", val))
         }
-        _touch(fs, join(base, SUCCESS_MARKER))
+        filesystem.write_bytes(join(out, SUCCESS_MARKER), b"")
         fs.delete_file(join(base, INCOMPLETE_MARKER))
     except DataError as err:  # a bad source image: the _INCOMPLETE marker stays behind
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     except (pa.ArrowException, OSError) as err:
-        print(f"error: writing {out!r} failed: {first_line(err)}", file=sys.stderr)
-        return 1
+        return fail(f"writing {out!r} failed: {first_line(err)}", code=1)
     size = cfg.image_size
     print(f"done: {counts['train']} train + {counts['val']} val images ({channels}x{size}x{size}) in {out}")
     return 0
