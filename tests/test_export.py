@@ -1,4 +1,5 @@
-"""Exporting the best checkpoint of an experiment and loading it back without Ray."""
+"""Exporting the best checkpoint of an experiment and loading it back without Ray; which
+checkpoints of a trial count (Ray Train's record of the run, or the folder in local mode)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from vitcae_ray.config import build_config
 from vitcae_ray.data import build_datasets
 from vitcae_ray.engine import evaluate
 from vitcae_ray.export import main as export_main
-from tiny import TINY
 
+# on top of the tiny model (the tiny_config fixture)
 SMALL = {
-    **TINY, "train.batch_size": 32, "train.log_images": False, "train.num_workers": 0,
+    "train.batch_size": 32, "train.log_images": False, "train.num_workers": 0,
     "train.cpus_per_worker": 1.0,
     "train.epochs": 3, "train.num_checkpoints": 3,
     # every head qualifies at epoch 1; the cap freezes one head per layer
@@ -55,7 +56,7 @@ def _best_epoch(run_dir: Path, metric: str = "val/elbo") -> int:
 
 
 @pytest.fixture(scope="module")
-def exp(tmp_path_factory) -> Path:
+def exp(tmp_path_factory, tiny_config) -> Path:
     """Two real local-mode training runs and the results table a sweep writes for them."""
     from vitcae_ray.train import run
 
@@ -63,7 +64,7 @@ def exp(tmp_path_factory) -> Path:
     rows = []
     for trial_id, hp in TRIALS.items():
         run_dir = root / "trials" / trial_id
-        run(build_config({**SMALL, **hp, "train.output": str(run_dir)}), verbose=False)
+        run(build_config({**tiny_config, **SMALL, **hp, "train.output": str(run_dir)}), verbose=False)
         history = list(_history(run_dir).values())
         row = {"trial_id": trial_id, "run_dir": str(run_dir), **hp, "status": "completed",
                "epochs": len(history)}
@@ -95,6 +96,7 @@ def _reevaluate(out: Path, model: torch.nn.Module) -> dict[str, float]:
                     metrics["epoch"], cfg, torch.device("cpu"), seed=cfg.train.seed)
 
 
+@pytest.mark.ray  # the experiment trains in Ray Train's local mode
 def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_path, capsys):
     best = min(_table(exp), key=lambda r: r["best/val/elbo"])
     run_dir = Path(best["run_dir"])
@@ -140,6 +142,7 @@ def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_p
     assert model.generate(4).shape == (4, 1, 16, 16)
 
 
+@pytest.mark.ray
 def test_trial_flag_and_uris_take_the_best_surviving_checkpoint(exp, tmp_path, capsys):
     b = exp / "trials" / "b"
     history = _history(b)
@@ -158,6 +161,7 @@ def test_trial_flag_and_uris_take_the_best_surviving_checkpoint(exp, tmp_path, c
     assert _reevaluate(out, model)["val/elbo"] == pytest.approx(metrics["val/elbo"], rel=1e-4)
 
 
+@pytest.mark.ray
 def test_top_k_overwrite_and_mode_max(exp, tmp_path, capsys):
     table = _table(exp)
     order = [r["trial_id"] for r in sorted(table, key=lambda r: r["best/val/elbo"])]
@@ -182,6 +186,7 @@ def test_top_k_overwrite_and_mode_max(exp, tmp_path, capsys):
     assert metrics["val/psnr"] == max(history[e]["val/psnr"] for e in _surviving(run_dir))
 
 
+@pytest.mark.ray
 def test_an_interrupted_export_leaves_nothing(exp, tmp_path, monkeypatch):
     real, calls = export_mod.model_files, []
 
@@ -198,6 +203,7 @@ def test_an_interrupted_export_leaves_nothing(exp, tmp_path, monkeypatch):
     assert len(calls) == 2 and not out.exists() and not Path(f"{out}.partial").exists()
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("args, words", [
     (["--experiment", "{tmp}/nowhere"], ["not found"]),
     (["--experiment", "{tmp}/empty"], ["results.parquet"]),
@@ -205,6 +211,7 @@ def test_an_interrupted_export_leaves_nothing(exp, tmp_path, monkeypatch):
     (["--experiment", "{exp}", "--metric", "val/nope"], ["val/nope", "val/elbo", "val/mse"]),
     (["--experiment", "{exp}", "--trial", "a", "--top-k", "2"], ["--trial"]),
     (["--experiment", "{tmp}/nockpt"], ["no checkpoint"]),
+    (["--experiment", "nosuch://bucket/exp"], ["nosuch://bucket/exp"]),
 ])
 def test_errors_are_one_line_exit_2_and_write_nothing(exp, tmp_path, capsys, args, words):
     (tmp_path / "empty").mkdir()
@@ -223,6 +230,60 @@ def test_errors_are_one_line_exit_2_and_write_nothing(exp, tmp_path, capsys, arg
     for w in words:
         assert w in captured.err
     assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_checkpoints_come_from_ray_trains_record_else_from_the_folder(ray_session, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def report_checkpoints():  # defined here, so Ray ships it by value to the worker
+        import tempfile
+
+        for epoch, elbo in enumerate([3.0, 1.0, 2.0]):
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "checkpoint.pt").write_bytes(b"state")
+                (Path(tmp) / "checkpoint.sha256").write_text("digest 5\n")
+                ray.train.report({"epoch": epoch, "val/elbo": elbo},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+
+    TorchTrainer(report_checkpoints,
+                 scaling_config=ray.train.ScalingConfig(num_workers=1,
+                                                        resources_per_worker={"CPU": 0.5}),
+                 run_config=ray.train.RunConfig(
+                     name="train", storage_path=str(tmp_path),
+                     checkpoint_config=ray.train.CheckpointConfig(
+                         num_to_keep=2, checkpoint_score_attribute="val/elbo",
+                         checkpoint_score_order="min"))).fit()
+    folder = tmp_path / "train"
+    (run_dir := tmp_path / "run").mkdir()
+    (run_dir / "config.yaml").write_text(f"train:\n  storage_path: {tmp_path}\n  run_name: train\n")
+    assert export_mod.train_folder(str(run_dir)) == str(folder)
+    assert export_mod.train_folder(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere" / "train")
+
+    def ckpt(epoch: int) -> Path:
+        return folder / f"checkpoint_epoch_{epoch:04d}"
+
+    # Ray kept the best (epoch 1) and the latest (epoch 2); a complete directory it never
+    # registered (an upload cut off before the report, a deletion it did not finish) is not used
+    shutil.copytree(ckpt(1), ckpt(0))
+    assert sorted(export_mod.recorded_checkpoints(str(folder))) == [ckpt(1).name, ckpt(2).name]
+    assert export_mod.surviving_checkpoints(str(folder)) == {1: str(ckpt(1)), 2: str(ckpt(2))}
+    # the record checks only that a directory is there: an incomplete one is left out here
+    (ckpt(2) / "checkpoint.sha256").unlink()
+    assert ckpt(2).name in export_mod.recorded_checkpoints(str(folder))
+    assert export_mod.surviving_checkpoints(str(folder)) == {1: str(ckpt(1))}
+    # Ray refuses a record that names a deleted directory: the folder's complete ones count
+    shutil.rmtree(ckpt(2))
+    assert export_mod.recorded_checkpoints(str(folder)) is None
+    assert export_mod.surviving_checkpoints(str(folder)) == {0: str(ckpt(0)), 1: str(ckpt(1))}
+    # local mode writes no record: the folder's complete checkpoints, a partial copy left out
+    local = tmp_path / "local"
+    shutil.copytree(ckpt(1), local / ckpt(1).name)
+    shutil.copytree(ckpt(1), local / ".partial_checkpoint_epoch_0002")
+    assert export_mod.recorded_checkpoints(str(local)) is None
+    assert export_mod.surviving_checkpoints(f"file://{local}") == {1: f"file://{local}/{ckpt(1).name}"}
+    assert export_mod.surviving_checkpoints(str(tmp_path / "nowhere")) == {}
 
 
 def test_cli_exit_code_and_load_pretrained_errors(tmp_path):

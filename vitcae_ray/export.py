@@ -3,7 +3,9 @@ model directories that ``vitcae_ray.load_pretrained`` reads without Ray or the e
 
 The best trial comes from the experiment's ``results.parquet`` (``best/<metric>``), or
 ``--trial``; within it, the surviving checkpoint whose epoch has the best metric in the run's
-``metrics.jsonl`` (ties: the later epoch). A model directory holds ``config.yaml``,
+``metrics.jsonl`` (ties: the later epoch). The trial's checkpoints are those in Ray Train's
+record of its run (``ray.train.Result.from_path``) that are complete; a run without a record
+(Ray Train's local mode) has those found in its folder. A model directory holds ``config.yaml``,
 ``hparams.json``, ``metrics.json``, ``frozen_heads.json`` and ``model.pt``. Local directories
 are written under a temporary name and renamed into place; on other filesystems ``model.pt``
 is written last, so a directory without it is an interrupted export.
@@ -12,20 +14,22 @@ is written last, so a directory without it is an interrupted export.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .checkpoints import CHECKPOINT_FILE, DIGEST_FILE, CheckpointError, parse
+from . import checkpoints, filesystem
 from .checkpoints import DIR_PREFIX as CHECKPOINT_PREFIX
 from .config import SELECT_METRIC, Config
-from .outputs import join
+from .errors import fail, first_line
+from .filesystem import FileType, join
+from .outputs import CONFIG_FILE, METRICS_FILE, RESULTS_CSV, RESULTS_FILE, TRIALS_DIR
 
-RESULTS_FILE, RESULTS_CSV = "results.parquet", "results.csv"
-TRIALS_DIR = "trials"
 
 
 class ExportError(ValueError):
@@ -44,31 +48,17 @@ class Choice:
     metrics: dict[str, Any] | None  # that epoch's line of metrics.jsonl
 
 
-# --- paths on local disk or a pyarrow filesystem -------------------------------------------
+def _uri_errors(fn):
+    """A path that names no filesystem (:class:`~vitcae_ray.filesystem.FileSystemError`)
+    becomes an :class:`ExportError`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except filesystem.FileSystemError as e:
+            raise ExportError(str(e)) from None
 
-
-def _open(path: str):
-    from .pretrained import filesystem
-
-    try:
-        return filesystem(path)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-
-
-def _kind(path: str):
-    fs, p = _open(path)
-    return fs.get_file_info(p).type
-
-
-def _read(path: str) -> bytes | None:
-    import pyarrow.fs as pafs
-
-    fs, p = _open(path)
-    if fs.get_file_info(p).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.read()
+    return wrapper
 
 
 # --- choosing -------------------------------------------------------------------------------
@@ -77,18 +67,17 @@ def read_results(experiment: str) -> list[dict[str, Any]]:
     """The experiment's results table, one dict per trial (``results.csv`` if there is no
     Parquet file)."""
     import pyarrow as pa
-    import pyarrow.fs as pafs
 
-    if _kind(experiment) != pafs.FileType.Directory:
+    if filesystem.kind(experiment) != FileType.Directory:
         raise ExportError(f"experiment {experiment!r} not found (no {RESULTS_FILE} to read): pass "
                           "the --output directory of python -m vitcae_ray.tune")
-    data = _read(join(experiment, RESULTS_FILE))
+    data = filesystem.read_bytes(join(experiment, RESULTS_FILE))
     try:
         if data is not None:
             import pyarrow.parquet as pq
 
             table = pq.read_table(pa.BufferReader(data))
-        elif (csv := _read(join(experiment, RESULTS_CSV))) is not None:
+        elif (csv := filesystem.read_bytes(join(experiment, RESULTS_CSV))) is not None:
             import pyarrow.csv as pacsv
 
             table = pacsv.read_csv(pa.BufferReader(csv))
@@ -97,7 +86,7 @@ def read_results(experiment: str) -> list[dict[str, Any]]:
                               "not finished (rerun python -m vitcae_ray.tune with --resume)")
     except (pa.ArrowInvalid, OSError) as e:
         raise ExportError(f"cannot read the results table of {experiment!r}: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+                          f"{first_line(e)}") from None
     rows = table.to_pylist()
     missing = [c for c in ("trial_id", "run_dir") if c not in table.column_names]
     if missing:
@@ -148,52 +137,69 @@ def _plain(v: Any) -> Any:
 def _run_dir(row: dict[str, Any], experiment: str) -> str:
     """The trial's run directory: the table's ``run_dir``, else ``EXP/trials/<id>`` (an
     experiment copied elsewhere after the sweep)."""
-    import pyarrow.fs as pafs
-
     given = row.get("run_dir")
-    if isinstance(given, str) and given and _kind(given) == pafs.FileType.Directory:
+    if isinstance(given, str) and given and filesystem.kind(given) == FileType.Directory:
         return given
     fallback = join(experiment, TRIALS_DIR, row["trial_id"])
-    if _kind(fallback) == pafs.FileType.Directory:
+    if filesystem.kind(fallback) == FileType.Directory:
         return fallback
     raise ExportError(f"trial {row['trial_id']!r}: run directory {given!r} not found")
 
 
-def _checkpoint_roots(run_dir: str) -> list[str]:
-    """Where the run's Ray Train checkpoints may be: its config's storage, else ``run_dir/train``."""
+def train_folder(run_dir: str) -> str:
+    """Ray Train's folder of the run (its checkpoints and Ray's record of them):
+    ``<storage>/<run name>`` from the run's ``config.yaml``, the storage being
+    ``train.storage_path`` or the run directory itself."""
     import yaml
 
-    roots = []
-    text = _read(join(run_dir, "config.yaml"))
-    train = ((yaml.safe_load(text) or {}).get("train") or {}) if text else {}
-    name = train.get("run_name") or "train"
-    if train.get("storage_path"):
-        roots.append(join(train["storage_path"], name))
-    roots += [join(run_dir, name), join(run_dir, "train")]
-    return list(dict.fromkeys(roots))
+    text = filesystem.read_text(join(run_dir, CONFIG_FILE))
+    try:
+        train = ((yaml.safe_load(text) or {}).get("train") or {}) if text else {}
+    except (yaml.YAMLError, AttributeError) as e:
+        raise ExportError(f"cannot read {join(run_dir, CONFIG_FILE)!r}: {first_line(e)}") from None
+    return join(train.get("storage_path") or run_dir, train.get("run_name") or "train")
 
 
-def surviving_checkpoints(run_dir: str) -> dict[int, str]:
-    """{epoch: checkpoint directory} of the run's checkpoints that hold a checkpoint file."""
-    import pyarrow.fs as pafs
+def recorded_checkpoints(folder: str) -> list[str] | None:
+    """Names of the checkpoint directories in Ray Train's record of the run in ``folder``
+    (``ray.train.Result.from_path``): those whose upload finished. None without a readable
+    record: a local-mode run (its checkpoints are never registered with Ray), no run there,
+    or a record naming a checkpoint directory since deleted (Ray refuses the whole record)."""
+    import ray.train
 
-    found: dict[int, str] = {}
-    for root in _checkpoint_roots(run_dir):
-        fs, base = _open(root)
-        for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-            suffix = info.base_name[len(CHECKPOINT_PREFIX):]
-            if (info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)
-                    and suffix.isdigit()
-                    and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File):
-                found.setdefault(int(suffix), join(root, info.base_name))
-        if found:
-            break
+    fs, inner = filesystem.resolve(folder)
+    log = logging.getLogger("ray.train")  # Ray logs the snapshot's use for resuming at INFO
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        result = ray.train.Result.from_path(inner, storage_filesystem=fs)
+    except Exception:  # RuntimeError without a record; Ray Train's own error for a broken one
+        return None
+    finally:
+        log.setLevel(level)
+    return [c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []]
+
+
+def surviving_checkpoints(folder: str) -> dict[int, str]:
+    """{epoch: checkpoint directory} of the complete checkpoints (both files, see
+    :func:`~vitcae_ray.checkpoints.complete_dirs`) in Ray Train's record of the run in
+    ``folder``, or without one, in the folder. The record checks only that a directory
+    exists, so a damaged checkpoint it names is left out here."""
+    complete = set(checkpoints.complete_dirs(folder))
+    names = recorded_checkpoints(folder)
+    if names is None:
+        names = filesystem.list_dirs(folder, CHECKPOINT_PREFIX)
+    found = {}
+    for name in names:
+        suffix = name[len(CHECKPOINT_PREFIX):]
+        if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and join(folder, name) in complete:
+            found[int(suffix)] = join(folder, name)
     return found
 
 
 def run_metrics(run_dir: str) -> dict[int, dict[str, Any]]:
     """{epoch: metrics} from the run's ``metrics.jsonl``."""
-    data = _read(join(run_dir, "metrics.jsonl")) or b""
+    data = filesystem.read_bytes(join(run_dir, METRICS_FILE)) or b""
     out = {}
     for line in data.decode().splitlines():
         try:
@@ -209,9 +215,10 @@ def choose_checkpoint(row: dict[str, Any], experiment: str, metric: str, mode: s
     """The trial's surviving checkpoint with the best ``metric`` (ties: the later epoch)."""
     trial = row["trial_id"]
     run_dir = _run_dir(row, experiment)
-    ckpts = surviving_checkpoints(run_dir)
+    folder = train_folder(run_dir)
+    ckpts = surviving_checkpoints(folder)
     if not ckpts:
-        raise ExportError(f"trial {trial!r} has no checkpoint under {join(run_dir, 'train')!r}")
+        raise ExportError(f"trial {trial!r} has no checkpoint under {folder!r}")
     history = run_metrics(run_dir)
     scored = []
     for epoch, path in ckpts.items():
@@ -228,6 +235,7 @@ def choose_checkpoint(row: dict[str, Any], experiment: str, metric: str, mode: s
     return Choice(trial, row, path, epoch, value, m)
 
 
+@_uri_errors
 def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", trial: str | None = None,
            top_k: int | None = None) -> list[Choice]:
     """The checkpoints to export, best first, all checked before anything is written."""
@@ -255,14 +263,9 @@ def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", tria
 
 def _load_state(checkpoint: str) -> dict[str, Any]:
     """The checkpoint's state, checked against its digest (``weights_only`` loading)."""
-    data = _read(join(checkpoint, CHECKPOINT_FILE))
-    if data is None:
-        raise ExportError(f"checkpoint {checkpoint!r} disappeared during the export")
-    digest = _read(join(checkpoint, DIGEST_FILE))
     try:
-        return parse(data, None if digest is None else digest.decode(),
-                     join(checkpoint, CHECKPOINT_FILE))
-    except CheckpointError as e:
+        return checkpoints.read(checkpoint)
+    except checkpoints.CheckpointError as e:
         raise ExportError(str(e)) from None
 
 
@@ -288,14 +291,13 @@ def model_files(choice: Choice) -> dict[str, bytes]:
 
     from .config import build_config, dump_yaml
     from .freezing import frozen_heads
-    from .pretrained import MODEL_FILE, model_from_state
 
     state = _load_state(choice.checkpoint)
     try:
-        model = model_from_state(state)  # the checkpoint must rebuild before it is exported
+        model = checkpoints.model_from_state(state)  # it must rebuild before it is exported
     except Exception as e:
         raise ExportError(f"checkpoint {choice.checkpoint!r} does not rebuild a model: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+                          f"{first_line(e)}") from None
     frozen = frozen_heads(model)
     history = {int(h["epoch"]): h for h in state.get("history", []) if "epoch" in h}
     metrics = history.get(choice.epoch, choice.metrics)
@@ -311,7 +313,7 @@ def model_files(choice: Choice) -> dict[str, bytes]:
         "hparams.json": js(hparams(choice.row)),
         "metrics.json": js(metrics),
         "frozen_heads.json": js(frozen_info(state, frozen, choice.epoch)),
-        MODEL_FILE: buf.getvalue(),
+        checkpoints.MODEL_FILE: buf.getvalue(),
     }
 
 
@@ -322,12 +324,7 @@ def _write_dir(fs, base: str, files: dict[str, bytes]) -> None:
             f.write(data)
 
 
-def _is_local(fs) -> bool:
-    import pyarrow.fs as pafs
-
-    return isinstance(fs, pafs.LocalFileSystem)
-
-
+@_uri_errors
 def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "min",
            trial: str | None = None, top_k: int | None = None,
            overwrite: bool = False) -> list[tuple[Choice, str]]:
@@ -337,35 +334,34 @@ def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "
     import pyarrow.fs as pafs
 
     choices = choose(experiment, metric, mode, trial, top_k)
-    fs, base = _open(out)
-    base = base.rstrip("/")
+    fs, base = filesystem.resolve(out)
     info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
+    if info.type == FileType.File:
         raise ExportError(f"--out {out!r} is a file: pass a directory")
-    if (info.type == pafs.FileType.Directory and not overwrite
+    if (info.type == FileType.Directory and not overwrite
             and fs.get_file_info(pafs.FileSelector(base, recursive=False))):
         raise ExportError(f"--out {out!r} is not empty: pass another --out or --overwrite")
     subdirs = [str(i) for i in range(1, len(choices) + 1)] if top_k is not None else [""]
     targets = [join(out, s) if s else out for s in subdirs]
 
-    if _is_local(fs):  # build the whole tree aside, then rename it into place
+    if isinstance(fs, pafs.LocalFileSystem):  # build the whole tree aside, then rename it into place
         staging = f"{base}.partial"
-        if fs.get_file_info(staging).type != pafs.FileType.NotFound:
+        if fs.get_file_info(staging).type != FileType.NotFound:
             fs.delete_dir(staging)
         try:
             for c, s in zip(choices, subdirs):
                 _write_dir(fs, join(staging, s) if s else staging, model_files(c))
-            if fs.get_file_info(base).type == pafs.FileType.Directory:
+            if fs.get_file_info(base).type == FileType.Directory:
                 fs.delete_dir(base)
             fs.move(staging, base)
         except BaseException:
-            if fs.get_file_info(staging).type != pafs.FileType.NotFound:
+            if fs.get_file_info(staging).type != FileType.NotFound:
                 fs.delete_dir(staging)
             raise
     else:  # object stores cannot rename directories: model.pt goes last in each
         for i, (c, s) in enumerate(zip(choices, subdirs)):
             files = model_files(c)
-            if i == 0 and info.type == pafs.FileType.Directory:
+            if i == 0 and info.type == FileType.Directory:
                 fs.delete_dir_contents(base)  # only once the first model is known to be good
             _write_dir(fs, join(base, s) if s else base, files)
     return list(zip(choices, targets))
@@ -393,12 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         done = export(args.experiment, args.out, args.metric, args.mode, args.trial, args.top_k,
                       args.overwrite)
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except OSError as e:
-        print(f"error: export to {args.out!r} failed: {str(e).strip().splitlines()[0]}",
-              file=sys.stderr)
-        return 1
+        return fail(f"export to {args.out!r} failed: {first_line(e)}", 1)
     for c, path in done:
         epochs = c.row.get("epochs")
         of = f"/{epochs}" if isinstance(epochs, int) else ""

@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
+from . import filesystem
 from .config import (EPOCHS_DONE, SELECT_METRIC, Config, ConfigError, absolute_paths,
                      build_config, load_yaml, resolve)
 from .data import DataError
-from .outputs import check_directory, is_uri, join, read_text, storage_root
+from .errors import fail
+from .filesystem import join
+from .outputs import METRICS_FILE, RESULTS_CSV, RESULTS_FILE, TRIALS_DIR, TUNE_NAME, check_directory
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
-TRIALS_DIR, TUNE_NAME = "trials", "tune"
 RESULT_METRICS = ("val/elbo", "val/loss", "val/mse", "val/psnr", "train/loss", "flops/saved_frac",
                   "flops/cumulative_saved_frac", "heads/frozen")
 
@@ -127,7 +128,7 @@ def trial_fn(config: dict[str, Any], base: dict[str, Any], experiment: str, metr
 
 
 def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    text = read_text(run_dir, "metrics.jsonl") or ""
+    text = filesystem.read_text(join(run_dir, METRICS_FILE)) or ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -171,16 +172,17 @@ def results_table(results, space_keys: list[str], experiment: str, max_epochs: i
 
 
 def write_results(rows: list[dict[str, Any]], experiment: str) -> None:
+    """``results.parquet`` and ``results.csv`` in the experiment directory, each written whole
+    (:func:`vitcae_ray.filesystem.write_bytes`)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows)
-    fs, root = pafs.FileSystem.from_uri(experiment if is_uri(experiment) else "file://" + experiment)
-    for name, write in (("results.parquet", pq.write_table), ("results.csv", pacsv.write_csv)):
-        with fs.open_output_stream(f"{root}/{name}") as f:
-            write(table, f)
+    for name, write in ((RESULTS_FILE, pq.write_table), (RESULTS_CSV, pacsv.write_csv)):
+        buf = pa.BufferOutputStream()
+        write(table, buf)
+        filesystem.write_bytes(join(experiment, name), buf.getvalue().to_pybytes())
 
 
 def format_results(rows: list[dict[str, Any]], space_keys: list[str], metric: str) -> str:
@@ -212,12 +214,12 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
 
     from .cluster import (TrialCapacity, check_shared_output, driver_request, settle_resources,
                           worker_request)
-    from .sweep_capacity import LiveConcurrencyLimiter, LiveVariantGenerator, set_capacity
+    from .sweep_capacity import set_capacity
 
     if base.train.storage_path is not None:
         raise ConfigError("train.storage_path cannot be set for a sweep: each trial keeps its "
                           "checkpoints in its own run directory under --output; remove it")
-    experiment = storage_root(experiment)
+    experiment = filesystem.absolute(experiment)
     check_directory(experiment, "--output")
     driver = driver_request(driver_cpus, driver_resource)
     base = settle_resources(absolute_paths(base), driver)
@@ -233,42 +235,50 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
         tune.with_parameters(trial_fn, base=base.to_dict(), experiment=experiment, metric=metric,
                              mode=mode),
         driver)
-    tune_path = join(experiment, TUNE_NAME)
     if resume:
-        if not tune.Tuner.can_restore(tune_path):
-            raise ConfigError(f"nothing to resume at {tune_path!r}: run without --resume first")
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = _restored_tuner(experiment, trainable)
     else:
-        if _exists(tune_path):
-            raise ConfigError(f"experiment {experiment!r} already exists: pass --resume to "
-                              "continue it, or another --output")
-        searcher = (LiveVariantGenerator() if search == "random"
-                    else LiveConcurrencyLimiter(_searcher(search, metric, mode), max_concurrent=1))
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(space),
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=num_samples, search_alg=searcher,
-                # rungs and max_t count epochs, however the trial got there (resumes, restarts)
-                scheduler=ASHAScheduler(time_attr=EPOCHS_DONE, max_t=t.epochs,
-                                        grace_period=grace_period,
-                                        reduction_factor=reduction_factor),
-            ),
-            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=experiment,
-                                      callbacks=callbacks),
-        )
+        # rungs and max_t count epochs, however the trial got there (resumes, restarts)
+        asha = ASHAScheduler(time_attr=EPOCHS_DONE, max_t=t.epochs, grace_period=grace_period,
+                             reduction_factor=reduction_factor)
+        tuner = _new_tuner(experiment, trainable, space, num_samples, metric, mode, search, asha,
+                           callbacks)
     results = tuner.fit()
     rows = results_table(list(results), list(space), experiment, t.epochs, metric, mode)
     write_results(rows, experiment)
     return results, rows
 
 
-def _exists(path: str) -> bool:
-    import pyarrow.fs as pafs
+def _restored_tuner(experiment: str, trainable):
+    """The interrupted experiment's tuner: unfinished and errored trials run again."""
+    from ray import tune
 
-    fs, p = pafs.FileSystem.from_uri(path if is_uri(path) else "file://" + path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    tune_path = join(experiment, TUNE_NAME)
+    if not tune.Tuner.can_restore(tune_path):
+        raise ConfigError(f"nothing to resume at {tune_path!r}: run without --resume first")
+    return tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                              resume_errored=True)
+
+
+def _new_tuner(experiment: str, trainable, space: dict[str, tuple[str, list]], num_samples: int,
+               metric: str, mode: str, search: str, scheduler, callbacks: list | None):
+    """A new experiment's tuner (refused where one exists); ``search`` picks the searcher."""
+    from ray import tune
+
+    from .sweep_capacity import LiveConcurrencyLimiter, LiveVariantGenerator
+
+    if filesystem.exists(join(experiment, TUNE_NAME)):
+        raise ConfigError(f"experiment {experiment!r} already exists: pass --resume to "
+                          "continue it, or another --output")
+    searcher = (LiveVariantGenerator() if search == "random"
+                else LiveConcurrencyLimiter(_searcher(search, metric, mode), max_concurrent=1))
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(space),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
+                                    search_alg=searcher, scheduler=scheduler),
+        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=experiment, callbacks=callbacks),
+    )
 
 
 def _searcher(name: str, metric: str, mode: str):
@@ -335,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                        args.set)
         if base.train.num_workers < 1:
             raise ConfigError("--workers-per-trial must be >= 1 (each trial is a Ray Train run)")
-        check_directory(storage_root(args.output), "--output")
+        check_directory(filesystem.absolute(args.output), "--output")
         import ray
 
         if not ray.is_initialized():
@@ -346,11 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                             args.grace_period, args.reduction_factor, args.search, args.resume,
                             driver_resource=args.trial_driver_resource,
                             max_concurrent_trials=args.max_concurrent_trials)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, filesystem.FileSystemError) as e:
+        return fail(e)
     print(format_results(rows, list(space), args.metric))
-    out = storage_root(args.output)
+    out = filesystem.absolute(args.output)
     stopped = sum(r["status"] == "stopped" for r in rows)
     failed = [r for r in rows if r["status"] == "error"]
     print(f"{len(rows)} trials in {time.perf_counter() - start:.0f}s ({stopped} stopped early by "
