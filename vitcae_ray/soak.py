@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import fail
+
 WORKER_CLASS = "RayTrainWorker"
 SAMPLE_S = 0.5
 PIDS_EVERY_S = 5.0  # the state API is asked for the workers' pids this often
@@ -47,10 +49,13 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
-def worker_pids() -> list[int]:
+def worker_pids(address: str | None = None) -> list[int]:
+    """The Ray Train workers alive in the cluster at ``address`` (its GCS address; None:
+    the one Ray finds on this machine, an error when there are several)."""
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", WORKER_CLASS),
+    return [a.pid for a in list_actors(address=address,
+                                       filters=[("class_name", "=", WORKER_CLASS),
                                                 ("state", "=", "ALIVE")])]
 
 
@@ -105,51 +110,77 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     if not ray.is_initialized():
         connect(args.address)
     address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "vitcae_ray.train", "--address", address, "--num-workers", "2",
-           "--epochs", "100000", "--output", str(out), "--set", "train.max_failures=-1",
-           *[f"--set={s}" for s in args.set]]
+    cmd = _driver_command(args, out, address)
     out.mkdir(parents=True)
     log = open(out / "soak_driver.log", "w")
     driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    start = time.monotonic()
+    try:
+        peaks, kills = _watch(args, out, address, driver, start)
+    finally:
+        _interrupt(driver)
+        log.close()
+    return _report(args, cmd, out, driver, peaks, kills, time.monotonic() - start)
+
+
+def _driver_command(args: argparse.Namespace, out: Path, address: str) -> list[str]:
+    """``python -m vitcae_ray.train`` on 2 workers, epochs without end, restarts unlimited."""
+    return [sys.executable, "-m", "vitcae_ray.train", "--address", address, "--num-workers", "2",
+            "--epochs", "100000", "--output", str(out), "--set", "train.max_failures=-1",
+            *[f"--set={s}" for s in args.set]]
+
+
+def _watch(args: argparse.Namespace, out: Path, address: str, driver: subprocess.Popen,
+           start: float) -> tuple[dict[int, dict[str, float]], list[dict[str, Any]]]:
+    """Until ``--minutes`` are up or the driver exits: every epoch's peak memory (driver,
+    workers) and a worker killed every ``--kill-every`` epochs; returns (peaks, kills)."""
     peaks: dict[int, dict[str, float]] = {}
     kills: list[dict[str, Any]] = []
     pids: list[int] = []
     next_pids = 0.0
-    start = time.monotonic()
     deadline = start + args.minutes * 60
     next_kill = args.kill_every
     last_report = start
-    try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            now = time.monotonic()
-            if now >= next_pids:
-                pids, next_pids = worker_pids(), now + PIDS_EVERY_S
-            done = len(metrics(out))  # the epoch in progress
-            peak = peaks.setdefault(done, {"driver_mib": 0.0, "worker_mib": 0.0})
-            peak["driver_mib"] = max(peak["driver_mib"], rss_mib(driver.pid) or 0.0)
-            peak["worker_mib"] = max([peak["worker_mib"], *(rss_mib(p) or 0.0 for p in pids)])
-            if done >= next_kill and pids:
-                victim = pids[0]
-                os.kill(victim, signal.SIGKILL)
-                kills.append({"after_epochs": done, "pid": victim,
-                              "at_s": round(now - start, 1)})
-                print(f"[soak] {now - start:6.0f}s: killed worker pid {victim} after "
-                      f"{done} epochs", flush=True)
-                next_kill, next_pids = done + args.kill_every, 0.0
-            if now - last_report >= 60:
-                print(f"[soak] {now - start:6.0f}s: {done} epochs, {len(kills)} kills", flush=True)
-                last_report = now
-            time.sleep(SAMPLE_S)
-    finally:
-        if driver.poll() is None:
-            driver.send_signal(signal.SIGINT)
-            try:
-                driver.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                driver.kill()
-                driver.wait()
-        log.close()
-    wall = time.monotonic() - start
+    while time.monotonic() < deadline and driver.poll() is None:
+        now = time.monotonic()
+        if now >= next_pids:
+            pids, next_pids = worker_pids(address), now + PIDS_EVERY_S
+        done = len(metrics(out))  # the epoch in progress
+        peak = peaks.setdefault(done, {"driver_mib": 0.0, "worker_mib": 0.0})
+        peak["driver_mib"] = max(peak["driver_mib"], rss_mib(driver.pid) or 0.0)
+        peak["worker_mib"] = max([peak["worker_mib"], *(rss_mib(p) or 0.0 for p in pids)])
+        if done >= next_kill and pids:
+            kills.append(_kill_worker(pids[0], done, now - start))
+            next_kill, next_pids = done + args.kill_every, 0.0
+        if now - last_report >= 60:
+            print(f"[soak] {now - start:6.0f}s: {done} epochs, {len(kills)} kills", flush=True)
+            last_report = now
+        time.sleep(SAMPLE_S)
+    return peaks, kills
+
+
+def _kill_worker(pid: int, done: int, at_s: float) -> dict[str, Any]:
+    """SIGKILL one Ray Train worker; the kill's record."""
+    os.kill(pid, signal.SIGKILL)
+    print(f"[soak] {at_s:6.0f}s: killed worker pid {pid} after {done} epochs", flush=True)
+    return {"after_epochs": done, "pid": pid, "at_s": round(at_s, 1)}
+
+
+def _interrupt(driver: subprocess.Popen) -> None:
+    """SIGINT (as Ctrl-C) to a driver still running; killed if it has not exited in 2 min."""
+    if driver.poll() is None:
+        driver.send_signal(signal.SIGINT)
+        try:
+            driver.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            driver.wait()
+
+
+def _report(args: argparse.Namespace, cmd: list[str], out: Path, driver: subprocess.Popen,
+            peaks: dict[int, dict[str, float]], kills: list[dict[str, Any]],
+            wall: float) -> dict[str, Any]:
+    """What ``soak.json`` holds: the run's epochs, the kills, each finished epoch's peaks."""
     history = metrics(out)
     epochs = [int(m["epoch"]) for m in history]
     complete = [e for e in sorted(peaks) if e < len(history)]  # epochs that finished
@@ -185,15 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problem = _check(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return fail(problem)
     from .config import ConfigError
 
     try:
         report = soak(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     out = Path(args.output)
     (out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))

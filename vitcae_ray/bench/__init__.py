@@ -26,6 +26,7 @@ import torch
 
 from ..config import ConfigError, resolve
 from ..data import DataError
+from ..errors import fail
 from .common import BenchError, progress, write_json
 
 # suite name -> module (imported on use: the attention suite needs timm, the ray suite Ray)
@@ -147,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             suite_rows = run_suite(name, args)
             rows += [{"suite": name, **r} for r in suite_rows] if args.suite == "all" else suite_rows
     except (BenchError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.json:
         write_json(args.json, args.suite, rows, argv)
     return 0

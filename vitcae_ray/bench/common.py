@@ -15,15 +15,17 @@ import datetime
 import json
 import logging
 import math
-import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
+
+from ..filesystem import atomic_write
 
 
 class BenchError(ValueError):
@@ -155,11 +157,8 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
 def write_json(path: str, suite: str, rows: list[dict[str, Any]], argv: Sequence[str]) -> None:
     """``{"suite", "machine", "rows"}``, written atomically."""
     doc = {"suite": suite, "machine": machine_info(argv), "rows": rows}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 Column = tuple[str, str, Callable[[Any], str]]  # (row key, header, formatter)

@@ -51,7 +51,7 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
     size, chans = cfg.data.image_size, 3 if cfg.data.channels == 3 else 1
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(opts.batch_size, chans, size, size, generator=gen).to(device)
-    epoch = cfg.loss.warmup_epochs + cfg.loss.ramp_epochs  # the full loss, MMD included
+    epoch = cfg.loss.kl_warmup_epochs + cfg.loss.ramp_epochs  # the full loss, MMD included
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # as in training
     runs = []
     for mode, out_proj, frac in variants():

@@ -15,6 +15,7 @@ difference, is the same cost as the epoch clock sees it, with the machine's nois
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import statistics
@@ -100,35 +101,44 @@ class _Ray:
 
 
 def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
-    import ray
-    import torch.distributed as dist
-
-    from ..convergence.actor import create_actor
-    from ..train import HeadsClient, controller_args
-
     device = opts.device
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     batch_size = opts.batch_size or cfg.train.batch_size
     train_set, val_set, chans = build_datasets(cfg.data)
     probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
-    probe = probe.to(device)
-    epoch_loss = cfg.loss.warmup_epochs + cfg.loss.ramp_epochs  # the full loss, MMD included
+    plain = _variant("plain", cfg, opts, train_set, chans, batch_size)
+    machinery = _variant("machinery", cfg, opts, train_set, chans, batch_size)
+    bench = SimpleNamespace(
+        cfg=cfg, device=device, probe=probe.to(device),
+        amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        epoch_loss=cfg.loss.kl_warmup_epochs + cfg.loss.ramp_epochs,  # the full loss, MMD included
+        readout_s=_time_readout(machinery.model), local=None, remote=None)
+    with _Ray(settle=not opts.quick), _ProcessGroup(), _heads_clients(cfg) as (local, remote):
+        bench.local, bench.remote = local, remote
+        _measure_rounds(bench, plain, machinery, opts.rounds)
+    return _rows(plain, machinery, batch_size, opts)
 
-    def variant(name: str) -> SimpleNamespace:
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, cfg.data.image_size, chans).to(device)
-        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.data.loader_workers,
-                            generator=torch.Generator().manual_seed(cfg.train.seed))
-        opt = build_optimizer(model, cfg.optim)
-        steps = len(Limited(loader, opts.steps))
-        sched = build_lr_schedule(opt, cfg.optim, opts.rounds + 2, steps)
-        return SimpleNamespace(name=name, model=model, loader=Limited(loader, opts.steps),
-                               opt=opt, sched=sched, steps=steps,
-                               times={p: [] for p in ("epoch", *PARTS)})  # per round
 
-    plain, machinery = variant("plain"), variant("machinery")
-    readout_s = [0.0]  # the readout's own time, summed over an epoch's forward passes
+def _variant(name: str, cfg: Config, opts: SimpleNamespace, train_set, chans: int,
+             batch_size: int) -> SimpleNamespace:
+    """One copy of the model with its loader, optimizer and LR schedule; the same
+    initialisation and batches for every copy."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.image_size, chans).to(opts.device)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.loader_workers,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    opt = build_optimizer(model, cfg.optim)
+    steps = len(Limited(loader, opts.steps))
+    sched = build_lr_schedule(opt, cfg.optim, opts.rounds + 2, steps)
+    return SimpleNamespace(name=name, model=model, loader=Limited(loader, opts.steps),
+                           opt=opt, sched=sched, steps=steps,
+                           times={p: [] for p in ("epoch", *PARTS)})  # per round
+
+
+def _time_readout(model) -> list[float]:
+    """Time every attention layer's readout accumulation; returns the one-element list that
+    sums it over an epoch's forward passes (reset it before each epoch)."""
+    readout_s = [0.0]
 
     def timed_record(record):
         def call(*args, **kwargs):
@@ -139,54 +149,80 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
                 readout_s[0] += time.perf_counter() - t0
         return call
 
-    for attn in machinery.model.attention_layers:
+    for attn in model.attention_layers:
         attn._record = timed_record(attn._record)
-    with _Ray(settle=not opts.quick), _ProcessGroup():
-        name = f"bench-heads-{uuid.uuid4().hex[:8]}"
-        actor = create_actor(name, tempfile.mkdtemp(prefix="bench-heads-"), "none",
-                             *controller_args(cfg))
+    return readout_s
+
+
+@contextlib.contextmanager
+def _heads_clients(cfg: Config):
+    """(in-process client, client of a Ray actor made for the bench): the trainer's own
+    ``HeadsClient`` both ways; the actor is killed on exit."""
+    import ray
+
+    from ..convergence import controller_args
+    from ..convergence.actor import HeadsClient, create_actor
+
+    name = f"bench-heads-{uuid.uuid4().hex[:8]}"
+    actor = create_actor(name, tempfile.mkdtemp(prefix="bench-heads-"), "none",
+                         *controller_args(cfg))
+    try:
         remote = HeadsClient(name, controller_args(cfg))
         local = HeadsClient(None, controller_args(cfg))
-        try:
-            def measure(v: SimpleNamespace, epoch: int) -> None:
-                readout_s[0] = 0.0
-                t0 = time.perf_counter()
-                if v is machinery:
-                    v.model.set_readout(True)
-                try:
-                    train_one_epoch(v.model, v.loader, v.opt, v.sched, epoch_loss, cfg, device,
-                                    amp_dtype)
-                finally:
-                    v.model.set_readout(False)
-                t1 = time.perf_counter()
-                v.times["epoch"].append(t1 - t0)
-                if v is not machinery:
-                    return
-                cls, patch = head_statistics(v.model, probe)
-                t2 = time.perf_counter()
-                flat = torch.cat([cls.double().flatten(), patch.double().flatten()])
-                dist.all_reduce(flat)  # what head_statistics does across ranks
-                t3 = time.perf_counter()
-                local.update(epoch, cls.numpy(), patch.numpy())
-                t4 = time.perf_counter()
-                remote.update(epoch, cls.numpy(), patch.numpy())
-                t5 = time.perf_counter()
-                for part, t in (("readout", readout_s[0]), ("probe", t2 - t1), ("all_reduce", t3 - t2),
-                                ("controller", t4 - t3), ("actor_round_trip", t5 - t4)):
-                    v.times[part].append(t)
+        yield local, remote
+    finally:
+        ray.kill(actor)
 
-            for v in (plain, machinery):  # warm-up: the controllers' first epoch has no drift
-                measure(v, 0)
-                for times in v.times.values():
-                    times.clear()
-            for r, order in round_orders([plain, machinery], opts.rounds):
-                for v in order:
-                    measure(v, r + 1)
-                progress(f"round {r + 1}/{opts.rounds}: epoch {plain.times['epoch'][-1]:.3f}s "
-                         f"plain, {machinery.times['epoch'][-1]:.3f}s with the readout")
-        finally:
-            ray.kill(actor)
 
+def _measure_rounds(bench: SimpleNamespace, plain: SimpleNamespace, machinery: SimpleNamespace,
+                    rounds: int) -> None:
+    for v in (plain, machinery):  # warm-up: the controllers' first epoch has no drift
+        _measure(bench, v, 0)
+        for times in v.times.values():
+            times.clear()
+    for r, order in round_orders([plain, machinery], rounds):
+        for v in order:
+            _measure(bench, v, r + 1)
+        progress(f"round {r + 1}/{rounds}: epoch {plain.times['epoch'][-1]:.3f}s "
+                 f"plain, {machinery.times['epoch'][-1]:.3f}s with the readout")
+
+
+def _measure(bench: SimpleNamespace, v: SimpleNamespace, epoch: int) -> None:
+    """One epoch of ``v``; the machinery copy then runs each part once, each timed."""
+    import torch.distributed as dist
+
+    machinery = v.name == "machinery"
+    bench.readout_s[0] = 0.0
+    t0 = time.perf_counter()
+    if machinery:
+        v.model.set_readout(True)
+    try:
+        train_one_epoch(v.model, v.loader, v.opt, v.sched, bench.epoch_loss, bench.cfg,
+                        bench.device, bench.amp_dtype)
+    finally:
+        v.model.set_readout(False)
+    t1 = time.perf_counter()
+    v.times["epoch"].append(t1 - t0)
+    if not machinery:
+        return
+    cls, patch = head_statistics(v.model, bench.probe)
+    t2 = time.perf_counter()
+    flat = torch.cat([cls.double().flatten(), patch.double().flatten()])
+    dist.all_reduce(flat)  # what head_statistics does across ranks
+    t3 = time.perf_counter()
+    bench.local.update(epoch, cls.numpy(), patch.numpy())
+    t4 = time.perf_counter()
+    bench.remote.update(epoch, cls.numpy(), patch.numpy())
+    t5 = time.perf_counter()
+    for part, t in (("readout", bench.readout_s[0]), ("probe", t2 - t1), ("all_reduce", t3 - t2),
+                    ("controller", t4 - t3), ("actor_round_trip", t5 - t4)):
+        v.times[part].append(t)
+
+
+def _rows(plain: SimpleNamespace, machinery: SimpleNamespace, batch_size: int,
+          opts: SimpleNamespace) -> list[dict]:
+    """The plain epoch, each part, their total and the epoch difference, as fractions of
+    the plain epoch round by round."""
     base = plain.times["epoch"]
     m = machinery.times
     # The actor's part is the round trip less the controller work it also does (measured
@@ -201,7 +237,7 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
     per_round["epoch_difference"] = [a - b for a, b in zip(m["epoch"], base)]
     base_med = statistics.median(base)
     common = {"epoch_ms": 1e3 * base_med, "steps": plain.steps, "batch_size": batch_size,
-              "rounds": opts.rounds, "device": device.type}
+              "rounds": opts.rounds, "device": opts.device.type}
     rows = [{"part": "epoch", "ms": 1e3 * base_med, "epoch_frac": 1.0,
              "epoch_frac_spread": spread([1.0] * len(base)), **common}]
     for part, values in per_round.items():

@@ -20,8 +20,9 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
+from .. import filesystem
 from ..config import Config
-from ..outputs import METRICS_FILE, read_text
+from ..outputs import METRICS_FILE
 from .common import BenchError, progress, round_orders, spread, table, training_output
 
 NAME = "quality"
@@ -56,7 +57,8 @@ def _one_run(cfg: Config, output: str) -> dict:
     error = result.error or (result.metrics or {}).get("error")
     if error:
         raise RuntimeError(f"the run in {output} failed: {error}")
-    history = [json.loads(x) for x in (read_text(output, METRICS_FILE) or "").splitlines()]
+    text = filesystem.read_text(filesystem.join(output, METRICS_FILE)) or ""
+    history = [json.loads(x) for x in text.splitlines()]
     if not history:
         raise RuntimeError(f"the run in {output} wrote no metrics")
     return {

@@ -31,15 +31,15 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 from ..config import Config
 from ..train import train_fn_per_worker as _train_fn_per_worker
-from .common import (BenchError, progress, ratio_stats, round_orders, spread, start_ray, table,
-                     training_output)
+from .common import BenchError, progress, ratio_stats, round_orders, spread, start_ray, table, training_output
 
 NAME = "ray"
 SUMMARY = "epoch under Ray Train (1 worker) vs in-process (target: ratio <= 1.10)"
@@ -119,8 +119,10 @@ def timed_train_fn(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from .. import checkpoints, outputs
     from .. import evaluate as evaluate_module
     from .. import train as T
+    from ..convergence import actor
 
     rank0 = ray.train.get_context().get_world_rank() == 0
     rec = _Recorder(Path(loop_config["config"]["train"]["output"]) / TIMINGS_FILE)
@@ -152,12 +154,13 @@ def timed_train_fn(loop_config: dict[str, Any]) -> None:
                 rec.end()
         return call
 
+    # the loop's module globals (train_epoch's calls) and the classes whose methods it calls
     patches = [(T, "seed_everything", begins_epoch), (T, "train_one_epoch", timer("train")),
                (T, "head_statistics", timer("head_stats")), (T, "evaluate", timer("evaluate")),
-               (T.HeadsClient, "update", timer("heads")),
+               (actor.HeadsClient, "update", timer("heads")),
                (T, "share_decision", timer("heads")),
-               (T.RunLogger, "log_epoch", timer("log")), (torch, "save", timer("ckpt_save")),
-               (T.LocalCheckpoints, "save", timer("persist")),
+               (outputs.RunLogger, "log_epoch", timer("log")), (torch, "save", timer("ckpt_save")),
+               (checkpoints.LocalCheckpoints, "save", timer("persist")),
                (evaluate_module.EpochEvaluator, "__call__", timer("evaluator")),
                (ray.train, "report", ends_epoch)]
     if not rank0:
@@ -275,23 +278,46 @@ def check(cfg: Config, opts: SimpleNamespace) -> None:
 def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
     import ray
 
-    if opts.device.type == "cuda":
-        cfg = replace(cfg, train=replace(cfg.train, gpu=True))
-    cfg = replace(cfg, train=replace(cfg.train, epochs=opts.epochs,
-                                     batch_size=opts.batch_size or cfg.train.batch_size))
+    cfg = _bench_config(cfg, opts)
     check(cfg, opts)
     root = opts.output or tempfile.mkdtemp(prefix="vitcae_bench_ray_")
     owned = not ray.is_initialized() and cfg.train.address is None
     names = list(VARIANTS) if owned and not opts.quick else ["ray", "local"]
+    try:
+        runs = _rounds(cfg, opts, root, names, owned)
+    finally:
+        if not opts.output:
+            shutil.rmtree(root, ignore_errors=True)
+    rows = [_row(v, runs, opts) for v in names]
+    ray_row = rows[0]
+    ray_row.update(target=TARGET, meets_target=ray_row["ratio"] <= TARGET and (
+        ray_row["ratio_no_ray"] is None or ray_row["ratio_no_ray"] <= TARGET))
+    return rows
+
+
+def _bench_config(cfg: Config, opts: SimpleNamespace) -> Config:
+    """The suite's config: the GPU with --gpu, its epochs and batch size."""
+    if opts.device.type == "cuda":
+        cfg = replace(cfg, train=replace(cfg.train, gpu=True))
+    return replace(cfg, train=replace(cfg.train, epochs=opts.epochs,
+                                      batch_size=opts.batch_size or cfg.train.batch_size))
+
+
+def _rounds(cfg: Config, opts: SimpleNamespace, root: str, names: list[str],
+            owned: bool) -> dict[str, list[SimpleNamespace]]:
+    """Every round's runs, per variant; ``owned``: this suite starts (and stops) Ray, and
+    shuts it down for ``local_no_ray``."""
+    import ray
+
+    runs: dict[str, list[SimpleNamespace]] = {v: [] for v in names}
 
     def record(r: int, v: str) -> None:
         out = os.path.join(root, f"round{r}-{v}")
         runs[v].append(_one_run(cfg, VARIANTS[v], out))
-        epoch = _per_round(runs[v][-1:], lambda e: e["epoch_s"])[0]
+        epoch = _per_round(runs[v][-1:], _epoch_s)[0]
         progress(f"round {r + 1}/{opts.rounds}: {v} epoch {epoch:.3f}s "
                  f"(run {runs[v][-1].wall_s:.1f}s)")
 
-    runs: dict[str, list[SimpleNamespace]] = {v: [] for v in names}
     try:
         if owned:
             start_ray(settle=not opts.quick)
@@ -305,55 +331,62 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
     finally:
         if owned and ray.is_initialized():
             ray.shutdown()
-        if not opts.output:
-            shutil.rmtree(root, ignore_errors=True)
+    return runs
 
-    def epoch_s(e: dict) -> float:
-        return e["epoch_s"]
 
-    def train_s(e: dict) -> float:
-        return e["phases"].get("train", 0.0)
+def _epoch_s(e: dict) -> float:
+    return e["epoch_s"]
 
-    def ratios(v: str, base: str, key: Callable[[dict], float]):
+
+def _train_s(e: dict) -> float:
+    return e["phases"].get("train", 0.0)
+
+
+def _row(v: str, runs: dict[str, list[SimpleNamespace]], opts: SimpleNamespace) -> dict:
+    """Variant ``v``'s row: medians over its rounds, ratios to the local variants."""
+    def ratios(base: str, key: Callable[[dict], float]):
         if base not in runs:
             return None, None
         return ratio_stats(_per_round(runs[v], key), _per_round(runs[base], key))
 
-    rows = []
-    for v in names:
-        epoch, train = _per_round(runs[v], epoch_s), _per_round(runs[v], train_s)
-        ratio, ratio_spread = ratios(v, "local", epoch_s)
-        train_ratio, train_spread = ratios(v, "local", train_s)
-        ratio_no_ray, no_ray_spread = ratios(v, "local_no_ray", epoch_s)
-        train_no_ray, _ = ratios(v, "local_no_ray", train_s)
-        last = runs[v][-1].epochs[-1]
-        phases = {p: statistics.median(_per_round(runs[v], lambda e, p=p: e["phases"].get(p, 0.0)))
-                  for p in PHASES if any(p in e["phases"] for run in runs[v] for e in run.epochs)}
-        phases["other"] = statistics.median(_per_round(runs[v], _other))
-        startup = [run.wall_s - sum(e["epoch_s"] for e in run.epochs) for run in runs[v]]
-        cores = [run.cores for run in runs[v] if run.cores]
-        cores = {k: statistics.median(c[k] for c in cores) for k in cores[0]} if cores else None
-        rows.append({
-            "variant": v, "num_workers": VARIANTS[v], "ray_running": v != "local_no_ray",
-            "epoch_s": statistics.median(epoch), "epoch_spread": spread(epoch),
-            "train_s": statistics.median(train),
-            "rest_s": statistics.median(epoch) - statistics.median(train),
-            "ratio": ratio, "ratio_spread": ratio_spread,
-            "train_ratio": train_ratio, "train_ratio_spread": train_spread,
-            "ratio_no_ray": ratio_no_ray, "ratio_no_ray_spread": no_ray_spread,
-            "train_ratio_no_ray": train_no_ray,
-            "phases_s": phases, "run_wall_s": statistics.median(run.wall_s for run in runs[v]),
-            "startup_s": statistics.median(startup),
-            "torch_threads": last["torch_threads"], "interop_threads": last["interop_threads"],
-            "omp_num_threads": last["omp_num_threads"], "cpus": last["cpus"],
-            "python_threads": last["python_threads"], "os_threads": last["os_threads"],
-            "cores_used": cores,
-            "epochs": opts.epochs, "rounds": opts.rounds,
-        })
-    ray_row = rows[0]
-    ray_row.update(target=TARGET, meets_target=ray_row["ratio"] <= TARGET and (
-        ray_row["ratio_no_ray"] is None or ray_row["ratio_no_ray"] <= TARGET))
-    return rows
+    epoch, train = _per_round(runs[v], _epoch_s), _per_round(runs[v], _train_s)
+    ratio, ratio_spread = ratios("local", _epoch_s)
+    train_ratio, train_spread = ratios("local", _train_s)
+    ratio_no_ray, no_ray_spread = ratios("local_no_ray", _epoch_s)
+    train_no_ray, _ = ratios("local_no_ray", _train_s)
+    last = runs[v][-1].epochs[-1]
+    startup = [run.wall_s - sum(e["epoch_s"] for e in run.epochs) for run in runs[v]]
+    return {
+        "variant": v, "num_workers": VARIANTS[v], "ray_running": v != "local_no_ray",
+        "epoch_s": statistics.median(epoch), "epoch_spread": spread(epoch),
+        "train_s": statistics.median(train),
+        "rest_s": statistics.median(epoch) - statistics.median(train),
+        "ratio": ratio, "ratio_spread": ratio_spread,
+        "train_ratio": train_ratio, "train_ratio_spread": train_spread,
+        "ratio_no_ray": ratio_no_ray, "ratio_no_ray_spread": no_ray_spread,
+        "train_ratio_no_ray": train_no_ray,
+        "phases_s": _phases(runs[v]), "run_wall_s": statistics.median(run.wall_s for run in runs[v]),
+        "startup_s": statistics.median(startup),
+        "torch_threads": last["torch_threads"], "interop_threads": last["interop_threads"],
+        "omp_num_threads": last["omp_num_threads"], "cpus": last["cpus"],
+        "python_threads": last["python_threads"], "os_threads": last["os_threads"],
+        "cores_used": _cores(runs[v]),
+        "epochs": opts.epochs, "rounds": opts.rounds,
+    }
+
+
+def _phases(runs: list[SimpleNamespace]) -> dict[str, float]:
+    """Median seconds per epoch of every phase the runs timed, and of the rest (``other``)."""
+    phases = {p: statistics.median(_per_round(runs, lambda e, p=p: e["phases"].get(p, 0.0)))
+              for p in PHASES if any(p in e["phases"] for run in runs for e in run.epochs)}
+    phases["other"] = statistics.median(_per_round(runs, _other))
+    return phases
+
+
+def _cores(runs: list[SimpleNamespace]) -> dict[str, float] | None:
+    """Median cores used by the training process, Ray and the rest (None: not sampled)."""
+    cores = [run.cores for run in runs if run.cores]
+    return {k: statistics.median(c[k] for c in cores) for k in cores[0]} if cores else None
 
 
 def render(rows: list[dict]) -> str:
