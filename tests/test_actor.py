@@ -7,10 +7,10 @@ import time
 import numpy as np
 
 from vitcae_ray import checkpoints
-from vitcae_ray.config import FreezeConfig, SchedulerConfig
+from vitcae_ray.config import FreezeConfig, TemperatureConfig
 from vitcae_ray.convergence import HeadController, HeadDecision
 
-ARGS = (2, 2, 3, SchedulerConfig(), FreezeConfig(drift_threshold=10.0, patience=1, kappa_window=1), 1)
+ARGS = (2, 2, 3, TemperatureConfig(), FreezeConfig(drift_threshold=10.0, patience=1, kappa_window=1), 1)
 
 
 def _stats(rng):

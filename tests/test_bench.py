@@ -116,6 +116,7 @@ def test_ray_suite_times_both_variants_and_breaks_the_epoch_down(ray_session, tm
 
 
 @pytest.mark.slow  # trains every variant: about 45 s on 2 cores
+@pytest.mark.ray  # in Ray Train's local mode
 def test_quality_suite_trains_every_variant_with_the_same_seed(tmp_path):
     rows = _bench(tmp_path, "quality", "--output", str(tmp_path / "runs"))
     runs = [r for r in rows if r["kind"] == "run"]

@@ -9,7 +9,6 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from tiny import TINY
 from vitcae_ray.config import build_config
 from vitcae_ray.freezing import apply_frozen
 from vitcae_ray.losses import vitcae_loss
@@ -19,19 +18,22 @@ from vitcae_ray.train import run
 
 pytestmark = pytest.mark.slow
 
-CFG = build_config(TINY)
+
+@pytest.fixture(scope="module")
+def cfg(tiny_config):
+    return build_config(tiny_config)
 
 
-def _steps(model, forward, n: int, seed: int = 0):
+def _steps(cfg, model, forward, n: int, seed: int = 0):
     """n training steps with the readout on; (losses, readout sums) of every step."""
     torch.manual_seed(seed)
-    opt = build_optimizer(model, CFG.optim)
+    opt = build_optimizer(model, cfg.optim)
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     losses, readouts = [], []
     for _ in range(n):
         model.set_readout(True)
         opt.zero_grad(set_to_none=True)
-        loss = vitcae_loss(forward(x, sample=False), x, 10, CFG.loss)["loss"]
+        loss = vitcae_loss(forward(x, sample=False), x, 10, cfg.loss)["loss"]
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -39,20 +41,20 @@ def _steps(model, forward, n: int, seed: int = 0):
     return losses, readouts
 
 
-def test_compiled_steps_match_eager_and_compile_once_per_frozen_set():
+def test_compiled_steps_match_eager_and_compile_once_per_frozen_set(cfg):
     torch._dynamo.reset()
     counters.clear()
     for frozen in ([[], []], [[0], [0, 1]]):
         torch.manual_seed(0)
-        eager = build_model(CFG.model, 16, 1)
+        eager = build_model(cfg.model, 16, 1)
         apply_frozen(eager, frozen, "weights", out_proj=True)
-        compiled = build_model(CFG.model, 16, 1)
+        compiled = build_model(cfg.model, 16, 1)
         compiled.load_state_dict(eager.state_dict())
         apply_frozen(compiled, frozen, "weights", out_proj=True)
         torch._dynamo.reset()
         graphs = counters["stats"]["unique_graphs"]
-        want_loss, want_readout = _steps(eager, eager, 4)
-        got_loss, got_readout = _steps(compiled, torch.compile(compiled), 4)
+        want_loss, want_readout = _steps(cfg, eager, eager, 4)
+        got_loss, got_readout = _steps(cfg, compiled, torch.compile(compiled), 4)
         assert got_loss == pytest.approx(want_loss, rel=1e-4)
         for got, want in zip(got_readout, want_readout):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -60,11 +62,12 @@ def test_compiled_steps_match_eager_and_compile_once_per_frozen_set():
         assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
-def test_training_with_compile_freezes_mid_run(tmp_path):
+@pytest.mark.ray  # Ray Train's local mode
+def test_training_with_compile_freezes_mid_run(tmp_path, tiny_config):
     out = tmp_path / "run"
     freeze = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
               "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
-    cfg = build_config({**TINY, **freeze, "train.compile": True, "train.num_workers": 0,
+    cfg = build_config({**tiny_config, **freeze, "train.compile": True, "train.num_workers": 0,
                         "train.cpus_per_worker": 1.0, "train.log_images": False,
                         "train.eval_every": 0, "train.epochs": 3, "train.output": str(out)})
     run(cfg, verbose=False)

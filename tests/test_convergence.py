@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance_nd
 
-from vitcae_ray.config import FreezeConfig, SchedulerConfig
+from vitcae_ray.config import FreezeConfig, TemperatureConfig
 from vitcae_ray.convergence import (HeadController, HeadDecision, drift_w1, drift_w1_heads, grid_cost,
                                     kappa, kappa_heads, patch_coords)
 
@@ -112,9 +112,9 @@ def _script(n: int, seed: int = 0, kappa_change_at: int | None = None):
     return out
 
 
-def _controller(min_epoch: int = 3, scheduler: dict | None = None, **freeze) -> HeadController:
+def _controller(min_epoch: int = 3, temperature: dict | None = None, **freeze) -> HeadController:
     fz = FreezeConfig(**{"drift_threshold": THRESHOLD, "patience": 2, "kappa_window": 2, **freeze})
-    return HeadController(L, H, G, SchedulerConfig(**{"alpha": ALPHA, **(scheduler or {})}), fz,
+    return HeadController(L, H, G, TemperatureConfig(**{"alpha": ALPHA, **(temperature or {})}), fz,
                           min_epoch)
 
 
@@ -183,7 +183,7 @@ def test_tau_factors_follow_the_drift_and_stay_fixed_once_frozen():
 
 def test_switches_turn_the_schedule_and_freezing_off():
     data = _script(7)
-    ds = _run(_controller(scheduler={"enabled": False}), data)
+    ds = _run(_controller(temperature={"enabled": False}), data)
     assert all(d.tau_factor == [[1.0, 1.0], [1.0, 1.0]] for d in ds)
     assert ds[-1].frozen_epoch[0][0] == 4  # freezing still works
     ds = _run(_controller(enabled=False), data)
@@ -201,7 +201,7 @@ def test_per_layer_cap_freezes_the_lowest_drift_heads_first():
 
     def run(frac: float) -> list[HeadDecision]:
         fz = FreezeConfig(drift_threshold=10.0, patience=2, kappa_window=2, max_frozen_frac=frac)
-        c = HeadController(2, 3, G, SchedulerConfig(alpha=ALPHA), fz, min_epoch=3)
+        c = HeadController(2, 3, G, TemperatureConfig(alpha=ALPHA), fz, min_epoch=3)
         return [c.update(e, cls, patch) for e, (cls, _) in enumerate(data)]
 
     ds = run(0.5)  # floor(0.5 * 3) = 1 head per layer; every head qualifies at epoch 3
@@ -231,7 +231,7 @@ def test_replay_overwrites_and_epochs_must_be_contiguous():
     late = _controller()
     assert math.isnan(late.update(5, *data[5]).drift[0][0])
     # replays reach back replay_window epochs
-    short = HeadController(L, H, G, SchedulerConfig(), FreezeConfig(), 3, replay_window=2)
+    short = HeadController(L, H, G, TemperatureConfig(), FreezeConfig(), 3, replay_window=2)
     _run(short, data[:6])
     with pytest.raises(ValueError, match="replay window"):
         short.update(3, *data[3])
@@ -263,7 +263,7 @@ def test_state_round_trips_through_json_and_a_checkpoint(tmp_path):
     empty.load_state_dict(_controller().state_dict())
     assert empty.last_epoch is None and empty.update(2, *data[2]).epoch == 2
     with pytest.raises(ValueError, match="cannot load"):
-        HeadController(3, H, G, SchedulerConfig(), FreezeConfig(), 3).load_state_dict(state)
+        HeadController(3, H, G, TemperatureConfig(), FreezeConfig(), 3).load_state_dict(state)
 
 
 def test_decision_dict_round_trip():

@@ -3,6 +3,7 @@ the training must give the global latent z_cls."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from vitcae_ray.data import build_datasets
 from vitcae_ray.engine import train_one_epoch
 from vitcae_ray.model import build_model
 from vitcae_ray.optim import build_lr_schedule, build_optimizer
-from vitcae_ray.train import seed_everything
+from vitcae_ray.engine import seed_everything
 
 # the quickstart model on the digits at their native 8x8, trained in-process (no Ray: the
 # trainer is tested elsewhere) for 30 epochs, about a minute here. Measured with this set-up:
@@ -108,11 +109,18 @@ def test_every_task_writes_its_png_and_metrics(trained, tmp_path):
     assert m["sample/real_score"] > 5
 
 
+def _copy_checkpoint(model_file, directory) -> None:
+    """A complete checkpoint directory: the file and its digest (sha256 and size)."""
+    data = model_file.read_bytes()
+    (directory / "checkpoint.pt").write_bytes(data)
+    (directory / "checkpoint.sha256").write_text(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n")
+
+
 def test_run_directory_and_checkpoint_inputs_resolve_to_a_model(trained, tmp_path):
     model, cfg, path, _ = trained
     ckpt = tmp_path / "run" / "train" / "checkpoint_epoch_0003"
     ckpt.mkdir(parents=True)
-    (ckpt / "checkpoint.pt").write_bytes(path.read_bytes())
+    _copy_checkpoint(path, ckpt)
     exported = tmp_path / "exported"
     exported.mkdir()
     (exported / "model.pt").write_bytes(path.read_bytes())
@@ -124,7 +132,7 @@ def test_run_directory_and_checkpoint_inputs_resolve_to_a_model(trained, tmp_pat
     # a run directory with metrics: the surviving checkpoint with the best val/elbo, not the latest
     earlier = tmp_path / "run" / "train" / "checkpoint_epoch_0001"
     earlier.mkdir()
-    (earlier / "checkpoint.pt").write_bytes(path.read_bytes())
+    _copy_checkpoint(path, earlier)
     (tmp_path / "run" / "metrics.jsonl").write_text(
         json.dumps({"epoch": 1, "val/elbo": -10.0}) + "\n" + json.dumps({"epoch": 3, "val/elbo": -5.0}) + "\n")
     assert "checkpoint_epoch_0001" in ev.load_model(str(tmp_path / "run"), torch.device("cpu"))[2]

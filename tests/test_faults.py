@@ -14,14 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import metrics_lines
-from tiny import TINY
 from vitcae_ray import checkpoints
 from vitcae_ray.config import build_config
-from vitcae_ray.train import LocalCheckpoints, init_model, load_state, main, rank_spread
+from vitcae_ray.checkpoints import LocalCheckpoints
+from vitcae_ray.checkpoints import load as load_state
+from vitcae_ray.cli import main
+from vitcae_ray.engine import init_model
+from vitcae_ray.freezing import rank_spread
 
-SMALL = {**TINY, "train.batch_size": 32, "train.log_images": False, "loss.recon_weight": 10.0}
-SETS = [f"--set={k}={v}" for k, v in SMALL.items()]
+
+@pytest.fixture(scope="module")
+def small(tiny_config):
+    return {**tiny_config, "train.batch_size": 32, "train.log_images": False, "loss.recon_weight": 10.0}
+
+
+@pytest.fixture(scope="module")
+def sets(small):
+    return [f"--set={k}={v}" for k, v in small.items()]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -36,6 +45,7 @@ def _free_port() -> int:
 
 # --- bad input -----------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_address_with_no_cluster_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", "--address",
                            f"127.0.0.1:{_free_port()}", "--output", str(tmp_path / "run")],
@@ -45,6 +55,7 @@ def test_address_with_no_cluster_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.ray
 def test_output_naming_a_file_is_one_line_exit_2_and_the_file_is_kept(tmp_path, capsys):
     from vitcae_ray.tune import main as tune_main
 
@@ -59,23 +70,23 @@ def test_output_naming_a_file_is_one_line_exit_2_and_the_file_is_kept(tmp_path, 
 
 # --- seeding and the rank check ----------------------------------------------------------
 
-def test_initial_weights_depend_on_train_seed_alone():
-    cfg = build_config({**SMALL, "train.seed": 3})
+def test_initial_weights_depend_on_train_seed_alone(small):
+    cfg = build_config({**small, "train.seed": 3})
     first = init_model(cfg, 1, torch.device("cpu")).state_dict()
     torch.rand(100)  # whatever ran before (data loading, another model) draws differently
     again = init_model(cfg, 1, torch.device("cpu")).state_dict()
-    other = init_model(build_config({**SMALL, "train.seed": 4}), 1, torch.device("cpu")).state_dict()
+    other = init_model(build_config({**small, "train.seed": 4}), 1, torch.device("cpu")).state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["cls_token"], other["cls_token"])
 
 
-def _spread_worker(rank: int, port: int, results) -> None:
+def _spread_worker(rank: int, port: int, small: dict, results) -> None:
     import torch.distributed as dist
 
     from vitcae_ray.freezing import apply_frozen
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    model = init_model(build_config(SMALL), 1, torch.device("cpu"))
+    model = init_model(build_config(small), 1, torch.device("cpu"))
     results[("same", rank)] = rank_spread(model, 2)
     if rank == 1:
         with torch.no_grad():
@@ -89,13 +100,13 @@ def _spread_worker(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def test_rank_spread_sees_ranks_that_disagree():
+def test_rank_spread_sees_ranks_that_disagree(small):
     """``ddp/rank_spread`` on two gloo ranks: 0 when they agree, > 0 when one rank's weights
     or frozen set differ (in a run it is measured before DDP's re-wrap copies rank 0's)."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Manager().dict()
     port = _free_port()
-    procs = [ctx.Process(target=_spread_worker, args=(r, port, results)) for r in (0, 1)]
+    procs = [ctx.Process(target=_spread_worker, args=(r, port, small, results)) for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
@@ -108,8 +119,9 @@ def test_rank_spread_sees_ranks_that_disagree():
 
 # --- non-finite losses -------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_non_finite_steps_are_skipped_up_to_the_bound_then_the_run_stops(tmp_path, capsys,
-                                                                         monkeypatch):
+                                                                         monkeypatch, sets):
     """The fault, injected into the real loss: every 10th training step's loss is NaN (as a
     rare bad batch or overflow would make it). With a bound of 6 the 5 of epoch 0 are skipped
     and counted; the 2nd of epoch 1 passes the bound and stops the run."""
@@ -128,7 +140,7 @@ def test_non_finite_steps_are_skipped_up_to_the_bound_then_the_run_stops(tmp_pat
     loss = engine.vitcae_loss
     monkeypatch.setattr(engine, "vitcae_loss", sometimes_nan)
     out = tmp_path / "run"
-    code = main(["--num-workers", "0", "--epochs", "4", "--output", str(out), *SETS,
+    code = main(["--num-workers", "0", "--epochs", "4", "--output", str(out), *sets,
                  "--set", "train.max_nonfinite_steps=6"])
     assert code == 1
     steps = 1617 // 32  # training steps an epoch: the 2nd NaN of epoch 1 is its step 19
@@ -144,13 +156,13 @@ def test_non_finite_steps_are_skipped_up_to_the_bound_then_the_run_stops(tmp_pat
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_an_epoch_with_no_finite_step_stops_even_within_the_bound():
+def test_an_epoch_with_no_finite_step_stops_even_within_the_bound(small):
     from torch.utils.data import DataLoader, TensorDataset
 
     from vitcae_ray.engine import NonFiniteLossError, train_one_epoch
     from vitcae_ray.optim import build_lr_schedule, build_optimizer
 
-    cfg = build_config({**SMALL, "loss.warmup_epochs": 0, "loss.mmd_weight": float("nan"),
+    cfg = build_config({**small, "loss.kl_warmup_epochs": 0, "loss.mmd_weight": float("nan"),
                         "train.max_nonfinite_steps": 1000})
     model = init_model(cfg, 1, torch.device("cpu"))
     loader = DataLoader(TensorDataset(torch.rand(8, 1, 16, 16), torch.zeros(8)), batch_size=4)
@@ -166,14 +178,15 @@ def test_an_epoch_with_no_finite_step_stops_even_within_the_bound():
 # --- checkpoints -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(tmp_path_factory, sets):
     out = tmp_path_factory.mktemp("local") / "run"
-    args = ["--num-workers", "0", "--epochs", "2", "--output", str(out), *SETS,
+    args = ["--num-workers", "0", "--epochs", "2", "--output", str(out), *sets,
             "--set", "train.num_checkpoints=3"]
     assert main(args) == 0
     return out, args
 
 
+@pytest.mark.ray  # local_run trains in Ray Train's local mode
 def test_a_checkpoint_cut_off_mid_write_never_becomes_latest(local_run, tmp_path):
     out, _ = local_run
     ckpts = LocalCheckpoints(str(out), "train", 3)
@@ -194,6 +207,7 @@ def test_a_checkpoint_cut_off_mid_write_never_becomes_latest(local_run, tmp_path
         cut.rmdir()
 
 
+@pytest.mark.ray  # local_run trains in Ray Train's local mode
 def test_a_damaged_latest_checkpoint_is_named_and_nothing_is_written(local_run, capsys):
     out, args = local_run
     path = out / "train" / "checkpoint_epoch_0001" / checkpoints.CHECKPOINT_FILE
@@ -236,12 +250,13 @@ def _kill_at(proc: subprocess.Popen, count, lines: int, sig: int, timeout: float
     return proc.wait(timeout=300)
 
 
-def test_killed_local_driver_resumes_on_rerun(tmp_path):
+@pytest.mark.ray
+def test_killed_local_driver_resumes_on_rerun(tmp_path, sets, metrics_lines):
     """Local mode (``--num-workers 0``): SIGKILL once epoch 1 is logged, whatever the
     checkpoint copy was doing; the same command resumes, and every epoch is logged once."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vitcae_ray.train", "--num-workers", "0", "--epochs", "3",
-           "--output", "run", *SETS]
+           "--output", "run", *sets]
     proc = _launch(cmd, tmp_path / "1.log", tmp_path)
     assert _kill_at(proc, lambda: metrics_lines(out), 2, signal.SIGKILL) == -signal.SIGKILL
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -251,7 +266,8 @@ def test_killed_local_driver_resumes_on_rerun(tmp_path):
     assert [m["epoch"] for m in _metrics(out)] == [0, 1, 2]
 
 
-def test_interrupted_and_killed_ray_drivers_and_tune_experiment_resume(ray_session, tmp_path):
+def test_interrupted_and_killed_ray_drivers_and_tune_experiment_resume(ray_session, tmp_path, sets,
+                                                                       metrics_lines):
     """``python -m vitcae_ray.train`` on a Ray cluster: Ctrl-C (SIGINT) once epoch 1 is
     logged, then the same command, SIGKILL once epoch 2 is logged, then the same command
     again. ``python -m vitcae_ray.tune``: SIGKILL in the trial's first epochs,
@@ -259,7 +275,7 @@ def test_interrupted_and_killed_ray_drivers_and_tune_experiment_resume(ray_sessi
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vitcae_ray.train", "--address", address, "--num-workers", "1",
-           "--epochs", "4", "--output", str(out), *SETS, "--set", "train.cpus_per_worker=0.5"]
+           "--epochs", "4", "--output", str(out), *sets, "--set", "train.cpus_per_worker=0.5"]
 
     # Ctrl-C once epoch 1 is logged: epoch 0's checkpoint is then registered with Ray Train
     # (one uploaded but not yet registered when the driver stops is not the run's latest)
@@ -282,7 +298,7 @@ def test_interrupted_and_killed_ray_drivers_and_tune_experiment_resume(ray_sessi
     space.write_text("optim.lr: {grid: [3.0e-3]}\n")
     tune = [sys.executable, "-m", "vitcae_ray.tune", "--address", address, "--space", str(space),
             "--num-samples", "1", "--max-epochs", "2", "--workers-per-trial", "1",
-            "--output", str(exp), "--trial-driver-resource", "trial_driver", *SETS,
+            "--output", str(exp), "--trial-driver-resource", "trial_driver", *sets,
             "--set", "train.cpus_per_worker=0.5"]
 
     def trial_lines() -> int:

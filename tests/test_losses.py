@@ -41,7 +41,7 @@ def test_imq_mmd_zero_for_identical_samples_and_grows_with_shift():
 
 
 def test_curriculum_kl_only_then_ramps_into_the_mix():
-    cfg = LossConfig(warmup_epochs=2, ramp_epochs=2, kl_mix=0.25)
+    cfg = LossConfig(kl_warmup_epochs=2, ramp_epochs=2, kl_mix=0.25)
     assert curriculum(0, cfg) == (1.0, 0.0)
     assert curriculum(1, cfg) == (1.0, 0.0)
     kl, mmd = curriculum(2, cfg)

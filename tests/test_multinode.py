@@ -18,14 +18,14 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from vitcae_ray.outputs import join, read_text
+from vitcae_ray import filesystem
+from vitcae_ray.filesystem import join
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STANDIN = "gpu_standin"  # what each simulated GPU node has instead of a GPU
@@ -176,11 +176,11 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
         assert all(n == s["head"] for n in s["actors"].get("ImplicitFunc", []))
     assert any(s["actors"].get("HeadConvergenceActor") for s in samples)
 
-    fs, path = pafs.FileSystem.from_uri(join(exp, "results.parquet"))
+    fs, path = filesystem.resolve(join(exp, "results.parquet"))
     rows = pq.read_table(path, filesystem=fs).to_pylist()
     assert len(rows) == 3 and all(r["status"] in ("completed", "stopped") for r in rows)
     assert all(r["epochs"] >= 1 for r in rows)
     export = subprocess.run([sys.executable, "-m", "vitcae_ray.export", "--experiment", exp,
                              "--out", best], capture_output=True, text=True, timeout=600)
     assert export.returncode == 0, export.stderr
-    assert read_text(best, "metrics.json") is not None
+    assert filesystem.read_text(join(best, "metrics.json")) is not None

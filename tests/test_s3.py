@@ -6,43 +6,43 @@ import json
 import os
 import signal
 
-import pyarrow.fs as pafs
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import vitcae_ray
-from tiny import TINY
 from vitcae_ray.config import build_config
 from vitcae_ray.data import build_datasets
 from vitcae_ray.data.streaming import streams
 from vitcae_ray.data.to_parquet import main as to_parquet
 from vitcae_ray.engine import evaluate
 from vitcae_ray.export import main as export_main
-from vitcae_ray.outputs import join, read_text
+from vitcae_ray import filesystem
+from vitcae_ray.filesystem import join
 from vitcae_ray.train import run
 from vitcae_ray.tune import load_space, run_sweep
 
-SMALL = {**TINY, "train.batch_size": 32, "train.log_images": False, "train.eval_every": 0,
-         "train.cpus_per_worker": 0.5}
+
+@pytest.fixture(scope="module")
+def small(tiny_config):
+    return {**tiny_config, "train.batch_size": 32, "train.log_images": False, "train.eval_every": 0,
+            "train.cpus_per_worker": 0.5}
 
 
 def _lines(uri: str, name: str) -> list[dict]:
-    return [json.loads(line) for line in (read_text(uri, name) or "").splitlines()]
+    return [json.loads(line) for line in (filesystem.read_text(join(uri, name)) or "").splitlines()]
 
 
 def _dirs(uri: str) -> list[str]:
-    fs, path = pafs.FileSystem.from_uri(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return filesystem.list_dirs(uri)
 
 
-def test_parquet_on_s3_streams_to_two_workers_with_the_run_directory_on_s3(ray_session, s3):
+def test_parquet_on_s3_streams_to_two_workers_with_the_run_directory_on_s3(ray_session, s3, small):
     data = s3("digits-16")
     # 1,599 train rows: odd, and half of them rounded up (800) is a multiple of 32 (see below)
     assert to_parquet(["--dataset", "digits", "--image-size", "16", "--val-fraction", "0.1102",
                        "--out", data]) == 0
-    base = {**SMALL, "data.dataset": "parquet", "data.root": data, "train.num_workers": 2,
+    base = {**small, "data.dataset": "parquet", "data.root": data, "train.num_workers": 2,
             "train.epochs": 1, "train.output": s3("runs/pq")}
     assert streams(build_config(base).data)
     train_rows = sum(1 for _ in build_datasets(build_config(base).data)[0])
@@ -60,11 +60,11 @@ def test_parquet_on_s3_streams_to_two_workers_with_the_run_directory_on_s3(ray_s
     assert first["train/samples"] != 2 * half_up  # what the DataLoader path trains on
     assert first["epochs_done"] == 1 and first["val/mse"] < 0.1
     assert _dirs(join(out, "train")) == ["checkpoint_epoch_0000"]
-    assert read_text(out, "config.yaml") is not None
+    assert filesystem.read_text(join(out, "config.yaml")) is not None
 
 
 @pytest.mark.slow  # about 2.5 minutes: a two-trial sweep, its resume, an export
-def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tmp_path):
+def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tmp_path, small):
     from ray import tune
 
     class InterruptAfterFirstTrial(tune.Callback):
@@ -81,7 +81,7 @@ def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tm
     space_file = tmp_path / "space.yaml"
     space_file.write_text("optim.lr: {grid: [3.0e-3, 2.0e-3]}\n")
     space = load_space(str(space_file))
-    base = build_config({**SMALL, "train.num_workers": 1, "train.epochs": 2})
+    base = build_config({**small, "train.num_workers": 1, "train.epochs": 2})
     exp = s3("exp")
     try:
         run_sweep(base, space, exp, num_samples=1, grace_period=2,
@@ -94,11 +94,11 @@ def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tm
     for r in rows:
         assert r["status"] == "completed"
         assert [m["epoch"] for m in _lines(r["run_dir"], "metrics.jsonl")] == [0, 1]
-    assert read_text(exp, "results.csv") is not None
+    assert filesystem.read_text(join(exp, "results.csv")) is not None
 
     model_uri = s3("best")
     assert export_main(["--experiment", exp, "--out", model_uri]) == 0
-    metrics = json.loads(read_text(model_uri, "metrics.json"))
+    metrics = json.loads(filesystem.read_text(join(model_uri, "metrics.json")))
     model = vitcae_ray.load_pretrained(model_uri)
     _, val, _ = build_datasets(base.data)
     again = evaluate(model, DataLoader(val, batch_size=32), metrics["epoch"], base,

@@ -6,12 +6,14 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from tiny import TINY
 from vitcae_ray.cluster import (TrialCapacity, is_autoscaling, settle_resources, trials_that_fit)
 from vitcae_ray.config import ConfigError, build_config, resolve
 from vitcae_ray.tune import load_space, split_space
 
-SMALL = {**TINY, "train.batch_size": 32, "train.log_images": False, "train.eval_every": 0}
+
+@pytest.fixture(scope="module")
+def small(tiny_config):
+    return {**tiny_config, "train.batch_size": 32, "train.log_images": False, "train.eval_every": 0}
 
 
 # --- paths from any directory ------------------------------------------------------------
@@ -20,7 +22,7 @@ def test_shipped_spaces_and_configs_load_by_name_or_path_from_any_directory(tmp_
     monkeypatch.chdir(tmp_path)
     for name in ("default", "small", "tune_spaces/small.yaml", "small.yaml"):
         space = load_space(name)
-        assert "scheduler.alpha" in space, name
+        assert "temperature.alpha" in space, name
     searched, fixed = split_space(load_space("small"))
     assert fixed == {"train.epochs": 6} and "train.epochs" not in searched
     for name in ("digits_tiny", "configs/digits_tiny.yaml"):
@@ -68,7 +70,7 @@ def test_auto_worker_cpus_fit_this_machine_and_too_much_is_one_line(ray_session)
 
 
 def test_an_infeasible_run_is_exit_2_before_anything_is_written(ray_session, tmp_path, capsys):
-    from vitcae_ray.train import main
+    from vitcae_ray.cli import main
 
     out = tmp_path / "run"
     code = main(["--num-workers", "2", "--output", str(out),
@@ -95,16 +97,17 @@ def test_trial_capacity_follows_the_cluster_and_a_restored_limit_cannot_pin_it(r
 
 # --- sweeps ---------------------------------------------------------------------------------
 
-def test_a_sweep_refuses_a_shared_checkpoint_storage(tmp_path):
+@pytest.mark.ray  # Tune
+def test_a_sweep_refuses_a_shared_checkpoint_storage(tmp_path, small):
     from vitcae_ray.tune import run_sweep
 
-    base = build_config({**SMALL, "train.storage_path": str(tmp_path / "ckpt")})
+    base = build_config({**small, "train.storage_path": str(tmp_path / "ckpt")})
     with pytest.raises(ConfigError, match="train.storage_path"):
         run_sweep(base, load_space("small"), str(tmp_path / "exp"), num_samples=1)
     assert not (tmp_path / "exp").exists()
 
 
-def test_a_sweep_whose_trials_all_fail_is_reported_as_failed(ray_session, tmp_path, capsys):
+def test_a_sweep_whose_trials_all_fail_is_reported_as_failed(ray_session, tmp_path, capsys, small):
     from vitcae_ray.tune import main
 
     space = tmp_path / "space.yaml"
@@ -113,7 +116,7 @@ def test_a_sweep_whose_trials_all_fail_is_reported_as_failed(ray_session, tmp_pa
     # NaN loss weight: every trial stops at its first step; --metric val/mse must still work
     code = main(["--space", str(space), "--output", str(exp), "--num-samples", "1",
                  "--max-epochs", "2", "--metric", "val/mse",
-                 *[f"--set={k}={v}" for k, v in SMALL.items()],
+                 *[f"--set={k}={v}" for k, v in small.items()],
                  "--set", "train.cpus_per_worker=0.5", "--set", "loss.recon_weight=nan"])
     captured = capsys.readouterr()
     assert code == 1 and "every trial failed" in captured.err

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from tiny import TINY
 from vitcae_ray.soak import main
 
 
@@ -22,9 +21,9 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, words):
 
 
 @pytest.mark.slow  # about 3 minutes
-def test_a_short_soak_kills_workers_and_keeps_every_epoch_once(ray_session, tmp_path, capsys):
+def test_a_short_soak_kills_workers_and_keeps_every_epoch_once(ray_session, tmp_path, capsys, tiny_config):
     out = tmp_path / "soak"
-    sets = [f"--set={k}={v}" for k, v in {**TINY, "train.batch_size": 32,
+    sets = [f"--set={k}={v}" for k, v in {**tiny_config, "train.batch_size": 32,
                                           "train.log_images": False,
                                           "train.cpus_per_worker": 0.5}.items()
             if k != "train.max_failures"]

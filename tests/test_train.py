@@ -10,16 +10,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from faults import Killer
-from tb_reader import tags
-from tiny import TINY
 from vitcae_ray.config import build_config
-from vitcae_ray.train import load_state, main, model_from_state, run
+from vitcae_ray.checkpoints import load as load_state
+from vitcae_ray.checkpoints import model_from_state
+from vitcae_ray.cli import main
+from vitcae_ray.train import run
 
-# A small model and 16x16 images keep a 2-worker epoch to a few seconds on 2 cores.
-SMALL = {
-    **TINY, "train.batch_size": 32, "train.num_image_samples": 8, "loss.recon_weight": 10.0,
-}
+pytestmark = pytest.mark.ray  # every test runs the trainer (Ray Train, local mode included)
+
+
+@pytest.fixture(scope="module")
+def small(tiny_config):
+    # A small model and 16x16 images keep a 2-worker epoch to a few seconds on 2 cores.
+    return {
+        **tiny_config, "train.batch_size": 32, "train.num_image_samples": 8, "loss.recon_weight": 10.0,
+    }
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -30,7 +35,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 # under DDP); the resumed run lifts the cap, so whole layers freeze (empty active groups)
 FREEZE = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
           "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
-TWO_WORKERS = {**SMALL, **FREEZE, "train.epochs": 5, "train.num_workers": 2,
+TWO_WORKERS = {**FREEZE, "train.epochs": 5, "train.num_workers": 2,
                "train.cpus_per_worker": 0.5, "train.eval_every": 2}
 # what a run decides and learns: equal between an uninterrupted and a restarted run
 DETERMINED = ("train/loss", "train/kl", "val/elbo", "val/mse", "heads/frozen",
@@ -38,7 +43,7 @@ DETERMINED = ("train/loss", "train/kl", "val/elbo", "val/mse", "heads/frozen",
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(ray_session, tmp_path_factory):
+def two_worker_run(ray_session, tmp_path_factory, small):
     """An uninterrupted 2-worker run: (config, run directory, its metrics and heads table as
     they were when it finished)."""
     import os
@@ -47,7 +52,7 @@ def two_worker_run(ray_session, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(tmp)  # a relative --output (as in the README) is the caller's directory
     try:
-        cfg = build_config({**TWO_WORKERS, "train.output": "run"})
+        cfg = build_config({**small, **TWO_WORKERS, "train.output": "run"})
         result = run(cfg, verbose=False)
     finally:
         os.chdir(cwd)
@@ -56,8 +61,8 @@ def two_worker_run(ray_session, tmp_path_factory):
     return cfg, out, _metrics(out), pq.read_table(out / "heads.parquet").to_pylist()
 
 
-def test_two_worker_run_learns_logs_and_resumes(two_worker_run):
-    cfg, out, history, _ = two_worker_run
+def test_two_worker_run_learns_and_logs_every_epoch(two_worker_run):
+    _, out, history, _ = two_worker_run
     assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]
     assert history[-1]["val/mse"] < history[0]["val/mse"]
     for key in ("train/loss", "train/recon", "train/prior_recon", "train/kl", "train/mmd",
@@ -72,7 +77,11 @@ def test_two_worker_run_learns_logs_and_resumes(two_worker_run):
     # both workers' samples are counted: the train split (1617 images) less the dropped tails
     assert history[0]["train/samples"] > 1500
     assert (out / "config.yaml").is_file()
-    tb = tags(out / "tb")
+
+
+def test_two_worker_run_writes_tensorboard_images_and_checkpoints(two_worker_run, tb_tags):
+    _, out, _, _ = two_worker_run
+    tb = tb_tags(out / "tb")
     assert tb["val/mse"] == [0, 1, 2, 3, 4] and tb["reconstructions"] == [0, 1, 2, 3, 4]
     assert "samples" in tb
     assert tb["inpainting"] == tb["interpolation"] == [1, 3, 4]
@@ -80,8 +89,10 @@ def test_two_worker_run_learns_logs_and_resumes(two_worker_run):
     ckpts = sorted((out / "train").glob("checkpoint_epoch_*"))
     assert ckpts and (ckpts[-1] / "checkpoint.pt").is_file()
 
-    # heads froze mid-run, identically on both ranks, and the step got cheaper
-    total = 2 * 2  # depth x heads of SMALL
+
+def test_heads_freeze_mid_run_identically_on_both_ranks_and_the_step_gets_cheaper(two_worker_run):
+    _, _, history, _ = two_worker_run
+    total = 2 * 2  # depth x heads of the small model
     assert [m["heads/frozen"] for m in history] == [0, 0, 2, 2, 2]
     assert all(m["heads/total"] == total for m in history)
     assert all(m["ddp/rank_spread"] == 0.0 for m in history)
@@ -93,25 +104,48 @@ def test_two_worker_run_learns_logs_and_resumes(two_worker_run):
     assert history[3]["flops/epoch_unfrozen"] > history[2]["flops/epoch_unfrozen"]
     cumulative = 1 - sum(m["flops/epoch"] for m in history) / sum(m["flops/epoch_unfrozen"] for m in history)
     assert history[4]["flops/cumulative_saved_frac"] == pytest.approx(cumulative)
+
+
+def test_heads_table_and_tensorboard_hold_every_head_of_every_epoch(two_worker_run, tb_tags):
+    _, out, _, _ = two_worker_run
+    total = 2 * 2  # depth x heads of the small model
     table = pq.read_table(out / "heads.parquet").to_pylist()
     assert len(table) == 5 * total
     frozen_rows = [r for r in table if r["epoch"] == 4 and r["frozen"]]
     assert len(frozen_rows) == 2 and all(r["frozen_epoch"] == 1 for r in frozen_rows)
-    assert {"heads/drift_w1", "heads/tau", "heads/frozen"} <= set(tb)
-    before = load_state(ckpts[-1])
+    assert {"heads/drift_w1", "heads/tau_effective", "heads/frozen"} <= set(tb_tags(out / "tb"))
 
-    # rerunning the same run with more epochs resumes at epoch 5 with the history intact
+
+# The tests above read the run directory as the uninterrupted run left it; the ones that use
+# ``resumed_run`` continue that run in the same directory, so they come after them.
+
+@pytest.fixture(scope="module")
+def resumed_run(two_worker_run):
+    """The same run rerun with more epochs (7) and the freezing cap lifted: (the latest
+    checkpoint's state before the rerun, the metrics after it, the latest state after it)."""
+    cfg, out, _, _ = two_worker_run
+    before = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
     more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7,
                                                     "output": str(out)},
                          "freeze": {**cfg.to_dict()["freeze"], "max_frozen_frac": 1.0}})
     result = run(more, verbose=False)
     assert result.error is None
-    resumed = _metrics(out)
+    state = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
+    return before, _metrics(out), state
+
+
+def test_rerunning_with_more_epochs_resumes_at_epoch_5_with_the_history_intact(
+        two_worker_run, resumed_run, tb_tags):
+    _, out, history, _ = two_worker_run
+    _, resumed, state = resumed_run
     assert [m["epoch"] for m in resumed] == list(range(7))
     assert resumed[:5] == history
-    state = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
     assert state["epoch"] == 6 and [m["epoch"] for m in state["history"]] == list(range(7))
-    assert tags(out / "tb")["val/mse"][-2:] == [5, 6]
+    assert tb_tags(out / "tb")["val/mse"][-2:] == [5, 6]
+
+
+def test_the_resumed_run_restores_the_frozen_heads_then_freezes_the_rest(resumed_run):
+    before, resumed, state = resumed_run
     # the resumed run restored the frozen set and the frozen heads' temperatures and weights,
     # then froze the rest: epoch 6 trained with every head frozen, ranks still in agreement
     assert [m["heads/frozen"] for m in resumed[5:]] == [2, 4]
@@ -127,13 +161,15 @@ def test_two_worker_run_learns_logs_and_resumes(two_worker_run):
             assert torch.equal(state["model"][prefix + "qkv_weight"][:, h],
                                before["model"][prefix + "qkv_weight"][:, h])
 
-    # the checkpoint alone rebuilds the model
+
+def test_the_checkpoint_alone_rebuilds_the_model(resumed_run):
+    _, _, state = resumed_run
     model = model_from_state(state)
     x = torch.rand(2, 1, 16, 16)
     assert model(x, sample=False).recon.shape == x.shape
 
 
-def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path):
+def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path, make_killer, tb_tags):
     """SIGKILL of a Ray Train worker (found through Ray's state API) once epoch 1 is logged,
     and of the head-convergence actor once epoch 3 is: the run restarts its workers from the
     latest checkpoint, the actor comes back with that checkpoint's head state, and the result
@@ -141,7 +177,7 @@ def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path):
     checkpoint holds the whole state)."""
     cfg, _, reference, ref_heads = two_worker_run
     out = tmp_path / "run"
-    killer = Killer(out, [(2, "RayTrainWorker"), (4, "HeadConvergenceActor")])
+    killer = make_killer(out, [(2, "RayTrainWorker"), (4, "HeadConvergenceActor")])
     killer.start()
     try:
         result = run(build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"],
@@ -156,12 +192,12 @@ def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path):
         assert [m[key] for m in history] == [m[key] for m in reference], key
     # frozen sets, temperature factors, drift and kappa of every (epoch, layer, head)
     assert pq.read_table(out / "heads.parquet").to_pylist() == ref_heads
-    assert tags(out / "tb")["val/mse"] == [0, 1, 2, 3, 4]
+    assert tb_tags(out / "tb")["val/mse"] == [0, 1, 2, 3, 4]
 
 
-def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path):
+def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path, small):
     out = tmp_path / "run"
-    cfg = build_config({**SMALL, "train.num_workers": 0, "train.cpus_per_worker": 1.0,
+    cfg = build_config({**small, "train.num_workers": 0, "train.cpus_per_worker": 1.0,
                         "train.log_images": False, "train.epochs": 3,
                         "train.num_checkpoints": 3, "train.output": str(out)})
     run(cfg, verbose=False)
@@ -176,12 +212,12 @@ def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path):
         assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5), key
 
 
-def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, capsys):
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, capsys, small):
     out = tmp_path / "nan"
     # the MMD term (weight NaN) enters at epoch 1, after one good epoch and its checkpoint
     code = main(["--num-workers", "0", "--epochs", "3", "--output", str(out),
-                 *[f"--set={k}={v}" for k, v in SMALL.items()],
-                 "--set", "train.log_images=false", "--set", "loss.warmup_epochs=1",
+                 *[f"--set={k}={v}" for k, v in small.items()],
+                 "--set", "train.log_images=false", "--set", "loss.kl_warmup_epochs=1",
                  "--set", "loss.mmd_weight=nan"])
     assert code == 1
     err = capsys.readouterr().err
@@ -192,10 +228,10 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path
     assert torch.isfinite(load_state(ckpts[0])["model"]["cls_token"]).all()
 
 
-def test_changed_settings_on_an_existing_run_are_refused_without_touching_it(tmp_path):
+def test_changed_settings_on_an_existing_run_are_refused_without_touching_it(tmp_path, small):
     out = tmp_path / "run"
     args = ["--num-workers", "0", "--epochs", "1", "--output", str(out),
-            *[f"--set={k}={v}" for k, v in SMALL.items()], "--set", "train.log_images=false"]
+            *[f"--set={k}={v}" for k, v in small.items()], "--set", "train.log_images=false"]
     assert main(args) == 0
     before = (out / "config.yaml").read_text(), (out / "metrics.jsonl").read_text()
     proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", *args,
