@@ -62,28 +62,36 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="vitcae-test")
-    query = (f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-             "&allow_delayed_open=true")
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1&allow_delayed_open=true"
     yield lambda key: f"s3://vitcae-test/{key}?{query}"
     server.stop()
 
 
 # --- the tiny model ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def tiny_config() -> dict:
     """Config overrides for the tiny model and image size the end-to-end tests train: a
     2-worker epoch takes seconds. Tests build on it (``{**tiny_config, ...}``), never change it."""
     return {
-        "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.dec_dim": 32,
-        "model.dec_depth": 1, "model.dec_heads": 2, "model.patch_size": 2, "model.prior_hidden": 64,
-        "data.image_size": 16, "train.max_failures": 0,
+        "model.embed_dim": 32,
+        "model.depth": 2,
+        "model.num_heads": 2,
+        "model.dec_dim": 32,
+        "model.dec_depth": 1,
+        "model.dec_heads": 2,
+        "model.patch_size": 2,
+        "model.prior_hidden": 64,
+        "data.image_size": 16,
+        "train.max_failures": 0,
     }
 
 
 # --- fault injection -----------------------------------------------------------------------
 # Kill a Ray process of a running training run (found through Ray's state API) once the
 # run's ``metrics.jsonl`` has reached a line count.
+
 
 def metrics_lines(run_dir: Path) -> int:
     try:
@@ -95,8 +103,7 @@ def metrics_lines(run_dir: Path) -> int:
 def alive_pids(class_name: str) -> list[int]:
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", class_name),
-                                                ("state", "=", "ALIVE")])]
+    return [a.pid for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
 
 
 class Killer(threading.Thread):
@@ -150,6 +157,7 @@ def make_killer():
 # --- TensorBoard ---------------------------------------------------------------------------
 # Event files written by tensorboardX (TFRecord framing, Event protos).
 
+
 def read_events(logdir: Path) -> list:
     from tensorboardX.proto import event_pb2
 
@@ -158,8 +166,8 @@ def read_events(logdir: Path) -> list:
         data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            payload = data[pos + 12:pos + 12 + length]
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            payload = data[pos + 12 : pos + 12 + length]
             pos += 12 + length + 4
             ev = event_pb2.Event()
             ev.ParseFromString(payload)

@@ -69,9 +69,13 @@ def test_a_killed_actor_comes_back_with_the_latest_checkpoints_state(ray_session
         (tmp_path / "run" / checkpoints.dir_name(2)).mkdir()
         (tmp_path / "run" / checkpoints.dir_name(2) / checkpoints.CHECKPOINT_FILE).write_bytes(b"PK")
 
-        pid = next(a.pid for a in list_actors(filters=[("class_name", "=", "HeadConvergenceActor"),
-                                                        ("state", "=", "ALIVE")])
-                   if a.name == "heads-kill-test")
+        pid = next(
+            a.pid
+            for a in list_actors(
+                filters=[("class_name", "=", "HeadConvergenceActor"), ("state", "=", "ALIVE")]
+            )
+            if a.name == "heads-kill-test"
+        )
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
         # epoch 2 again (its checkpoint never completed), then epoch 3: the old actor's
@@ -79,9 +83,13 @@ def test_a_killed_actor_comes_back_with_the_latest_checkpoints_state(ray_session
         assert ray.get(actor.update.remote(2, *stats[2])) == local.decision(2).to_dict()
         assert local.decision(2).num_frozen == 4
         assert ray.get(actor.update.remote(3, *stats[3])) == local.update(3, *stats[3]).to_dict()
-        new_pid = next(a.pid for a in list_actors(filters=[("class_name", "=", "HeadConvergenceActor"),
-                                                            ("state", "=", "ALIVE")])
-                       if a.name == "heads-kill-test")
+        new_pid = next(
+            a.pid
+            for a in list_actors(
+                filters=[("class_name", "=", "HeadConvergenceActor"), ("state", "=", "ALIVE")]
+            )
+            if a.name == "heads-kill-test"
+        )
         assert new_pid != pid
     finally:
         ray.kill(actor)

@@ -47,8 +47,9 @@ def _spread(s: dict) -> None:
 def test_freeze_suite_has_every_mode_fraction_and_out_proj(tmp_path):
     rows = _bench(tmp_path, "freeze")
     got = {(r["mode"], r["out_proj"], r["frozen_frac"]) for r in rows}
-    assert got == {("none", False, 0.0)} | {(m, p, f) for m in MODES for p in (False, True)
-                                           for f in FRACTIONS}
+    assert got == {("none", False, 0.0)} | {
+        (m, p, f) for m in MODES for p in (False, True) for f in FRACTIONS
+    }
     assert len(rows) == len(got)
     for r in rows:
         _positive(r, "step_ms", "time_ratio", "flop_ratio", "flops", "grad_elements")
@@ -70,8 +71,17 @@ def test_attention_suite_compares_the_same_encoder_with_timm(tmp_path):
     rows = _bench(tmp_path, "attention")
     assert {r["attention"] for r in rows} == {"sdpa", "manual"}
     for r in rows:
-        _positive(r, "ratio", "ours_images_per_s", "timm_images_per_s", "ours_tokens_per_s",
-                  "timm_tokens_per_s", "ours_step_ms", "timm_step_ms", "tokens")
+        _positive(
+            r,
+            "ratio",
+            "ours_images_per_s",
+            "timm_images_per_s",
+            "ours_tokens_per_s",
+            "timm_tokens_per_s",
+            "ours_step_ms",
+            "timm_step_ms",
+            "tokens",
+        )
         _spread(r["ratio_spread"])
         assert r["tokens"] == 1 + (16 // 4) ** 2  # --quick: 16x16 images, 4x4 patches
         # the same architecture: ours has one extra parameter per head (its temperature)
@@ -102,8 +112,9 @@ def test_ray_suite_times_both_variants_and_breaks_the_epoch_down(ray_session, tm
         _positive(r, "epoch_s", "train_s", "ratio", "train_ratio", "run_wall_s", "torch_threads")
         _finite(r, "rest_s", "startup_s")
         _spread(r["ratio_spread"])
-        assert {"train", "head_stats", "heads", "evaluate", "log", "ckpt_save", "report",
-                "other"} <= set(r["phases_s"])
+        assert {"train", "head_stats", "heads", "evaluate", "log", "ckpt_save", "report", "other"} <= set(
+            r["phases_s"]
+        )
         assert all(math.isfinite(v) and v >= 0 for k, v in r["phases_s"].items() if k != "other")
         if r["cores_used"] is not None:  # Linux: who used the CPUs during the timed epochs
             assert set(r["cores_used"]) == {"worker", "ray", "other"}
@@ -137,15 +148,18 @@ def test_quality_suite_trains_every_variant_with_the_same_seed(tmp_path):
     assert (tmp_path / "runs" / "detach-seed0" / "metrics.jsonl").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nosuch"], "unknown suite 'nosuch'"),
-    (["freeze", "--set", "model.nosuch=1"], "unknown config key 'model.nosuch'"),
-    (["freeze", "--set", "model.depth"], "--set expects dotted.key=value"),
-    (["freeze", "--rounds", "0"], "--rounds must be >= 1"),
-    (["freeze", "--nosuch"], "unrecognized arguments"),
-    (["quality", "--variants", "weights,nosuch"], "unknown --variants nosuch"),
-    (["ray", "--seeds", "2"], "--seeds does not apply to the ray suite"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nosuch"], "unknown suite 'nosuch'"),
+        (["freeze", "--set", "model.nosuch=1"], "unknown config key 'model.nosuch'"),
+        (["freeze", "--set", "model.depth"], "--set expects dotted.key=value"),
+        (["freeze", "--rounds", "0"], "--rounds must be >= 1"),
+        (["freeze", "--nosuch"], "unrecognized arguments"),
+        (["quality", "--variants", "weights,nosuch"], "unknown --variants nosuch"),
+        (["ray", "--seeds", "2"], "--seeds does not apply to the ray suite"),
+    ],
+)
 def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     captured = capsys.readouterr()
@@ -155,6 +169,7 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys):
 
 
 def test_the_module_runs_as_a_command():
-    p = subprocess.run([sys.executable, "-m", "vitcae_ray.bench", "nosuch"],
-                       capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [sys.executable, "-m", "vitcae_ray.bench", "nosuch"], capture_output=True, text=True, check=False
+    )
     assert p.returncode == 2 and p.stderr.startswith("error: unknown suite") and not p.stdout

@@ -65,11 +65,26 @@ def test_compiled_steps_match_eager_and_compile_once_per_frozen_set(cfg):
 @pytest.mark.ray  # Ray Train's local mode
 def test_training_with_compile_freezes_mid_run(tmp_path, tiny_config):
     out = tmp_path / "run"
-    freeze = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
-              "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
-    cfg = build_config({**tiny_config, **freeze, "train.compile": True, "train.num_workers": 0,
-                        "train.cpus_per_worker": 1.0, "train.log_images": False,
-                        "train.eval_every": 0, "train.epochs": 3, "train.output": str(out)})
+    freeze = {
+        "freeze.min_epoch": 1,
+        "freeze.patience": 1,
+        "freeze.kappa_window": 1,
+        "freeze.drift_threshold": 2.0,
+        "freeze.max_frozen_frac": 0.5,
+    }
+    cfg = build_config(
+        {
+            **tiny_config,
+            **freeze,
+            "train.compile": True,
+            "train.num_workers": 0,
+            "train.cpus_per_worker": 1.0,
+            "train.log_images": False,
+            "train.eval_every": 0,
+            "train.epochs": 3,
+            "train.output": str(out),
+        }
+    )
     run(cfg, verbose=False)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["heads/frozen"] for m in history] == [0, 0, 2]

@@ -36,15 +36,18 @@ def test_preset_then_explicit_model_keys_and_roundtrip():
     assert build_config(yaml.safe_load(dump_yaml(cfg))) == cfg
 
 
-@pytest.mark.parametrize("item, key", [
-    ("model.depht=3", "model.depht"),
-    ("nope.x=1", "nope.x"),
-    ("model.depth=three", "model.depth"),
-    ("train.gpu=2", "train.gpu"),
-    ("loss.mmd_scales=4", "loss.mmd_scales"),
-    ("model.embed_dim=65", "model.embed_dim"),
-    ("model.preset=huge", "model.preset"),
-])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("model.depht=3", "model.depht"),
+        ("nope.x=1", "nope.x"),
+        ("model.depth=three", "model.depth"),
+        ("train.gpu=2", "train.gpu"),
+        ("loss.mmd_scales=4", "loss.mmd_scales"),
+        ("model.embed_dim=65", "model.embed_dim"),
+        ("model.preset=huge", "model.preset"),
+    ],
+)
 def test_bad_keys_and_values_are_one_line_errors_naming_the_key(item, key):
     with pytest.raises(ConfigError) as e:
         resolve(None, {}, [item])
@@ -53,8 +56,12 @@ def test_bad_keys_and_values_are_one_line_errors_naming_the_key(item, key):
 
 
 def test_cli_bad_key_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", "--set", "optim.lrr=1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitcae_ray.train", "--set", "optim.lrr=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.lrr" in lines[0], proc.stderr
@@ -65,14 +72,17 @@ def test_missing_config_file_is_a_config_error(tmp_path):
         resolve(str(tmp_path / "missing.yaml"), {}, [])
 
 
-@pytest.mark.parametrize("item, value", [
-    ("optim.lr=1e-3", 1e-3),  # YAML 1.1 reads 1e-3 as a string
-    ("optim.lr=3", 3.0),
-    ("train.run_name=2024", "2024"),
-    ("data.root=null", None),
-    ("loss.mmd_scales=[1, 2e-1]", (1.0, 0.2)),
-    ("train.gpu=true", True),
-])
+@pytest.mark.parametrize(
+    "item, value",
+    [
+        ("optim.lr=1e-3", 1e-3),  # YAML 1.1 reads 1e-3 as a string
+        ("optim.lr=3", 3.0),
+        ("train.run_name=2024", "2024"),
+        ("data.root=null", None),
+        ("loss.mmd_scales=[1, 2e-1]", (1.0, 0.2)),
+        ("train.gpu=true", True),
+    ],
+)
 def test_values_are_converted_where_the_type_allows(item, value):
     dotted, _ = item.split("=")
     section, name = dotted.split(".")
@@ -80,37 +90,53 @@ def test_values_are_converted_where_the_type_allows(item, value):
     assert got == value and type(got) is type(value)
 
 
-@pytest.mark.parametrize("item, message", [
-    ("train.epochs=0", "config key 'train.epochs' must be > 0, got 0"),
-    ("train.gpu=1", "config key 'train.gpu' expects bool, got 1"),
-    ("model.depth=3.0", "config key 'model.depth' expects int, got 3.0"),
-    ("model.depth='3'", "config key 'model.depth' expects int, got '3'"),
-    ("optim.lr=true", "config key 'optim.lr' expects float, got True"),
-    ("train.output=null", "config key 'train.output' expects str, got None"),
-    ("data.val_fraction=1", "config key 'data.val_fraction' must be in (0, 1), got 1.0"),
-    ("optim.lr=nan", "config key 'optim.lr' must be > 0, got nan"),
-    ("data.channels=2", "config key 'data.channels' must be 0, 1 or 3, got 2"),
-    ("data.channels=true", "config key 'data.channels' expects int, got True"),
-    ("freeze.mode=sideways", "config key 'freeze.mode' must be weights or detach, got 'sideways'"),
-    ("loss.mmd_scales=[]", "config key 'loss.mmd_scales' must be non-empty, each > 0, got []"),
-    ("loss.mmd_scales=[1, 0]", "config key 'loss.mmd_scales' must be non-empty, each > 0, got [1.0, 0.0]"),
-    ("loss.mmd_scales=4", "config key 'loss.mmd_scales' expects list of float, got 4"),
-    ("train.max_failures=-2", "config key 'train.max_failures' must be >= -1, got -2"),
-    ("data.image_size=30", "config key 'data.image_size' (30) must be a multiple of model.patch_size (4)"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.epochs=0", "config key 'train.epochs' must be > 0, got 0"),
+        ("train.gpu=1", "config key 'train.gpu' expects bool, got 1"),
+        ("model.depth=3.0", "config key 'model.depth' expects int, got 3.0"),
+        ("model.depth='3'", "config key 'model.depth' expects int, got '3'"),
+        ("optim.lr=true", "config key 'optim.lr' expects float, got True"),
+        ("train.output=null", "config key 'train.output' expects str, got None"),
+        ("data.val_fraction=1", "config key 'data.val_fraction' must be in (0, 1), got 1.0"),
+        ("optim.lr=nan", "config key 'optim.lr' must be > 0, got nan"),
+        ("data.channels=2", "config key 'data.channels' must be 0, 1 or 3, got 2"),
+        ("data.channels=true", "config key 'data.channels' expects int, got True"),
+        ("freeze.mode=sideways", "config key 'freeze.mode' must be weights or detach, got 'sideways'"),
+        ("loss.mmd_scales=[]", "config key 'loss.mmd_scales' must be non-empty, each > 0, got []"),
+        (
+            "loss.mmd_scales=[1, 0]",
+            "config key 'loss.mmd_scales' must be non-empty, each > 0, got [1.0, 0.0]",
+        ),
+        ("loss.mmd_scales=4", "config key 'loss.mmd_scales' expects list of float, got 4"),
+        ("train.max_failures=-2", "config key 'train.max_failures' must be >= -1, got -2"),
+        (
+            "data.image_size=30",
+            "config key 'data.image_size' (30) must be a multiple of model.patch_size (4)",
+        ),
+    ],
+)
 def test_bad_values_say_what_the_key_expects(item, message):
     with pytest.raises(ConfigError) as e:
         resolve(None, {}, [item])
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"scheduler.alpha": 1.0}, "config key 'scheduler.alpha' was renamed: use 'temperature.alpha'"),
-    ({"scheduler": {"enabled": False}},
-     "config key 'scheduler.enabled' was renamed: use 'temperature.enabled'"),
-    ({"loss": {"warmup_epochs": 2}},
-     "config key 'loss.warmup_epochs' was renamed: use 'loss.kl_warmup_epochs'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"scheduler.alpha": 1.0}, "config key 'scheduler.alpha' was renamed: use 'temperature.alpha'"),
+        (
+            {"scheduler": {"enabled": False}},
+            "config key 'scheduler.enabled' was renamed: use 'temperature.enabled'",
+        ),
+        (
+            {"loss": {"warmup_epochs": 2}},
+            "config key 'loss.warmup_epochs' was renamed: use 'loss.kl_warmup_epochs'",
+        ),
+    ],
+)
 def test_renamed_keys_name_the_new_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as e:
         build_config(overrides)
@@ -137,7 +163,8 @@ def test_configs_are_frozen_hashable_dataclasses():
 def test_docs_config_md_is_the_generated_reference():
     text = (PROJECT_ROOT / "docs" / "config.md").read_text()
     assert text == reference_markdown(), (
-        "docs/config.md is out of date: regenerate it with `python -m vitcae_ray.config > docs/config.md`")
+        "docs/config.md is out of date: regenerate it with `python -m vitcae_ray.config > docs/config.md`"
+    )
     for f in dataclasses.fields(Config):
         for name in dataclasses.fields(f.default_factory):
             assert f"`{f.name}.{name.name}`" in text

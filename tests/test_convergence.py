@@ -8,8 +8,16 @@ import pytest
 from scipy.stats import wasserstein_distance_nd
 
 from vitcae_ray.config import FreezeConfig, TemperatureConfig
-from vitcae_ray.convergence import (HeadController, HeadDecision, drift_w1, drift_w1_heads, grid_cost,
-                                    kappa, kappa_heads, patch_coords)
+from vitcae_ray.convergence import (
+    HeadController,
+    HeadDecision,
+    drift_w1,
+    drift_w1_heads,
+    grid_cost,
+    kappa,
+    kappa_heads,
+    patch_coords,
+)
 
 # --- diagnostics -----------------------------------------------------------------------------
 
@@ -114,8 +122,9 @@ def _script(n: int, seed: int = 0, kappa_change_at: int | None = None):
 
 def _controller(min_epoch: int = 3, temperature: dict | None = None, **freeze) -> HeadController:
     fz = FreezeConfig(**{"drift_threshold": THRESHOLD, "patience": 2, "kappa_window": 2, **freeze})
-    return HeadController(L, H, G, TemperatureConfig(**{"alpha": ALPHA, **(temperature or {})}), fz,
-                          min_epoch)
+    return HeadController(
+        L, H, G, TemperatureConfig(**{"alpha": ALPHA, **(temperature or {})}), fz, min_epoch
+    )
 
 
 def _run(c: HeadController, data) -> list[HeadDecision]:
@@ -131,8 +140,9 @@ def test_the_script_has_the_drifts_the_rule_reasons_about():
     assert math.isnan(ds[0].drift[0][0]) and ds[0].mean_drift is None
     assert all(d.drift[0][0] >= THRESHOLD for d in ds[1:3])
     assert all(0 < d.drift[0][0] < THRESHOLD for d in ds[3:])
-    assert all(d.drift[l][h] >= THRESHOLD for d in ds[1:] for l in range(L) for h in range(H)
-               if (l, h) != (0, 0))
+    assert all(
+        d.drift[l][h] >= THRESHOLD for d in ds[1:] for l in range(L) for h in range(H) if (l, h) != (0, 0)
+    )
     assert all(d.kappa == [[2, 2], [2, 2]] for d in ds)
 
 
@@ -194,8 +204,12 @@ def test_switches_turn_the_schedule_and_freezing_off():
 def test_per_layer_cap_freezes_the_lowest_drift_heads_first():
     rng = np.random.default_rng(3)
     base = rng.random((2, 3, G * G)) + 0.5
-    amp = np.array([[0.5, 0.0, 0.0],  # layer 0: heads 1 and 2 tie at drift 0 -> head 1
-                    [0.5, 0.05, 0.2]])  # layer 1: head 1 drifts least
+    amp = np.array(
+        [
+            [0.5, 0.0, 0.0],  # layer 0: heads 1 and 2 tie at drift 0 -> head 1
+            [0.5, 0.05, 0.2],
+        ]
+    )  # layer 1: head 1 drifts least
     data = [(base + amp[..., None] * rng.random((2, 3, G * G)), None) for _ in range(6)]
     patch = np.broadcast_to(np.ones((G * G, G * G)), (2, 3, G * G, G * G))
 

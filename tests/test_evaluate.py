@@ -16,10 +16,9 @@ from torch.utils.data import DataLoader
 from vitcae_ray import evaluate as ev
 from vitcae_ray.config import build_config
 from vitcae_ray.data import build_datasets
-from vitcae_ray.engine import train_one_epoch
+from vitcae_ray.engine import seed_everything, train_one_epoch
 from vitcae_ray.model import build_model
 from vitcae_ray.optim import build_lr_schedule, build_optimizer
-from vitcae_ray.engine import seed_everything
 
 # the quickstart model on the digits at their native 8x8, trained in-process (no Ray: the
 # trainer is tested elsewhere) for 30 epochs, about a minute here. Measured with this set-up:
@@ -45,8 +44,14 @@ def trained(tmp_path_factory):
         train_one_epoch(model, loader, optimizer, sched, epoch, cfg, torch.device("cpu"))
     model.eval()
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(),
-                "model_args": {"img_size": model.img_size, "in_chans": model.in_chans}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+            "model_args": {"img_size": model.img_size, "in_chans": model.in_chans},
+        },
+        path,
+    )
     xv = torch.stack([val_set[i][0] for i in range(64)])
     return model, cfg, path, xv
 
@@ -88,19 +93,46 @@ def test_shuffling_z_cls_changes_reconstructions_like_shuffling_z_patch(trained)
 def test_every_task_writes_its_png_and_metrics(trained, tmp_path):
     _, _, path, _ = trained
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.evaluate", "--model", str(path),
-                           "--dataset", "digits", "--out", str(out), "--baseline", str(path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitcae_ray.evaluate",
+            "--model",
+            str(path),
+            "--dataset",
+            "digits",
+            "--out",
+            str(out),
+            "--baseline",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     for task in ev.TASKS:  # a progress line and a PNG per task
         assert any(line.startswith(f"{task}:") for line in proc.stdout.splitlines()), proc.stdout
         assert (out / f"{task}.png").stat().st_size > 100
     m = json.loads((out / "metrics.json").read_text())
-    keys = ["recon/mse", "recon/psnr", "recon/ssim", "sample/score", "sample/real_score",
-            "sample/max_class_share", "interp/smoothness", "interp/step_change", "probe/acc",
-            "probe/baseline_acc"]
-    keys += [f"inpaint/{k}/{v}" for k in ("center25", "center50", "random25", "random50")
-             for v in ("psnr_masked", "psnr_mean_fill")]
+    keys = [
+        "recon/mse",
+        "recon/psnr",
+        "recon/ssim",
+        "sample/score",
+        "sample/real_score",
+        "sample/max_class_share",
+        "interp/smoothness",
+        "interp/step_change",
+        "probe/acc",
+        "probe/baseline_acc",
+    ]
+    keys += [
+        f"inpaint/{k}/{v}"
+        for k in ("center25", "center50", "random25", "random50")
+        for v in ("psnr_masked", "psnr_mean_fill")
+    ]
     for k in keys:
         assert isinstance(m[k], float) and np.isfinite(m[k]), k
     assert m["recon/psnr"] == pytest.approx(10 * np.log10(1 / m["recon/mse"]))
@@ -134,7 +166,8 @@ def test_run_directory_and_checkpoint_inputs_resolve_to_a_model(trained, tmp_pat
     earlier.mkdir()
     _copy_checkpoint(path, earlier)
     (tmp_path / "run" / "metrics.jsonl").write_text(
-        json.dumps({"epoch": 1, "val/elbo": -10.0}) + "\n" + json.dumps({"epoch": 3, "val/elbo": -5.0}) + "\n")
+        json.dumps({"epoch": 1, "val/elbo": -10.0}) + "\n" + json.dumps({"epoch": 3, "val/elbo": -5.0}) + "\n"
+    )
     assert "checkpoint_epoch_0001" in ev.load_model(str(tmp_path / "run"), torch.device("cpu"))[2]
 
 
@@ -148,15 +181,26 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
         cfg = build_config({})
         big = build_model(cfg.model, 32, 1)
         args[1] = str(tmp_path / "big.pt")
-        torch.save({"model": big.state_dict(), "config": {**cfg.to_dict(), "data": {
-            **cfg.to_dict()["data"], "image_size": 8}}, "model_args": {"img_size": 32, "in_chans": 1}},
-            args[1])
+        torch.save(
+            {
+                "model": big.state_dict(),
+                "config": {**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "image_size": 8}},
+                "model_args": {"img_size": 32, "in_chans": 1},
+            },
+            args[1],
+        )
     elif case == "channels":
         cfg = build_config({**SHORT})
         rgb = build_model(cfg.model, 8, 3)
         args[1] = str(tmp_path / "rgb.pt")
-        torch.save({"model": rgb.state_dict(), "config": cfg.to_dict(),
-                    "model_args": {"img_size": 8, "in_chans": 3}}, args[1])
+        torch.save(
+            {
+                "model": rgb.state_dict(),
+                "config": cfg.to_dict(),
+                "model_args": {"img_size": 8, "in_chans": 3},
+            },
+            args[1],
+        )
     else:
         args[-1] = "recon,nope"
     assert ev.main(args) == 2

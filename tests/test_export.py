@@ -26,15 +26,20 @@ from vitcae_ray.export import main as export_main
 
 # on top of the tiny model (the tiny_config fixture)
 SMALL = {
-    "train.batch_size": 32, "train.log_images": False, "train.num_workers": 0,
+    "train.batch_size": 32,
+    "train.log_images": False,
+    "train.num_workers": 0,
     "train.cpus_per_worker": 1.0,
-    "train.epochs": 3, "train.num_checkpoints": 3,
+    "train.epochs": 3,
+    "train.num_checkpoints": 3,
     # every head qualifies at epoch 1; the cap freezes one head per layer
-    "freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
-    "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5,
+    "freeze.min_epoch": 1,
+    "freeze.patience": 1,
+    "freeze.kappa_window": 1,
+    "freeze.drift_threshold": 2.0,
+    "freeze.max_frozen_frac": 0.5,
 }
-TRIALS = {"a": {"optim.lr": 3e-3, "freeze.mode": "weights"},
-          "b": {"optim.lr": 5e-4, "freeze.mode": "detach"}}
+TRIALS = {"a": {"optim.lr": 3e-3, "freeze.mode": "weights"}, "b": {"optim.lr": 5e-4, "freeze.mode": "detach"}}
 METRICS = ("val/elbo", "val/loss", "val/mse", "val/psnr", "train/loss", "heads/frozen")
 FILES = {"model.pt", "config.yaml", "hparams.json", "metrics.json", "frozen_heads.json"}
 
@@ -45,8 +50,10 @@ def _history(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 def _surviving(run_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.rsplit("_", 1)[1])
-                  for p in (run_dir / "train").glob("checkpoint_epoch_*/checkpoint.pt"))
+    return sorted(
+        int(p.parent.name.rsplit("_", 1)[1])
+        for p in (run_dir / "train").glob("checkpoint_epoch_*/checkpoint.pt")
+    )
 
 
 def _best_epoch(run_dir: Path, metric: str = "val/elbo") -> int:
@@ -66,8 +73,13 @@ def exp(tmp_path_factory, tiny_config) -> Path:
         run_dir = root / "trials" / trial_id
         run(build_config({**tiny_config, **SMALL, **hp, "train.output": str(run_dir)}), verbose=False)
         history = list(_history(run_dir).values())
-        row = {"trial_id": trial_id, "run_dir": str(run_dir), **hp, "status": "completed",
-               "epochs": len(history)}
+        row = {
+            "trial_id": trial_id,
+            "run_dir": str(run_dir),
+            **hp,
+            "status": "completed",
+            "epochs": len(history),
+        }
         for key in METRICS:
             values = [m[key] for m in history]
             row[f"final/{key}"] = float(values[-1])
@@ -92,8 +104,14 @@ def _reevaluate(out: Path, model: torch.nn.Module) -> dict[str, float]:
     metrics = json.loads((out / "metrics.json").read_text())
     cfg = build_config(yaml.safe_load((out / "config.yaml").read_text()))
     _, val, _ = build_datasets(cfg.data)
-    return evaluate(model, DataLoader(val, batch_size=cfg.train.batch_size, shuffle=False),
-                    metrics["epoch"], cfg, torch.device("cpu"), seed=cfg.train.seed)
+    return evaluate(
+        model,
+        DataLoader(val, batch_size=cfg.train.batch_size, shuffle=False),
+        metrics["epoch"],
+        cfg,
+        torch.device("cpu"),
+        seed=cfg.train.seed,
+    )
 
 
 @pytest.mark.ray  # the experiment trains in Ray Train's local mode
@@ -128,8 +146,9 @@ def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_p
     expected = [[r["head"] for r in heads if r["layer"] == layer and r["frozen"]] for layer in range(2)]
     frozen = json.loads((out / "frozen_heads.json").read_text())
     assert frozen["frozen_heads"] == expected == state["frozen_heads"]
-    assert frozen["frozen_epochs"] == [[r["frozen_epoch"] for r in heads if r["layer"] == layer
-                                        and r["frozen"]] for layer in range(2)]
+    assert frozen["frozen_epochs"] == [
+        [r["frozen_epoch"] for r in heads if r["layer"] == layer and r["frozen"]] for layer in range(2)
+    ]
     if epoch >= 1:  # the freeze rule fires at epoch 1: one head per layer
         assert frozen["frozen_epochs"] == [[1], [1]]
 
@@ -150,8 +169,7 @@ def test_trial_flag_and_uris_take_the_best_surviving_checkpoint(exp, tmp_path, c
     epoch = _best_epoch(b)
     assert epoch != overall and overall not in _surviving(b)
     out = tmp_path / "b"
-    assert export_main(["--experiment", f"file://{exp}", "--out", f"file://{out}",
-                        "--trial", "b"]) == 0
+    assert export_main(["--experiment", f"file://{exp}", "--out", f"file://{out}", "--trial", "b"]) == 0
     assert f"checkpoint_epoch_{epoch:04d}" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epoch"] == epoch and metrics == history[epoch]
@@ -177,8 +195,22 @@ def test_top_k_overwrite_and_mode_max(exp, tmp_path, capsys):
     assert export_main(["--experiment", str(exp), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "2").is_dir()
     by_psnr = max(table, key=lambda r: r["best/val/psnr"])["trial_id"]
-    assert export_main(["--experiment", str(exp), "--out", str(out), "--overwrite",
-                        "--metric", "val/psnr", "--mode", "max"]) == 0
+    assert (
+        export_main(
+            [
+                "--experiment",
+                str(exp),
+                "--out",
+                str(out),
+                "--overwrite",
+                "--metric",
+                "val/psnr",
+                "--mode",
+                "max",
+            ]
+        )
+        == 0
+    )
     assert {p.name for p in out.iterdir()} == FILES
     metrics = json.loads((out / "metrics.json").read_text())
     run_dir = exp / "trials" / by_psnr
@@ -204,23 +236,38 @@ def test_an_interrupted_export_leaves_nothing(exp, tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("args, words", [
-    (["--experiment", "{tmp}/nowhere"], ["not found"]),
-    (["--experiment", "{tmp}/empty"], ["results.parquet"]),
-    (["--experiment", "{exp}", "--trial", "zz"], ["'zz'", "a, b"]),
-    (["--experiment", "{exp}", "--metric", "val/nope"], ["val/nope", "val/elbo", "val/mse"]),
-    (["--experiment", "{exp}", "--trial", "a", "--top-k", "2"], ["--trial"]),
-    (["--experiment", "{tmp}/nockpt"], ["no checkpoint"]),
-    (["--experiment", "nosuch://bucket/exp"], ["nosuch://bucket/exp"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--experiment", "{tmp}/nowhere"], ["not found"]),
+        (["--experiment", "{tmp}/empty"], ["results.parquet"]),
+        (["--experiment", "{exp}", "--trial", "zz"], ["'zz'", "a, b"]),
+        (["--experiment", "{exp}", "--metric", "val/nope"], ["val/nope", "val/elbo", "val/mse"]),
+        (["--experiment", "{exp}", "--trial", "a", "--top-k", "2"], ["--trial"]),
+        (["--experiment", "{tmp}/nockpt"], ["no checkpoint"]),
+        (["--experiment", "nosuch://bucket/exp"], ["nosuch://bucket/exp"]),
+    ],
+)
 def test_errors_are_one_line_exit_2_and_write_nothing(exp, tmp_path, capsys, args, words):
     (tmp_path / "empty").mkdir()
     nockpt = tmp_path / "nockpt"
     (nockpt / "trials" / "x").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([{"trial_id": "x", "run_dir": str(nockpt / "trials" / "x"),
-                                          "status": "error", "epochs": 0, "best/val/elbo": 1.0,
-                                          "final/val/elbo": 1.0, "pareto": True}]),
-                   nockpt / "results.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "trial_id": "x",
+                    "run_dir": str(nockpt / "trials" / "x"),
+                    "status": "error",
+                    "epochs": 0,
+                    "best/val/elbo": 1.0,
+                    "final/val/elbo": 1.0,
+                    "pareto": True,
+                }
+            ]
+        ),
+        nockpt / "results.parquet",
+    )
     out = tmp_path / "out"
     argv = [a.format(tmp=tmp_path, exp=exp) for a in args] + ["--out", str(out)]
     assert export_main(argv) == 2
@@ -243,18 +290,23 @@ def test_checkpoints_come_from_ray_trains_record_else_from_the_folder(ray_sessio
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "checkpoint.pt").write_bytes(b"state")
                 (Path(tmp) / "checkpoint.sha256").write_text("digest 5\n")
-                ray.train.report({"epoch": epoch, "val/elbo": elbo},
-                                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+                ray.train.report(
+                    {"epoch": epoch, "val/elbo": elbo},
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                )
 
-    TorchTrainer(report_checkpoints,
-                 scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                                        resources_per_worker={"CPU": 0.5}),
-                 run_config=ray.train.RunConfig(
-                     name="train", storage_path=str(tmp_path),
-                     checkpoint_config=ray.train.CheckpointConfig(
-                         num_to_keep=2, checkpoint_score_attribute="val/elbo",
-                         checkpoint_score_order="min"))).fit()
+    TorchTrainer(
+        report_checkpoints,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(tmp_path),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val/elbo", checkpoint_score_order="min"
+            ),
+        ),
+    ).fit()
     folder = tmp_path / "train"
     (run_dir := tmp_path / "run").mkdir()
     (run_dir / "config.yaml").write_text(f"train:\n  storage_path: {tmp_path}\n  run_name: train\n")
@@ -288,9 +340,20 @@ def test_checkpoints_come_from_ray_trains_record_else_from_the_folder(ray_sessio
 
 def test_cli_exit_code_and_load_pretrained_errors(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.export", "--experiment",
-                           str(tmp_path / "nowhere"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitcae_ray.export",
+            "--experiment",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not out.exists()
 
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -308,8 +371,10 @@ def test_cli_exit_code_and_load_pretrained_errors(tmp_path):
 
 
 def test_importing_the_package_stays_light():
-    code = ("import sys, vitcae_ray, vitcae_ray.export; "
-            "assert not {'ray', 'torchvision', 'torch'} & set(sys.modules), sys.modules.keys(); "
-            "vitcae_ray.load_pretrained; "
-            "assert not {'ray', 'torchvision'} & set(sys.modules)")
+    code = (
+        "import sys, vitcae_ray, vitcae_ray.export; "
+        "assert not {'ray', 'torchvision', 'torch'} & set(sys.modules), sys.modules.keys(); "
+        "vitcae_ray.load_pretrained; "
+        "assert not {'ray', 'torchvision'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from vitcae_ray import checkpoints
-from vitcae_ray.config import build_config
 from vitcae_ray.checkpoints import LocalCheckpoints
 from vitcae_ray.checkpoints import load as load_state
 from vitcae_ray.cli import main
+from vitcae_ray.config import build_config
 from vitcae_ray.engine import init_model
 from vitcae_ray.freezing import rank_spread
 
@@ -45,11 +45,23 @@ def _free_port() -> int:
 
 # --- bad input -----------------------------------------------------------------------------
 
+
 @pytest.mark.ray
 def test_address_with_no_cluster_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", "--address",
-                           f"127.0.0.1:{_free_port()}", "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitcae_ray.train",
+            "--address",
+            f"127.0.0.1:{_free_port()}",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "no Ray cluster answers at --address" in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -69,6 +81,7 @@ def test_output_naming_a_file_is_one_line_exit_2_and_the_file_is_kept(tmp_path, 
 
 
 # --- seeding and the rank check ----------------------------------------------------------
+
 
 def test_initial_weights_depend_on_train_seed_alone(small):
     cfg = build_config({**small, "train.seed": 3})
@@ -119,9 +132,9 @@ def test_rank_spread_sees_ranks_that_disagree(small):
 
 # --- non-finite losses -------------------------------------------------------------------
 
+
 @pytest.mark.ray
-def test_non_finite_steps_are_skipped_up_to_the_bound_then_the_run_stops(tmp_path, capsys,
-                                                                         monkeypatch, sets):
+def test_non_finite_steps_are_skipped_up_to_the_bound_then_the_run_stops(tmp_path, capsys, monkeypatch, sets):
     """The fault, injected into the real loss: every 10th training step's loss is NaN (as a
     rare bad batch or overflow would make it). With a bound of 6 the 5 of epoch 0 are skipped
     and counted; the 2nd of epoch 1 passes the bound and stops the run."""
@@ -140,13 +153,25 @@ def test_non_finite_steps_are_skipped_up_to_the_bound_then_the_run_stops(tmp_pat
     loss = engine.vitcae_loss
     monkeypatch.setattr(engine, "vitcae_loss", sometimes_nan)
     out = tmp_path / "run"
-    code = main(["--num-workers", "0", "--epochs", "4", "--output", str(out), *sets,
-                 "--set", "train.max_nonfinite_steps=6"])
+    code = main(
+        [
+            "--num-workers",
+            "0",
+            "--epochs",
+            "4",
+            "--output",
+            str(out),
+            *sets,
+            "--set",
+            "train.max_nonfinite_steps=6",
+        ]
+    )
     assert code == 1
     steps = 1617 // 32  # training steps an epoch: the 2nd NaN of epoch 1 is its step 19
     assert steps == 50
-    assert ("non-finite loss at epoch 1 step 19 after 6 skipped non-finite steps "
-            "(train.max_nonfinite_steps=6)") in capsys.readouterr().err
+    assert (
+        "non-finite loss at epoch 1 step 19 after 6 skipped non-finite steps (train.max_nonfinite_steps=6)"
+    ) in capsys.readouterr().err
     history = _metrics(out)
     assert [m["train/nonfinite_steps"] for m in history] == [5]
     assert history[0]["train/samples"] == (steps - 5) * 32  # the skipped steps' images left out
@@ -162,8 +187,14 @@ def test_an_epoch_with_no_finite_step_stops_even_within_the_bound(small):
     from vitcae_ray.engine import NonFiniteLossError, train_one_epoch
     from vitcae_ray.optim import build_lr_schedule, build_optimizer
 
-    cfg = build_config({**small, "loss.kl_warmup_epochs": 0, "loss.mmd_weight": float("nan"),
-                        "train.max_nonfinite_steps": 1000})
+    cfg = build_config(
+        {
+            **small,
+            "loss.kl_warmup_epochs": 0,
+            "loss.mmd_weight": float("nan"),
+            "train.max_nonfinite_steps": 1000,
+        }
+    )
     model = init_model(cfg, 1, torch.device("cpu"))
     loader = DataLoader(TensorDataset(torch.rand(8, 1, 16, 16), torch.zeros(8)), batch_size=4)
     opt = build_optimizer(model, cfg.optim)
@@ -177,11 +208,21 @@ def test_an_epoch_with_no_finite_step_stops_even_within_the_bound(small):
 
 # --- checkpoints -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, sets):
     out = tmp_path_factory.mktemp("local") / "run"
-    args = ["--num-workers", "0", "--epochs", "2", "--output", str(out), *sets,
-            "--set", "train.num_checkpoints=3"]
+    args = [
+        "--num-workers",
+        "0",
+        "--epochs",
+        "2",
+        "--output",
+        str(out),
+        *sets,
+        "--set",
+        "train.num_checkpoints=3",
+    ]
     assert main(args) == 0
     return out, args
 
@@ -200,7 +241,9 @@ def test_a_checkpoint_cut_off_mid_write_never_becomes_latest(local_run, tmp_path
     try:
         assert Path(ckpts.latest().path).name == "checkpoint_epoch_0001"
         assert checkpoints.latest_heads_state(str(out), "train") is not None
-        with pytest.raises(checkpoints.CheckpointError, match="checkpoint_epoch_0002/checkpoint.pt is unreadable"):
+        with pytest.raises(
+            checkpoints.CheckpointError, match="checkpoint_epoch_0002/checkpoint.pt is unreadable"
+        ):
             load_state(cut)
     finally:
         (cut / checkpoints.CHECKPOINT_FILE).unlink()
@@ -235,6 +278,7 @@ def test_checkpoints_load_weights_only(tmp_path):
 
 # --- killed drivers ------------------------------------------------------------------------
 
+
 def _launch(cmd: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
@@ -255,8 +299,18 @@ def test_killed_local_driver_resumes_on_rerun(tmp_path, sets, metrics_lines):
     """Local mode (``--num-workers 0``): SIGKILL once epoch 1 is logged, whatever the
     checkpoint copy was doing; the same command resumes, and every epoch is logged once."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vitcae_ray.train", "--num-workers", "0", "--epochs", "3",
-           "--output", "run", *sets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitcae_ray.train",
+        "--num-workers",
+        "0",
+        "--epochs",
+        "3",
+        "--output",
+        "run",
+        *sets,
+    ]
     proc = _launch(cmd, tmp_path / "1.log", tmp_path)
     assert _kill_at(proc, lambda: metrics_lines(out), 2, signal.SIGKILL) == -signal.SIGKILL
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -266,21 +320,38 @@ def test_killed_local_driver_resumes_on_rerun(tmp_path, sets, metrics_lines):
     assert [m["epoch"] for m in _metrics(out)] == [0, 1, 2]
 
 
-def test_interrupted_and_killed_ray_drivers_and_tune_experiment_resume(ray_session, tmp_path, sets,
-                                                                       metrics_lines):
+def test_interrupted_and_killed_ray_drivers_and_tune_experiment_resume(
+    ray_session, tmp_path, sets, metrics_lines
+):
     """``python -m vitcae_ray.train`` on a Ray cluster: Ctrl-C (SIGINT) once epoch 1 is
     logged, then the same command, SIGKILL once epoch 2 is logged, then the same command
     again. ``python -m vitcae_ray.tune``: SIGKILL in the trial's first epochs,
     then the same command with ``--resume``. Both join the test's Ray with --address."""
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vitcae_ray.train", "--address", address, "--num-workers", "1",
-           "--epochs", "4", "--output", str(out), *sets, "--set", "train.cpus_per_worker=0.5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitcae_ray.train",
+        "--address",
+        address,
+        "--num-workers",
+        "1",
+        "--epochs",
+        "4",
+        "--output",
+        str(out),
+        *sets,
+        "--set",
+        "train.cpus_per_worker=0.5",
+    ]
 
     # Ctrl-C once epoch 1 is logged: epoch 0's checkpoint is then registered with Ray Train
     # (one uploaded but not yet registered when the driver stops is not the run's latest)
-    assert _kill_at(_launch(cmd, tmp_path / "1.log", tmp_path), lambda: metrics_lines(out), 2,
-                    signal.SIGINT) == 130
+    assert (
+        _kill_at(_launch(cmd, tmp_path / "1.log", tmp_path), lambda: metrics_lines(out), 2, signal.SIGINT)
+        == 130
+    )
     log = (tmp_path / "1.log").read_text().strip().splitlines()
     assert log[-1] == "interrupted: rerun the same command to continue from the last checkpoint"
     first = (out / "metrics.jsonl").read_text().splitlines()[0]  # its epoch time is unique
@@ -296,18 +367,35 @@ def test_interrupted_and_killed_ray_drivers_and_tune_experiment_resume(ray_sessi
     exp = tmp_path / "exp"
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [3.0e-3]}\n")
-    tune = [sys.executable, "-m", "vitcae_ray.tune", "--address", address, "--space", str(space),
-            "--num-samples", "1", "--max-epochs", "2", "--workers-per-trial", "1",
-            "--output", str(exp), "--trial-driver-resource", "trial_driver", *sets,
-            "--set", "train.cpus_per_worker=0.5"]
+    tune = [
+        sys.executable,
+        "-m",
+        "vitcae_ray.tune",
+        "--address",
+        address,
+        "--space",
+        str(space),
+        "--num-samples",
+        "1",
+        "--max-epochs",
+        "2",
+        "--workers-per-trial",
+        "1",
+        "--output",
+        str(exp),
+        "--trial-driver-resource",
+        "trial_driver",
+        *sets,
+        "--set",
+        "train.cpus_per_worker=0.5",
+    ]
 
     def trial_lines() -> int:
         return max((metrics_lines(p.parent) for p in exp.glob("trials/*/metrics.jsonl")), default=0)
 
     proc = _launch(tune, tmp_path / "tune.log", tmp_path)
     assert _kill_at(proc, trial_lines, 1, signal.SIGKILL) == -signal.SIGKILL
-    proc = subprocess.run([*tune, "--resume"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600)
+    proc = subprocess.run([*tune, "--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (trial,) = list(exp.glob("trials/*"))
     assert [m["epoch"] for m in _metrics(trial)] == [0, 1]

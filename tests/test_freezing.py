@@ -1,20 +1,33 @@
 """Frozen heads skip real work and leave the optimizer; trainable gradients stay exact."""
 
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vitcae_ray.config import build_config
-from vitcae_ray.freezing import (apply_frozen, flop_counter, frozen_heads, grad_elements,
-                                 rebuild_optimizer, train_step_flops)
+from vitcae_ray.freezing import (
+    apply_frozen,
+    flop_counter,
+    frozen_heads,
+    grad_elements,
+    rebuild_optimizer,
+    train_step_flops,
+)
 from vitcae_ray.losses import vitcae_loss
 from vitcae_ray.model import Attention, build_model
 from vitcae_ray.optim import build_lr_schedule, build_optimizer
 
-CFG = build_config({"model.depth": 3, "model.num_heads": 4, "model.embed_dim": 32,
-                    "model.dec_dim": 32, "model.dec_depth": 1, "data.image_size": 16,
-                    "model.patch_size": 2})
+CFG = build_config(
+    {
+        "model.depth": 3,
+        "model.num_heads": 4,
+        "model.embed_dim": 32,
+        "model.dec_dim": 32,
+        "model.dec_depth": 1,
+        "data.image_size": 16,
+        "model.patch_size": 2,
+    }
+)
 FROZEN = [[1], [], [0, 3]]
 
 
@@ -77,14 +90,19 @@ def test_frozen_weights_stay_bit_identical_and_leave_the_optimizer():
         _loss(model, x).backward()
         opt.step()
         sched.step()
-    old_state = {n: opt.state[p]["exp_avg"].clone() for n, p in model.named_parameters()
-                 if n == "blocks.2.attn.qkv_weight_active"}
+    old_state = {
+        n: opt.state[p]["exp_avg"].clone()
+        for n, p in model.named_parameters()
+        if n == "blocks.2.attn.qkv_weight_active"
+    }
     carried = apply_frozen(model, FROZEN, "weights", opt)
     opt, sched = rebuild_optimizer(model, opt, sched, CFG, 10, carried)
     attn = model.blocks[2].attn
     # surviving heads 1, 2 keep their AdamW moments
-    torch.testing.assert_close(opt.state[attn.qkv_weight_active]["exp_avg"],
-                               _rows_of(old_state["blocks.2.attn.qkv_weight_active"], [1, 2]))
+    torch.testing.assert_close(
+        opt.state[attn.qkv_weight_active]["exp_avg"],
+        _rows_of(old_state["blocks.2.attn.qkv_weight_active"], [1, 2]),
+    )
     optimized = {id(p) for g in opt.param_groups for p in g["params"]}
     frozen_params = [p for p in model.parameters() if not p.requires_grad]
     assert frozen_params and all(id(p) not in optimized and p not in opt.state for p in frozen_params)
@@ -207,8 +225,10 @@ def test_state_dict_round_trips_across_any_grouping(out_proj):
     x = torch.rand(3, 1, 16, 16)
     expected = model(x, sample=False).recon
     for _ in range(4):
-        groups = [sorted(torch.randperm(4, generator=gen)[:int(torch.randint(0, 5, (1,), generator=gen))].tolist())
-                  for _ in range(CFG.model.depth)]
+        groups = [
+            sorted(torch.randperm(4, generator=gen)[: int(torch.randint(0, 5, (1,), generator=gen))].tolist())
+            for _ in range(CFG.model.depth)
+        ]
         other = build_model(CFG.model, 16, 1)
         apply_frozen(other, groups, "weights", out_proj=out_proj)
         other.load_state_dict(model.state_dict())

@@ -24,8 +24,9 @@ def test_kl_gaussians_matches_closed_form_per_dimension():
     expected = torch.distributions.kl_divergence(q, p).flatten(1).sum(1).mean()
     torch.testing.assert_close(kl_gaussians(mq, lq, mp, lp), expected)
     # one scalar by hand: KL(N(1, 1) || N(0, 4)) = log 2 + (1 + 1) / 8 - 1/2
-    one = kl_gaussians(torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1),
-                       torch.full((1, 1), math.log(4.0)))
+    one = kl_gaussians(
+        torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), math.log(4.0))
+    )
     assert abs(one.item() - (math.log(2.0) + 2.0 / 8.0 - 0.5)) < 1e-6
 
 
@@ -84,13 +85,22 @@ def test_elbo_is_the_fixed_weight_negative_elbo_and_loss_adds_the_generative_pas
     expected = w * terms["recon"] + 0.5 * P * math.log(math.pi / w) + terms["kl_cls"] + terms["kl_patch"]
     torch.testing.assert_close(terms["elbo"], expected)
     # the Gaussian NLL with sigma^2 = 1 / (2 w), summed over pixels, for the decoder's mean
-    nll = -torch.distributions.Normal(out.recon.float(), math.sqrt(1 / (2 * w))).log_prob(x).flatten(1).sum(1).mean()
-    torch.testing.assert_close(w * terms["recon"] + 0.5 * P * math.log(math.pi / w), nll, rtol=1e-4, atol=1e-3)
+    nll = (
+        -torch.distributions.Normal(out.recon.float(), math.sqrt(1 / (2 * w)))
+        .log_prob(x)
+        .flatten(1)
+        .sum(1)
+        .mean()
+    )
+    torch.testing.assert_close(
+        w * terms["recon"] + 0.5 * P * math.log(math.pi / w), nll, rtol=1e-4, atol=1e-3
+    )
     prior_sse = (out.recon_prior - x).pow(2).flatten(1).sum(1).mean()
     torch.testing.assert_close(terms["prior_recon"], prior_sse)
     # the elbo does not change with the training weights of the curriculum or the extra pass
-    heavier = type(cfg.loss)(**{**cfg.loss.__dict__, "prior_recon_weight": 5.0, "kl_cls_free_bits": 3.0,
-                                "discrepancy_weight": 2.0})
+    heavier = type(cfg.loss)(
+        **{**cfg.loss.__dict__, "prior_recon_weight": 5.0, "kl_cls_free_bits": 3.0, "discrepancy_weight": 2.0}
+    )
     again = vitcae_loss(out, x, epoch=0, cfg=heavier)
     torch.testing.assert_close(again["elbo"], terms["elbo"])
     assert again["loss"] > terms["loss"]
@@ -114,13 +124,21 @@ def test_log_variances_are_bounded_and_latents_stay_fp32_under_autocast():
 
     cfg, model, x = _out()
     with torch.no_grad():  # push the raw log-variances far out
-        model.to_z_cls.bias[cfg.model.z_cls_dim:] = 1e4
-        model.to_z_patch.bias[cfg.model.z_patch_dim:] = -1e4
+        model.to_z_cls.bias[cfg.model.z_cls_dim :] = 1e4
+        model.to_z_patch.bias[cfg.model.z_patch_dim :] = -1e4
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, decode_prior=True)
     assert out.logvar_cls.max() <= LOGVAR_BOUND and out.logvar_patch.min() >= -LOGVAR_BOUND
-    for t in (out.mu_cls, out.logvar_cls, out.mu_patch, out.logvar_patch, out.prior_mu,
-              out.prior_logvar, out.z_cls, out.z_patch):
+    for t in (
+        out.mu_cls,
+        out.logvar_cls,
+        out.mu_patch,
+        out.logvar_patch,
+        out.prior_mu,
+        out.prior_logvar,
+        out.z_cls,
+        out.z_patch,
+    ):
         assert t.dtype == torch.float32
     assert out.recon.dtype == torch.bfloat16  # the transformer itself still runs in bf16
 

@@ -18,8 +18,15 @@ def test_psnr_and_ssim_agree_with_scikit_image():
     ours = M.ssim(y, x)
     for i in range(3):
         a, b = x[i].permute(1, 2, 0).numpy(), y[i].permute(1, 2, 0).numpy()
-        ref = skm.structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True,
-                                        sigma=1.5, use_sample_covariance=False)
+        ref = skm.structural_similarity(
+            a,
+            b,
+            data_range=1.0,
+            channel_axis=2,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
         assert ours[i].item() == pytest.approx(ref, abs=1e-6)
         mse = float(((y[i] - x[i]) ** 2).mean())
         assert M.psnr(mse) == pytest.approx(skm.peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-4)
@@ -57,8 +64,9 @@ def test_inception_style_score_closed_form():
     assert M.inception_style_score(np.full((8, K), 1 / K)) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name,share", [("center25", 0.25), ("center50", 0.5),
-                                        ("random25", 0.25), ("random50", 0.5)])
+@pytest.mark.parametrize(
+    "name,share", [("center25", 0.25), ("center50", 0.5), ("random25", 0.25), ("random50", 0.5)]
+)
 def test_masks_cover_their_share_of_patches(name, share):
     mask = M.patch_mask(name, 5, 8, torch.Generator().manual_seed(0))
     assert mask.shape == (5, 64)

@@ -21,18 +21,29 @@ def test_preset_forward_shapes_finite_and_every_param_gets_a_gradient(preset):
     n = (size // cfg.patch_size) ** 2
     assert out.recon.shape == x.shape
     assert out.z_cls.shape == out.mu_cls.shape == (2, cfg.z_cls_dim)
-    for t in (out.z_patch, out.mu_patch, out.logvar_patch, out.prior_mu, out.prior_logvar,
-              out.z_patch_tilde):
+    for t in (out.z_patch, out.mu_patch, out.logvar_patch, out.prior_mu, out.prior_logvar, out.z_patch_tilde):
         assert t.shape == (2, n, cfg.z_patch_dim)
     assert 0 <= out.recon.min() and out.recon.max() <= 1
-    loss = sum(t.float().pow(2).mean() for t in (out.recon, out.z_cls, out.logvar_cls,
-                                                 out.z_patch, out.logvar_patch, out.prior_mu,
-                                                 out.prior_logvar, out.z_patch_tilde))
+    loss = sum(
+        t.float().pow(2).mean()
+        for t in (
+            out.recon,
+            out.z_cls,
+            out.logvar_cls,
+            out.z_patch,
+            out.logvar_patch,
+            out.prior_mu,
+            out.prior_logvar,
+            out.z_patch_tilde,
+        )
+    )
     assert torch.isfinite(loss)
     loss.backward()
-    missing = [name for name, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all()
-                                       or p.grad.abs().sum() == 0)]
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
+    ]
     # FiLM layers start at zero, so their gradient is nonzero only through z_cls: still nonzero
     assert missing == []
     samples = model.generate(3, generator=torch.Generator().manual_seed(0))
@@ -66,8 +77,9 @@ def test_model_fused_flag_does_not_change_outputs():
     manual = build_model(manual_cfg.model, 32, 1)
     manual.load_state_dict(fused.state_dict())
     x = torch.rand(2, 1, 32, 32)
-    torch.testing.assert_close(fused(x, sample=False).recon, manual(x, sample=False).recon,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        fused(x, sample=False).recon, manual(x, sample=False).recon, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_cls_readout_equals_the_diagnostic_attention_cls_row_without_the_factor():

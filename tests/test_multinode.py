@@ -30,8 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STANDIN = "gpu_standin"  # what each simulated GPU node has instead of a GPU
 WORKER_NODES = 2
-FAKE_KEYS = {"use_node_id_as_ip": True, "disable_node_updaters": True,
-             "disable_launch_config_check": True}
+FAKE_KEYS = {"use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True}
 
 
 def fake_cluster_config(aws: dict) -> dict:
@@ -41,25 +40,41 @@ def fake_cluster_config(aws: dict) -> dict:
     for name, node in aws["available_node_types"].items():
         if name == head_type:
             continue
-        types[name] = {"resources": {"CPU": 2, GPU_STANDIN: 1},
-                       "min_workers": node["min_workers"],
-                       "max_workers": min(node["max_workers"], WORKER_NODES), "node_config": {}}
+        types[name] = {
+            "resources": {"CPU": 2, GPU_STANDIN: 1},
+            "min_workers": node["min_workers"],
+            "max_workers": min(node["max_workers"], WORKER_NODES),
+            "node_config": {},
+        }
     types["ray.head.default"] = {"resources": {}, "max_workers": 0, "node_config": {}}
-    empty = ("initialization_commands", "setup_commands", "head_setup_commands",
-             "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
-    return {"cluster_name": "fake-vitcae", "max_workers": WORKER_NODES,
-            "upscaling_speed": aws["upscaling_speed"], "idle_timeout_minutes": 5,
-            "provider": {"type": "fake_multinode", **FAKE_KEYS}, "auth": {"ssh_user": "ubuntu"},
-            "available_node_types": types, "head_node_type": "ray.head.default",
-            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-            **{k: [] for k in empty}}
+    empty = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
+    return {
+        "cluster_name": "fake-vitcae",
+        "max_workers": WORKER_NODES,
+        "upscaling_speed": aws["upscaling_speed"],
+        "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", **FAKE_KEYS},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        **{k: [] for k in empty},
+    }
 
 
 def readme_sweep_command() -> list[str]:
     """The `ray job submit ... -- python -m vitcae_ray.tune ...` command of cluster/README.md."""
     text = (ROOT / "cluster" / "README.md").read_text()
-    m = re.search(r"^ray job submit [^\n]*-- \\\n((?:.*\\\n)*.*vitcae_ray\.tune(?:.*\\\n)*.*)$",
-                  text, re.M)
+    m = re.search(r"^ray job submit [^\n]*-- \\\n((?:.*\\\n)*.*vitcae_ray\.tune(?:.*\\\n)*.*)$", text, re.M)
     assert m, "cluster/README.md lost its sweep command"
     return shlex.split(m.group(0).replace("\\\n", " "))
 
@@ -85,8 +100,7 @@ class Watcher(threading.Thread):
         while not self.stop.is_set():
             try:
                 nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
-                actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")],
-                                     limit=1000)
+                actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
             except Exception:  # noqa: BLE001 - the dashboard is busy; poll again
                 time.sleep(1)
                 continue
@@ -94,9 +108,14 @@ class Watcher(threading.Thread):
             by_class: dict[str, list[str]] = {}
             for a in actors:
                 by_class.setdefault(a.class_name, []).append(a.node_id)
-            self.samples.append({"t": time.monotonic() - start, "head": head,
-                                 "workers": sorted(n.node_id for n in nodes if not n.is_head_node),
-                                 "actors": by_class})
+            self.samples.append(
+                {
+                    "t": time.monotonic() - start,
+                    "head": head,
+                    "workers": sorted(n.node_id for n in nodes if not n.is_head_node),
+                    "actors": by_class,
+                }
+            )
             time.sleep(4)
 
 
@@ -110,10 +129,23 @@ def fake_cluster(tmp_path, monkeypatch):
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     # the fake provider's nodes join the head at Ray's default GCS port, 6379
-    subprocess.run(["ray", "start", "--head", "--port=6379", f"--autoscaling-config={config}",
-                    "--num-cpus=2", f"--resources={{\"trial_driver\": {head['trial_driver']}}}",
-                    "--include-dashboard=true", f"--dashboard-port={dashboard}"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--port=6379",
+            f"--autoscaling-config={config}",
+            "--num-cpus=2",
+            f'--resources={{"trial_driver": {head["trial_driver"]}}}',
+            "--include-dashboard=true",
+            f"--dashboard-port={dashboard}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
     # a local `ray start` uses token authentication (the default for local clusters since Ray
     # 2.59); the job CLI and the state API send the token only in token mode. (Set for the
     # clients only: the fake provider's node launches stall with it.)
@@ -126,25 +158,45 @@ def fake_cluster(tmp_path, monkeypatch):
 def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3, tmp_path):
     exp, best = s3("cluster-exp"), s3("cluster-best")
     cmd = readme_sweep_command()
-    tune = cmd[cmd.index("--") + 1:]
+    tune = cmd[cmd.index("--") + 1 :]
     assert tune[:3] == ["python", "-m", "vitcae_ray.tune"] and "--address" in tune
     # this machine's stand-ins: a resource for the GPU, the embedded digits for the Parquet
     # data (Ray Data streaming three simulated nodes' worth of work on 2 cores took 250 s an
     # epoch; tests/test_s3.py streams Parquet from S3 on one node), a tiny model, few epochs
-    swap = {"--num-samples": "3", "--max-epochs": "2", "--config": "digits_tiny",
-            "--space": "small", "--dataset": "digits", "--output": exp}
+    swap = {
+        "--num-samples": "3",
+        "--max-epochs": "2",
+        "--config": "digits_tiny",
+        "--space": "small",
+        "--dataset": "digits",
+        "--output": exp,
+    }
     args = [swap.get(tune[i - 1], a) for i, a in enumerate(tune)]
     args[args.index("--gpu")] = f"--set=train.worker_resource={GPU_STANDIN}"
-    del args[args.index("--data-root"):args.index("--data-root") + 2]
-    args += ["--set=data.image_size=16", "--set=train.batch_size=32",
-             "--set=train.log_images=false", "--set=train.eval_every=0"]
-    submit = cmd[:cmd.index("--")]
+    del args[args.index("--data-root") : args.index("--data-root") + 2]
+    args += [
+        "--set=data.image_size=16",
+        "--set=train.batch_size=32",
+        "--set=train.log_images=false",
+        "--set=train.eval_every=0",
+    ]
+    submit = cmd[: cmd.index("--")]
     submit[submit.index("--address") + 1] = fake_cluster
 
     # a local --output is refused up front: the nodes the autoscaler adds could not see it
-    local = subprocess.run([sys.executable, *args[1:args.index("--output")], "--output",
-                            str(tmp_path / "exp"), *args[args.index("--output") + 2:]],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    local = subprocess.run(
+        [
+            sys.executable,
+            *args[1 : args.index("--output")],
+            "--output",
+            str(tmp_path / "exp"),
+            *args[args.index("--output") + 2 :],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     errors = [line for line in local.stderr.splitlines() if line.startswith("error:")]
     assert local.returncode == 2 and len(errors) == 1, local.stderr[-2000:]
     assert local.stderr.rstrip().endswith(errors[0])  # after Ray's own connection lines
@@ -153,22 +205,24 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
     watcher = Watcher(fake_cluster)
     watcher.start()
     start = time.monotonic()
-    proc = subprocess.run([*submit, "--", sys.executable, *args[1:]], capture_output=True,
-                          text=True, timeout=1500, cwd=tmp_path)
+    proc = subprocess.run(
+        [*submit, "--", sys.executable, *args[1:]], capture_output=True, text=True, timeout=1500, cwd=tmp_path
+    )
     wall = time.monotonic() - start
     watcher.stop.set()
     watcher.join()
     print(f"sweep wall time {wall:.0f}s")
     for s in watcher.samples[::5]:
-        print(f"t={s['t']:.0f}s worker nodes={len(s['workers'])} "
-              f"trials running={len(s['actors'].get('RayTrainWorker', []))}")
+        print(
+            f"t={s['t']:.0f}s worker nodes={len(s['workers'])} "
+            f"trials running={len(s['actors'].get('RayTrainWorker', []))}"
+        )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     samples = watcher.samples
     assert samples and not samples[0]["workers"], "the cluster must start with no worker nodes"
     assert max(len(s["workers"]) for s in samples) >= 2, "the autoscaler never added nodes"
-    together = [s for s in samples
-                if len(set(s["actors"].get("RayTrainWorker", []))) >= 2]
+    together = [s for s in samples if len(set(s["actors"].get("RayTrainWorker", []))) >= 2]
     assert together, "no two trials ever ran at the same time on different nodes"
     for s in samples:
         assert all(n in s["workers"] for n in s["actors"].get("RayTrainWorker", []))
@@ -180,7 +234,11 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
     rows = pq.read_table(path, filesystem=fs).to_pylist()
     assert len(rows) == 3 and all(r["status"] in ("completed", "stopped") for r in rows)
     assert all(r["epochs"] >= 1 for r in rows)
-    export = subprocess.run([sys.executable, "-m", "vitcae_ray.export", "--experiment", exp,
-                             "--out", best], capture_output=True, text=True, timeout=600)
+    export = subprocess.run(
+        [sys.executable, "-m", "vitcae_ray.export", "--experiment", exp, "--out", best],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert export.returncode == 0, export.stderr
     assert filesystem.read_text(join(best, "metrics.json")) is not None

@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import vitcae_ray
+from vitcae_ray import filesystem
 from vitcae_ray.config import build_config
 from vitcae_ray.data import build_datasets
 from vitcae_ray.data.streaming import streams
 from vitcae_ray.data.to_parquet import main as to_parquet
 from vitcae_ray.engine import evaluate
 from vitcae_ray.export import main as export_main
-from vitcae_ray import filesystem
 from vitcae_ray.filesystem import join
 from vitcae_ray.train import run
 from vitcae_ray.tune import load_space, run_sweep
@@ -25,8 +25,13 @@ from vitcae_ray.tune import load_space, run_sweep
 
 @pytest.fixture(scope="module")
 def small(tiny_config):
-    return {**tiny_config, "train.batch_size": 32, "train.log_images": False, "train.eval_every": 0,
-            "train.cpus_per_worker": 0.5}
+    return {
+        **tiny_config,
+        "train.batch_size": 32,
+        "train.log_images": False,
+        "train.eval_every": 0,
+        "train.cpus_per_worker": 0.5,
+    }
 
 
 def _lines(uri: str, name: str) -> list[dict]:
@@ -40,10 +45,18 @@ def _dirs(uri: str) -> list[str]:
 def test_parquet_on_s3_streams_to_two_workers_with_the_run_directory_on_s3(ray_session, s3, small):
     data = s3("digits-16")
     # 1,599 train rows: odd, and half of them rounded up (800) is a multiple of 32 (see below)
-    assert to_parquet(["--dataset", "digits", "--image-size", "16", "--val-fraction", "0.1102",
-                       "--out", data]) == 0
-    base = {**small, "data.dataset": "parquet", "data.root": data, "train.num_workers": 2,
-            "train.epochs": 1, "train.output": s3("runs/pq")}
+    assert (
+        to_parquet(["--dataset", "digits", "--image-size", "16", "--val-fraction", "0.1102", "--out", data])
+        == 0
+    )
+    base = {
+        **small,
+        "data.dataset": "parquet",
+        "data.root": data,
+        "train.num_workers": 2,
+        "train.epochs": 1,
+        "train.output": s3("runs/pq"),
+    }
     assert streams(build_config(base).data)
     train_rows = sum(1 for _ in build_datasets(build_config(base).data)[0])
     # Ray Data splits the stream into equal shards of floor(rows / 2); a DataLoader with a
@@ -84,8 +97,14 @@ def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tm
     base = build_config({**small, "train.num_workers": 1, "train.epochs": 2})
     exp = s3("exp")
     try:
-        run_sweep(base, space, exp, num_samples=1, grace_period=2,
-                  callbacks=[InterruptAfterFirstTrial(str(tmp_path / "interrupted"))])
+        run_sweep(
+            base,
+            space,
+            exp,
+            num_samples=1,
+            grace_period=2,
+            callbacks=[InterruptAfterFirstTrial(str(tmp_path / "interrupted"))],
+        )
     except (KeyboardInterrupt, tune.TuneError):
         pass
     assert (tmp_path / "interrupted").exists()
@@ -101,6 +120,12 @@ def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tm
     metrics = json.loads(filesystem.read_text(join(model_uri, "metrics.json")))
     model = vitcae_ray.load_pretrained(model_uri)
     _, val, _ = build_datasets(base.data)
-    again = evaluate(model, DataLoader(val, batch_size=32), metrics["epoch"], base,
-                     torch.device("cpu"), seed=base.train.seed)
+    again = evaluate(
+        model,
+        DataLoader(val, batch_size=32),
+        metrics["epoch"],
+        base,
+        torch.device("cpu"),
+        seed=base.train.seed,
+    )
     assert again["val/elbo"] == pytest.approx(metrics["val/elbo"], rel=1e-4)

@@ -6,7 +6,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from vitcae_ray.cluster import (TrialCapacity, is_autoscaling, settle_resources, trials_that_fit)
+from vitcae_ray.cluster import TrialCapacity, is_autoscaling, settle_resources, trials_that_fit
 from vitcae_ray.config import ConfigError, build_config, resolve
 from vitcae_ray.tune import load_space, split_space
 
@@ -17,6 +17,7 @@ def small(tiny_config):
 
 
 # --- paths from any directory ------------------------------------------------------------
+
 
 def test_shipped_spaces_and_configs_load_by_name_or_path_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -36,14 +37,18 @@ def test_shipped_spaces_and_configs_load_by_name_or_path_from_any_directory(tmp_
 
 def test_relative_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = resolve(None, {"data.root": "data/faces", "train.output": "runs/x",
-                         "train.storage_path": "s3://bucket/ckpt"}, [])
+    cfg = resolve(
+        None,
+        {"data.root": "data/faces", "train.output": "runs/x", "train.storage_path": "s3://bucket/ckpt"},
+        [],
+    )
     assert cfg.data.root == str(tmp_path / "data" / "faces")
     assert cfg.train.output == str(tmp_path / "runs" / "x")
     assert cfg.train.storage_path == "s3://bucket/ckpt"
 
 
 # --- what the cluster holds ----------------------------------------------------------------
+
 
 def test_packing_counts_whole_trials_per_node():
     nodes = [{"CPU": 8.0, "trial_driver": 64.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
@@ -73,8 +78,18 @@ def test_an_infeasible_run_is_exit_2_before_anything_is_written(ray_session, tmp
     from vitcae_ray.cli import main
 
     out = tmp_path / "run"
-    code = main(["--num-workers", "2", "--output", str(out),
-                 "--set", "train.cpus_per_worker=2", "--set", "train.worker_resource=accel"])
+    code = main(
+        [
+            "--num-workers",
+            "2",
+            "--output",
+            str(out),
+            "--set",
+            "train.cpus_per_worker=2",
+            "--set",
+            "train.worker_resource=accel",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "accel" in err
     assert not out.exists()
@@ -84,8 +99,9 @@ def test_trial_capacity_follows_the_cluster_and_a_restored_limit_cannot_pin_it(r
     from vitcae_ray.sweep_capacity import LiveVariantGenerator, set_capacity
 
     capacity = TrialCapacity({"CPU": 0.25}, {"CPU": 0.5}, 1, every_s=0)
-    assert capacity() == trials_that_fit([{"CPU": ray_session.cluster_resources()["CPU"]}],
-                                         {"CPU": 0.25}, {"CPU": 0.5}, 1)
+    assert capacity() == trials_that_fit(
+        [{"CPU": ray_session.cluster_resources()["CPU"]}], {"CPU": 0.25}, {"CPU": 0.5}, 1
+    )
     assert TrialCapacity({"CPU": 0.25}, {"CPU": 0.5}, 1, cap=1, every_s=0)() == 1
     # the sweep saved with limit 1 and resumed on a cluster that holds 3
     saved = LiveVariantGenerator(max_concurrent=1).get_state()
@@ -96,6 +112,7 @@ def test_trial_capacity_follows_the_cluster_and_a_restored_limit_cannot_pin_it(r
 
 
 # --- sweeps ---------------------------------------------------------------------------------
+
 
 @pytest.mark.ray  # Tune
 def test_a_sweep_refuses_a_shared_checkpoint_storage(tmp_path, small):
@@ -114,10 +131,25 @@ def test_a_sweep_whose_trials_all_fail_is_reported_as_failed(ray_session, tmp_pa
     space.write_text("optim.lr: {grid: [1.0e-3]}\n")
     exp = tmp_path / "exp"
     # NaN loss weight: every trial stops at its first step; --metric val/mse must still work
-    code = main(["--space", str(space), "--output", str(exp), "--num-samples", "1",
-                 "--max-epochs", "2", "--metric", "val/mse",
-                 *[f"--set={k}={v}" for k, v in small.items()],
-                 "--set", "train.cpus_per_worker=0.5", "--set", "loss.recon_weight=nan"])
+    code = main(
+        [
+            "--space",
+            str(space),
+            "--output",
+            str(exp),
+            "--num-samples",
+            "1",
+            "--max-epochs",
+            "2",
+            "--metric",
+            "val/mse",
+            *[f"--set={k}={v}" for k, v in small.items()],
+            "--set",
+            "train.cpus_per_worker=0.5",
+            "--set",
+            "loss.recon_weight=nan",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and "every trial failed" in captured.err
     assert (exp / "results.csv").is_file()

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vitcae_ray.config import build_config
 from vitcae_ray.checkpoints import load as load_state
 from vitcae_ray.checkpoints import model_from_state
 from vitcae_ray.cli import main
+from vitcae_ray.config import build_config
 from vitcae_ray.train import run
 
 pytestmark = pytest.mark.ray  # every test runs the trainer (Ray Train, local mode included)
@@ -23,7 +23,10 @@ pytestmark = pytest.mark.ray  # every test runs the trainer (Ray Train, local mo
 def small(tiny_config):
     # A small model and 16x16 images keep a 2-worker epoch to a few seconds on 2 cores.
     return {
-        **tiny_config, "train.batch_size": 32, "train.num_image_samples": 8, "loss.recon_weight": 10.0,
+        **tiny_config,
+        "train.batch_size": 32,
+        "train.num_image_samples": 8,
+        "loss.recon_weight": 10.0,
     }
 
 
@@ -33,13 +36,32 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 # every head qualifies at epoch 1; the cap freezes half of each layer then (split layers
 # under DDP); the resumed run lifts the cap, so whole layers freeze (empty active groups)
-FREEZE = {"freeze.min_epoch": 1, "freeze.patience": 1, "freeze.kappa_window": 1,
-          "freeze.drift_threshold": 2.0, "freeze.max_frozen_frac": 0.5}
-TWO_WORKERS = {**FREEZE, "train.epochs": 5, "train.num_workers": 2,
-               "train.cpus_per_worker": 0.5, "train.eval_every": 2}
+FREEZE = {
+    "freeze.min_epoch": 1,
+    "freeze.patience": 1,
+    "freeze.kappa_window": 1,
+    "freeze.drift_threshold": 2.0,
+    "freeze.max_frozen_frac": 0.5,
+}
+TWO_WORKERS = {
+    **FREEZE,
+    "train.epochs": 5,
+    "train.num_workers": 2,
+    "train.cpus_per_worker": 0.5,
+    "train.eval_every": 2,
+}
 # what a run decides and learns: equal between an uninterrupted and a restarted run
-DETERMINED = ("train/loss", "train/kl", "val/elbo", "val/mse", "heads/frozen",
-              "heads/newly_frozen", "freeze/mean_drift", "flops/epoch", "comm/grad_elements")
+DETERMINED = (
+    "train/loss",
+    "train/kl",
+    "val/elbo",
+    "val/mse",
+    "heads/frozen",
+    "heads/newly_frozen",
+    "freeze/mean_drift",
+    "flops/epoch",
+    "comm/grad_elements",
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +87,26 @@ def test_two_worker_run_learns_and_logs_every_epoch(two_worker_run):
     _, out, history, _ = two_worker_run
     assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]
     assert history[-1]["val/mse"] < history[0]["val/mse"]
-    for key in ("train/loss", "train/recon", "train/prior_recon", "train/kl", "train/mmd",
-                "val/loss", "val/elbo", "val/mse", "val/psnr", "time/epoch_s",
-                "throughput/images_per_s"):
+    for key in (
+        "train/loss",
+        "train/recon",
+        "train/prior_recon",
+        "train/kl",
+        "train/mmd",
+        "val/loss",
+        "val/elbo",
+        "val/mse",
+        "val/psnr",
+        "time/epoch_s",
+        "throughput/images_per_s",
+    ):
         assert all(key in m for m in history), key
     # the paper's tasks every train.eval_every epochs and at the last one
     evaluated = [m["epoch"] for m in history if "val/probe_acc" in m]
     assert evaluated == [1, 3, 4]
-    assert all(0 < history[e]["val/probe_acc"] <= 1 and history[e]["val/sample_score"] >= 1
-               for e in evaluated)
+    assert all(
+        0 < history[e]["val/probe_acc"] <= 1 and history[e]["val/sample_score"] >= 1 for e in evaluated
+    )
     # both workers' samples are counted: the train split (1617 images) less the dropped tails
     assert history[0]["train/samples"] > 1500
     assert (out / "config.yaml").is_file()
@@ -119,15 +152,20 @@ def test_heads_table_and_tensorboard_hold_every_head_of_every_epoch(two_worker_r
 # The tests above read the run directory as the uninterrupted run left it; the ones that use
 # ``resumed_run`` continue that run in the same directory, so they come after them.
 
+
 @pytest.fixture(scope="module")
 def resumed_run(two_worker_run):
     """The same run rerun with more epochs (7) and the freezing cap lifted: (the latest
     checkpoint's state before the rerun, the metrics after it, the latest state after it)."""
     cfg, out, _, _ = two_worker_run
     before = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
-    more = build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 7,
-                                                    "output": str(out)},
-                         "freeze": {**cfg.to_dict()["freeze"], "max_frozen_frac": 1.0}})
+    more = build_config(
+        {
+            **cfg.to_dict(),
+            "train": {**cfg.to_dict()["train"], "epochs": 7, "output": str(out)},
+            "freeze": {**cfg.to_dict()["freeze"], "max_frozen_frac": 1.0},
+        }
+    )
     result = run(more, verbose=False)
     assert result.error is None
     state = load_state(sorted((out / "train").glob("checkpoint_epoch_*"))[-1])
@@ -135,7 +173,8 @@ def resumed_run(two_worker_run):
 
 
 def test_rerunning_with_more_epochs_resumes_at_epoch_5_with_the_history_intact(
-        two_worker_run, resumed_run, tb_tags):
+    two_worker_run, resumed_run, tb_tags
+):
     _, out, history, _ = two_worker_run
     _, resumed, state = resumed_run
     assert [m["epoch"] for m in resumed] == list(range(7))
@@ -156,10 +195,12 @@ def test_the_resumed_run_restores_the_frozen_heads_then_freezes_the_rest(resumed
         prefix = f"blocks.{layer}.attn."
         for h in heads:
             assert torch.equal(state["model"][prefix + "tau"][h], before["model"][prefix + "tau"][h])
-            assert torch.equal(state["model"][prefix + "tau_factor"][h],
-                               before["model"][prefix + "tau_factor"][h])
-            assert torch.equal(state["model"][prefix + "qkv_weight"][:, h],
-                               before["model"][prefix + "qkv_weight"][:, h])
+            assert torch.equal(
+                state["model"][prefix + "tau_factor"][h], before["model"][prefix + "tau_factor"][h]
+            )
+            assert torch.equal(
+                state["model"][prefix + "qkv_weight"][:, h], before["model"][prefix + "qkv_weight"][:, h]
+            )
 
 
 def test_the_checkpoint_alone_rebuilds_the_model(resumed_run):
@@ -180,8 +221,12 @@ def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path, make_k
     killer = make_killer(out, [(2, "RayTrainWorker"), (4, "HeadConvergenceActor")])
     killer.start()
     try:
-        result = run(build_config({**cfg.to_dict(), "train": {**cfg.to_dict()["train"],
-                                   "output": str(out), "max_failures": 2}}), verbose=False)
+        result = run(
+            build_config(
+                {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "output": str(out), "max_failures": 2}}
+            ),
+            verbose=False,
+        )
     finally:
         killer.join_all()
     assert [k[1] for k in killer.killed] == ["RayTrainWorker", "HeadConvergenceActor"]
@@ -197,9 +242,17 @@ def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path, make_k
 
 def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path, small):
     out = tmp_path / "run"
-    cfg = build_config({**small, "train.num_workers": 0, "train.cpus_per_worker": 1.0,
-                        "train.log_images": False, "train.epochs": 3,
-                        "train.num_checkpoints": 3, "train.output": str(out)})
+    cfg = build_config(
+        {
+            **small,
+            "train.num_workers": 0,
+            "train.cpus_per_worker": 1.0,
+            "train.log_images": False,
+            "train.epochs": 3,
+            "train.num_checkpoints": 3,
+            "train.output": str(out),
+        }
+    )
     run(cfg, verbose=False)
     straight = _metrics(out)
     # a crash during epoch 2: its checkpoint never appeared, its metrics line did
@@ -215,10 +268,23 @@ def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path, small)
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, capsys, small):
     out = tmp_path / "nan"
     # the MMD term (weight NaN) enters at epoch 1, after one good epoch and its checkpoint
-    code = main(["--num-workers", "0", "--epochs", "3", "--output", str(out),
-                 *[f"--set={k}={v}" for k, v in small.items()],
-                 "--set", "train.log_images=false", "--set", "loss.kl_warmup_epochs=1",
-                 "--set", "loss.mmd_weight=nan"])
+    code = main(
+        [
+            "--num-workers",
+            "0",
+            "--epochs",
+            "3",
+            "--output",
+            str(out),
+            *[f"--set={k}={v}" for k, v in small.items()],
+            "--set",
+            "train.log_images=false",
+            "--set",
+            "loss.kl_warmup_epochs=1",
+            "--set",
+            "loss.mmd_weight=nan",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 1 step 0" in err
@@ -230,20 +296,46 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path
 
 def test_changed_settings_on_an_existing_run_are_refused_without_touching_it(tmp_path, small):
     out = tmp_path / "run"
-    args = ["--num-workers", "0", "--epochs", "1", "--output", str(out),
-            *[f"--set={k}={v}" for k, v in small.items()], "--set", "train.log_images=false"]
+    args = [
+        "--num-workers",
+        "0",
+        "--epochs",
+        "1",
+        "--output",
+        str(out),
+        *[f"--set={k}={v}" for k, v in small.items()],
+        "--set",
+        "train.log_images=false",
+    ]
     assert main(args) == 0
     before = (out / "config.yaml").read_text(), (out / "metrics.jsonl").read_text()
-    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", *args,
-                           "--set", "model.depth=3"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitcae_ray.train", *args, "--set", "model.depth=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "model.depth" in proc.stderr
     assert ((out / "config.yaml").read_text(), (out / "metrics.jsonl").read_text()) == before
 
 
 def test_bad_dataset_root_is_exit_2_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "vitcae_ray.train", "--dataset", "cifar10",
-                           "--data-root", str(tmp_path / "nowhere"), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitcae_ray.train",
+            "--dataset",
+            "cifar10",
+            "--data-root",
+            str(tmp_path / "nowhere"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--data-root" in proc.stderr

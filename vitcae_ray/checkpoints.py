@@ -29,8 +29,6 @@ from .config import SELECT_METRIC
 from .errors import first_line
 
 if TYPE_CHECKING:
-    import torch
-
     from .config import Config
     from .model import ViTCAE
 
@@ -53,9 +51,16 @@ def _digest_line(data: bytes) -> str:
     return f"{hashlib.sha256(data).hexdigest()} {len(data)}\n"
 
 
-def training_state(model: ViTCAE, optimizer, lr_schedule, epoch: int, cfg: Config,
-                   history: list[dict[str, Any]], heads: dict[str, Any],
-                   head_rows: list[dict[str, Any]]) -> dict[str, Any]:
+def training_state(
+    model: ViTCAE,
+    optimizer,
+    lr_schedule,
+    epoch: int,
+    cfg: Config,
+    history: list[dict[str, Any]],
+    heads: dict[str, Any],
+    head_rows: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Everything needed to rebuild the model alone (config + ``model_args``; the weights are
     the full per-head layout) or to resume, the head controller's whole state included."""
     from .freezing import frozen_heads
@@ -92,12 +97,10 @@ def check_digest(data: bytes, digest: str | None, where: str) -> None:
     """Raise :class:`CheckpointError` when ``data`` does not match ``digest`` (the text of
     its ``checkpoint.sha256``; None: written without one, nothing to check)."""
     if digest is not None and digest.split() != _digest_line(data).split():
-        raise CheckpointError(f"checkpoint {where} is damaged (it does not match its "
-                              f"{DIGEST_FILE}): {FIX}")
+        raise CheckpointError(f"checkpoint {where} is damaged (it does not match its {DIGEST_FILE}): {FIX}")
 
 
-def parse(data: bytes, digest: str | None, where: str,
-          device: Any = "cpu") -> dict[str, Any]:
+def parse(data: bytes, digest: str | None, where: str, device: Any = "cpu") -> dict[str, Any]:
     """The state in ``data`` (the bytes of ``where``), checked against ``digest`` (the text of
     its ``checkpoint.sha256``; None for a checkpoint written without one)."""
     import torch
@@ -116,8 +119,9 @@ def load(checkpoint_dir: str | os.PathLike, device: Any = "cpu") -> dict[str, An
     """The state in a local checkpoint directory (what ``Checkpoint.as_directory`` gives)."""
     path = Path(checkpoint_dir, CHECKPOINT_FILE)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is missing: {checkpoint_dir} is not a "
-                              "complete checkpoint directory")
+        raise CheckpointError(
+            f"checkpoint {path} is missing: {checkpoint_dir} is not a complete checkpoint directory"
+        )
     digest_path = Path(checkpoint_dir, DIGEST_FILE)
     digest = digest_path.read_text() if digest_path.is_file() else None
     return parse(path.read_bytes(), digest, str(path), device)
@@ -127,9 +131,14 @@ def complete_dirs(root: str) -> list[str]:
     """The checkpoint directories under ``root`` (local path or URI) that hold both files,
     oldest epoch first; partial uploads and copies are left out."""
     dirs = [filesystem.join(root, name) for name in filesystem.list_dirs(root, DIR_PREFIX)]
-    return [d for d in dirs
-            if all(filesystem.kind(filesystem.join(d, f)) == filesystem.FileType.File
-                   for f in (CHECKPOINT_FILE, DIGEST_FILE))]
+    return [
+        d
+        for d in dirs
+        if all(
+            filesystem.kind(filesystem.join(d, f)) == filesystem.FileType.File
+            for f in (CHECKPOINT_FILE, DIGEST_FILE)
+        )
+    ]
 
 
 def read(directory: str, device: Any = "cpu") -> dict[str, Any]:
@@ -137,8 +146,9 @@ def read(directory: str, device: Any = "cpu") -> dict[str, Any]:
     where = filesystem.join(directory, CHECKPOINT_FILE)
     data = filesystem.read_bytes(where)
     if data is None:
-        raise CheckpointError(f"checkpoint {where} is missing: {directory} is not a "
-                              "complete checkpoint directory")
+        raise CheckpointError(
+            f"checkpoint {where} is missing: {directory} is not a complete checkpoint directory"
+        )
     return parse(data, filesystem.read_text(filesystem.join(directory, DIGEST_FILE)), where, device)
 
 
@@ -160,8 +170,10 @@ def load_model_file(data: bytes, where: str, device: Any = "cpu") -> dict[str, A
         raise ValueError(f"{where} is not a readable model file: {first_line(e)}") from None
     if not isinstance(state, dict) or any(k not in state for k in MODEL_KEYS):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{where} lacks {', '.join(MODEL_KEYS)} (has {have}): "
-                         "export a model with python -m vitcae_ray.export")
+        raise ValueError(
+            f"{where} lacks {', '.join(MODEL_KEYS)} (has {have}): "
+            "export a model with python -m vitcae_ray.export"
+        )
     return state
 
 
@@ -174,8 +186,12 @@ def model_from_state(state: dict[str, Any]) -> ViTCAE:
 
     cfg = build_config(state["config"])
     model = build_model(cfg.model, **state["model_args"])
-    apply_frozen(model, state.get("frozen_heads") or [[] for _ in range(cfg.model.depth)],
-                 cfg.freeze.mode, out_proj=cfg.freeze.out_proj)
+    apply_frozen(
+        model,
+        state.get("frozen_heads") or [[] for _ in range(cfg.model.depth)],
+        cfg.freeze.mode,
+        out_proj=cfg.freeze.out_proj,
+    )
     model.load_state_dict(state["model"])
     return model
 
@@ -204,8 +220,9 @@ class LocalCheckpoints:
         if filesystem.exists(dest):
             filesystem.delete_dir(dest)
         filesystem.move(partial, dest)
-        score = {filesystem.join(self.root, dir_name(int(m["epoch"]))): m[self.select_metric]
-                 for m in history}
+        score = {
+            filesystem.join(self.root, dir_name(int(m["epoch"]))): m[self.select_metric] for m in history
+        }
         dirs = complete_dirs(self.root)
         best = sorted((d for d in dirs if d in score), key=score.get)[: self.keep]
         for d in dirs:

@@ -17,20 +17,34 @@ from .errors import fail
 
 # flag -> config key; the flags' values override the --config file, --set overrides them
 FLAGS = {
-    "dataset": "data.dataset", "data_root": "data.root", "download": "data.download",
-    "epochs": "train.epochs", "batch_size": "train.batch_size", "num_workers": "train.num_workers",
-    "gpu": "train.gpu", "address": "train.address", "output": "train.output", "seed": "train.seed",
+    "dataset": "data.dataset",
+    "data_root": "data.root",
+    "download": "data.download",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "num_workers": "train.num_workers",
+    "gpu": "train.gpu",
+    "address": "train.address",
+    "output": "train.output",
+    "seed": "train.seed",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vitcae_ray.train",
-                                description="Train ViTCAE with Ray Train.")
+    p = argparse.ArgumentParser(prog="python -m vitcae_ray.train", description="Train ViTCAE with Ray Train.")
     p.add_argument("--config", help="YAML preset, e.g. configs/cifar10_small.yaml, or a name from configs/")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted config key, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--dataset", help="data.dataset: digits (embedded), mnist, fashion_mnist, "
-                   "cifar10, cifar100, celeba, imagefolder, parquet")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--dataset",
+        help="data.dataset: digits (embedded), mnist, fashion_mnist, "
+        "cifar10, cifar100, celeba, imagefolder, parquet",
+    )
     p.add_argument("--data-root", help="data.root: dataset directory, Parquet path or URI")
     p.add_argument("--download", action="store_const", const=True, help="data.download")
     p.add_argument("--epochs", type=int, help="train.epochs")
@@ -54,13 +68,16 @@ def summary(result, cfg: Config, wall_s: float) -> str:
         return f"stopped: {m['error']}"
     lines = [f"done in {wall_s:.0f}s: {int(m.get('epoch', -1)) + 1}/{cfg.train.epochs} epochs"]
     if "val/mse" in m:
-        lines.append(f"  final val/elbo {m[SELECT_METRIC]:.2f}  val/mse {m['val/mse']:.5f}  "
-                     f"val/psnr {m['val/psnr']:.2f} dB")
+        lines.append(
+            f"  final val/elbo {m[SELECT_METRIC]:.2f}  val/mse {m['val/mse']:.5f}  "
+            f"val/psnr {m['val/psnr']:.2f} dB"
+        )
     best = getattr(result, "best_checkpoints", None) or []
     if best:
         ckpt, bm = min(best, key=lambda cm: cm[1].get(SELECT_METRIC, float("inf")))
-        lines.append(f"  best {SELECT_METRIC} {bm[SELECT_METRIC]:.2f} at epoch "
-                     f"{int(bm['epoch']) + 1}: {ckpt.path}")
+        lines.append(
+            f"  best {SELECT_METRIC} {bm[SELECT_METRIC]:.2f} at epoch {int(bm['epoch']) + 1}: {ckpt.path}"
+        )
     out = cfg.train.output
     lines.append(f"  run directory {out} (tensorboard --logdir {out}/tb)")
     return "\n".join(lines)
@@ -78,14 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         return fail(e)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue from the last checkpoint",
-              file=sys.stderr)
+        print("interrupted: rerun the same command to continue from the last checkpoint", file=sys.stderr)
         return 130
     except ray.train.TrainingFailedError as e:
         # the workers' tracebacks are above; their last line is the one to act on
         cause = str(e.__cause__ or e).strip()
-        return fail(f"training failed after {cfg.train.max_failures} restarts: "
-                    f"{cause.splitlines()[-1] if cause else type(e.__cause__ or e).__name__}", 1)
+        return fail(
+            f"training failed after {cfg.train.max_failures} restarts: "
+            f"{cause.splitlines()[-1] if cause else type(e.__cause__ or e).__name__}",
+            1,
+        )
     error = (result.metrics or {}).get("error")
     return fail(error, 1) if error else 0
 

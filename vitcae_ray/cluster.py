@@ -48,19 +48,23 @@ def fmt(resources: dict[str, float]) -> str:
 
 # --- the cluster as Ray sees it ----------------------------------------------------------
 
+
 def node_resources() -> list[dict[str, float]]:
     """Total resources of each alive node (not what is free: other runs come and go)."""
     import ray
 
-    return [{k: v for k, v in n["Resources"].items()
-             if k not in _BOOKKEEPING and not k.startswith("node:")}
-            for n in ray.nodes() if n.get("Alive")]
+    return [
+        {k: v for k, v in n["Resources"].items() if k not in _BOOKKEEPING and not k.startswith("node:")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
 
 
 def autoscaler_report() -> dict[str, Any] | None:
     """The autoscaler monitor's last report, or None when there is none."""
     try:  # the only place the project reads Ray's internal KV
         from ray.experimental.internal_kv import _internal_kv_get
+
         raw = _internal_kv_get(AUTOSCALER_STATUS_KEY)
     except Exception:  # noqa: BLE001 - a Ray without it: treat the cluster as fixed
         return None
@@ -96,8 +100,13 @@ def pack(nodes: list[dict[str, float]], bundles: list[dict[str, float]]) -> bool
     return True
 
 
-def trials_that_fit(nodes: list[dict[str, float]], driver: dict[str, float] | None,
-                    worker: dict[str, float], num_workers: int, limit: int = 10_000) -> int:
+def trials_that_fit(
+    nodes: list[dict[str, float]],
+    driver: dict[str, float] | None,
+    worker: dict[str, float],
+    num_workers: int,
+    limit: int = 10_000,
+) -> int:
     """How many copies of (one driver + ``num_workers`` workers) the nodes hold at once."""
     free = [dict(n) for n in nodes]
     count = 0
@@ -108,18 +117,21 @@ def trials_that_fit(nodes: list[dict[str, float]], driver: dict[str, float] | No
 
 # --- what a run requests -----------------------------------------------------------------
 
+
 def worker_request(cfg: Config) -> dict[str, float]:
     t = cfg.train
-    return {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.gpu else {}),
-            **({t.worker_resource: 1.0} if t.worker_resource else {})}
+    return {
+        "CPU": t.cpus_per_worker,
+        **({"GPU": 1.0} if t.gpu else {}),
+        **({t.worker_resource: 1.0} if t.worker_resource else {}),
+    }
 
 
 def driver_request(cpus: float, resource: str | None) -> dict[str, float]:
     return {"CPU": cpus, **({resource: 1.0} if resource else {})}
 
 
-def settle_resources(cfg: Config, driver: dict[str, float] | None = None,
-                     log=print) -> Config:
+def settle_resources(cfg: Config, driver: dict[str, float] | None = None, log=print) -> Config:
     """``cfg`` with ``train.cpus_per_worker`` resolved, after checking that one run (a Tune
     trial: ``driver`` plus its workers) fits the cluster.
 
@@ -144,23 +156,31 @@ def settle_resources(cfg: Config, driver: dict[str, float] | None = None,
                 spare = min(spare, 1.0 - driver.get("CPU", 0.0) / t.num_workers)
             cpus = math.floor(100 * spare) / 100 if spare > 0 else 0.0
             if cpus <= 0:
-                raise ConfigError(f"Ray here has {fmt(_total(nodes))}: no CPUs left for "
-                                  f"{t.num_workers} workers; lower --num-workers")
+                raise ConfigError(
+                    f"Ray here has {fmt(_total(nodes))}: no CPUs left for "
+                    f"{t.num_workers} workers; lower --num-workers"
+                )
         else:
             cpus = 1.0
         cfg = replace(cfg, train=replace(t, cpus_per_worker=cpus))
     worker = worker_request(cfg)
     if trials_that_fit(nodes, driver, worker, t.num_workers, limit=1):
         return cfg
-    what = (f"{t.num_workers} Ray Train workers x {{{fmt(worker)}}}"
-            + (f" plus a trial driver {{{fmt(driver)}}}" if driver else ""))
+    what = f"{t.num_workers} Ray Train workers x {{{fmt(worker)}}}" + (
+        f" plus a trial driver {{{fmt(driver)}}}" if driver else ""
+    )
     have = f"{fmt(_total(nodes))} on {len(nodes)} node(s)"
     if is_autoscaling():
-        log(f"waiting for the autoscaler: {what} do not fit the nodes up now ({have}); "
-            "training starts when nodes join", flush=True)
+        log(
+            f"waiting for the autoscaler: {what} do not fit the nodes up now ({have}); "
+            "training starts when nodes join",
+            flush=True,
+        )
         return cfg
-    raise ConfigError(f"{what} do not fit this cluster ({have}); lower --num-workers or "
-                      "train.cpus_per_worker (0 = fit the machine), or use a larger cluster")
+    raise ConfigError(
+        f"{what} do not fit this cluster ({have}); lower --num-workers or "
+        "train.cpus_per_worker (0 = fit the machine), or use a larger cluster"
+    )
 
 
 def _total(nodes: list[dict[str, float]]) -> dict[str, float]:
@@ -177,8 +197,14 @@ class TrialCapacity:
     waiting for nodes (at least one), so the autoscaler sees their demand and the sweep grows
     as nodes join. ``cap`` (> 0) is an upper bound given by the user."""
 
-    def __init__(self, driver: dict[str, float] | None, worker: dict[str, float],
-                 num_workers: int, cap: int = 0, every_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        driver: dict[str, float] | None,
+        worker: dict[str, float],
+        num_workers: int,
+        cap: int = 0,
+        every_s: float = 2.0,
+    ) -> None:
         self.driver, self.worker, self.num_workers = driver, worker, num_workers
         self.cap, self.every_s = cap, every_s
         self._value, self._at = 1, -math.inf
@@ -196,6 +222,7 @@ class TrialCapacity:
 
 # --- storage and placement ----------------------------------------------------------------
 
+
 def check_shared_output(output: str, shared_fs: bool, what: str = "--output") -> None:
     """Refuse a local ``output`` that other nodes of the cluster cannot see.
 
@@ -209,12 +236,15 @@ def check_shared_output(output: str, shared_fs: bool, what: str = "--output") ->
 
     here = ray.get_runtime_context().get_node_id()
     others = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
-    fix = (f"pass an s3:// URI (or another pyarrow filesystem) as {what}, or a mount every "
-           "node sees with --set train.shared_fs=true")
+    fix = (
+        f"pass an s3:// URI (or another pyarrow filesystem) as {what}, or a mount every "
+        "node sees with --set train.shared_fs=true"
+    )
     if not others:
         if is_autoscaling():
-            raise ConfigError(f"{what} {output!r} is a local path and nodes this cluster adds "
-                              f"later cannot see it: {fix}")
+            raise ConfigError(
+                f"{what} {output!r} is a local path and nodes this cluster adds later cannot see it: {fix}"
+            )
         return
     probe_dir = _first_existing_parent(output)
     probe = os.path.join(probe_dir, f".vitcae_probe_{uuid.uuid4().hex}")
@@ -222,14 +252,17 @@ def check_shared_output(output: str, shared_fs: bool, what: str = "--output") ->
         with open(probe, "w"):
             pass
         exists = ray.remote(num_cpus=0)(os.path.exists)
-        seen = ray.get([exists.options(scheduling_strategy=_pinned(n, soft=False)).remote(probe)
-                        for n in others])
+        seen = ray.get(
+            [exists.options(scheduling_strategy=_pinned(n, soft=False)).remote(probe) for n in others]
+        )
     finally:
         if os.path.exists(probe):
             os.remove(probe)
     if not all(seen):
-        raise ConfigError(f"{what} {output!r} is local to this node: {seen.count(False)} of "
-                          f"{len(others)} other node(s) cannot see it; {fix}")
+        raise ConfigError(
+            f"{what} {output!r} is local to this node: {seen.count(False)} of "
+            f"{len(others)} other node(s) cannot see it; {fix}"
+        )
 
 
 def _first_existing_parent(path: str) -> str:
@@ -261,8 +294,10 @@ def connect(address: str | None) -> None:
 
     import ray
 
-    fix = ("start one (`ray start --head`, or `ray up cluster/aws.yaml` and run on its head "
-           "node) or leave --address out to run on this machine")
+    fix = (
+        "start one (`ray start --head`, or `ray up cluster/aws.yaml` and run on its head "
+        "node) or leave --address out to run on this machine"
+    )
     host, _, port = (address or "").split("://", 1)[-1].rpartition(":")
     if host and port.isdigit():
         try:

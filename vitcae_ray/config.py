@@ -44,8 +44,9 @@ class ModelConfig:
     patch_size: int = key(4, "pixels per patch side; data.image_size must be a multiple", gt=0)
     embed_dim: int = key(64, "encoder width D; a multiple of model.num_heads", gt=0)
     depth: int = key(4, "encoder blocks", gt=0)
-    num_heads: int = key(4, "encoder heads per block (the heads the temperature schedule and freezing "
-                            "act on)", gt=0)
+    num_heads: int = key(
+        4, "encoder heads per block (the heads the temperature schedule and freezing act on)", gt=0
+    )
     mlp_ratio: float = key(2.0, "MLP hidden width / D")
     z_cls_dim: int = key(8, "size of the global latent z_cls", gt=0)
     z_patch_dim: int = key(8, "size of the per-patch latent z_patch", gt=0)
@@ -59,8 +60,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = key("digits", "registry name: digits, mnist, fashion_mnist, cifar10, cifar100, celeba, "
-                                 "imagefolder, parquet")
+    dataset: str = key(
+        "digits",
+        "registry name: digits, mnist, fashion_mnist, cifar10, cifar100, celeba, imagefolder, parquet",
+    )
     root: str | None = key(None, "dataset root directory, Parquet path or pyarrow URI (s3://...)")
     download: bool = key(False, "let torchvision download into data.root")
     image_size: int = key(32, "images are resized to image_size x image_size", gt=0)
@@ -79,13 +82,16 @@ class LossConfig:
     mmd_weight: float = key(10.0, "weight of the patch IMQ-MMD once the curriculum has ramped in")
     mmd_cls_weight: float = key(10.0, "weight of the z_cls IMQ-MMD (aggregate q(z_cls) vs N(0, I))")
     discrepancy_weight: float = key(0.1, "weight of ||mu_patch - Z~_patch||^2 (posterior mean)")
-    prior_recon_weight: float = key(1.0, "weight (x recon_weight) of the error of x decoded from "
-                                         "p(z_patch | z_cls) alone; 0 skips that pass")
+    prior_recon_weight: float = key(
+        1.0,
+        "weight (x recon_weight) of the error of x decoded from p(z_patch | z_cls) alone; 0 skips that pass",
+    )
     kl_warmup_epochs: int = key(3, "T_w: KL-only epochs", ge=0)
     ramp_epochs: int = key(3, "epochs of the linear ramp from KL to the KL/MMD mix", ge=0)
     kl_mix: float = key(0.5, "fraction of the KL weight kept after the ramp", ge=0, le=1)
-    mmd_scales: tuple[float, ...] = key((0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
-                                        "IMQ kernel scales s (C = 2 d s)", min_length=1, gt=0)
+    mmd_scales: tuple[float, ...] = key(
+        (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0), "IMQ kernel scales s (C = 2 d s)", min_length=1, gt=0
+    )
     mmd_max_samples: int = key(512, "patch latents per batch compared by the patch MMD (random subset)", ge=2)
 
 
@@ -105,29 +111,44 @@ class TrainConfig:
     epochs: int = key(30, "epochs to train", gt=0)
     batch_size: int = key(32, "batch size per worker", gt=0)
     num_workers: int = key(1, "Ray Train workers; 0 runs Ray Train's local mode in this process", ge=0)
-    cpus_per_worker: float = key(0.0, "CPUs per worker, also its torch threads; 0 = auto: a Ray started "
-                                      "here shares its CPUs among the workers, a cluster (train.address) "
-                                      "gives 1", ge=0)
-    worker_resource: str | None = key(None, "custom resource each worker also requests 1 of (keeps workers "
-                                            "on the node types that have it)")
+    cpus_per_worker: float = key(
+        0.0,
+        "CPUs per worker, also its torch threads; 0 = auto: a Ray started "
+        "here shares its CPUs among the workers, a cluster (train.address) "
+        "gives 1",
+        ge=0,
+    )
+    worker_resource: str | None = key(
+        None, "custom resource each worker also requests 1 of (keeps workers on the node types that have it)"
+    )
     gpu: bool = key(False, "one GPU per worker, bf16 autocast")
     compile: bool = key(False, "torch.compile the model (recompiles when the frozen set changes)")
     address: str | None = key(None, 'Ray cluster address ("auto"); null starts a local Ray')
-    output: str = key("runs/digits-tiny", "run directory, local or URI: config.yaml, metrics.jsonl, "
-                                          "TensorBoard")
+    output: str = key(
+        "runs/digits-tiny", "run directory, local or URI: config.yaml, metrics.jsonl, TensorBoard"
+    )
     storage_path: str | None = key(None, "Ray Train checkpoint storage; null = the run directory")
-    shared_fs: bool = key(False, "a local output is a mount every node sees (NFS): skip the multi-node "
-                                 "storage check")
+    shared_fs: bool = key(
+        False, "a local output is a mount every node sees (NFS): skip the multi-node storage check"
+    )
     run_name: str = key("train", "Ray Train run name (deterministic, so a rerun resumes)")
     seed: int = key(0, "seed of all randomness")
     max_failures: int = key(2, "worker-group restarts from the last checkpoint; -1 = no limit", ge=-1)
-    max_nonfinite_steps: int = key(0, "steps with a non-finite loss skipped (counted in metrics) before the "
-                                      "run stops; 0 = stop at the first", ge=0)
+    max_nonfinite_steps: int = key(
+        0,
+        "steps with a non-finite loss skipped (counted in metrics) before the "
+        "run stops; 0 = stop at the first",
+        ge=0,
+    )
     num_checkpoints: int = key(2, "best checkpoints kept by val/elbo (the latest is also kept)")
     log_images: bool = key(True, "reconstruction and sample grids in TensorBoard")
     num_image_samples: int = key(16, "images per grid")
-    eval_every: int = key(5, "every N epochs and the last: val/probe_acc, val/sample_score, the inpainting "
-                             "and interpolation grids; 0 = never", ge=0)
+    eval_every: int = key(
+        5,
+        "every N epochs and the last: val/probe_acc, val/sample_score, the inpainting "
+        "and interpolation grids; 0 = never",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -139,11 +160,15 @@ class TemperatureConfig:
 @dataclass(frozen=True)
 class FreezeConfig:
     enabled: bool = key(True, "false never freezes a head (ablation)")
-    mode: str = key("weights", "weights: exact gradients; detach: cut frozen heads from autograd",
-                    choices=("weights", "detach"))
+    mode: str = key(
+        "weights",
+        "weights: exact gradients; detach: cut frozen heads from autograd",
+        choices=("weights", "detach"),
+    )
     out_proj: bool = key(False, "also freeze the frozen heads' columns of the attention output projection")
-    drift_threshold: float = key(0.002, "drift_w1 below this counts as converged (grid units in [0, 1])",
-                                 ge=0)
+    drift_threshold: float = key(
+        0.002, "drift_w1 below this counts as converged (grid units in [0, 1])", ge=0
+    )
     patience: int = key(3, "epochs the drift must stay below the threshold", ge=1)
     kappa_window: int = key(3, "epochs over which kappa must not change", ge=1)
     min_epoch: int = key(-1, "no freezing before this epoch; -1 = loss.kl_warmup_epochs")
@@ -170,8 +195,17 @@ class Config:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},  # the ModelConfig defaults
     "small": dict(
-        patch_size=8, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, z_cls_dim=64,
-        z_patch_dim=16, prior_hidden=1024, dec_dim=256, dec_depth=4, dec_heads=8,
+        patch_size=8,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        z_cls_dim=64,
+        z_patch_dim=16,
+        prior_hidden=1024,
+        dec_dim=256,
+        dec_depth=4,
+        dec_heads=8,
     ),
 }
 _PRESET_USES = {"tiny": "fast CPU runs on 32x32 images", "small": "about ViT-S width, for 64x64 GPU runs"}
@@ -221,8 +255,7 @@ def _by_section(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"unknown config key '{dotted}': sections are {', '.join(sections)}")
         hints = typing.get_type_hints(sections[name])
         if field_name not in hints:
-            raise ConfigError(
-                f"unknown config key '{dotted}': valid keys in '{name}' are {', '.join(hints)}")
+            raise ConfigError(f"unknown config key '{dotted}': valid keys in '{name}' are {', '.join(hints)}")
         out.setdefault(name, {})[field_name] = _coerce(dotted, value, hints[field_name])
     return out
 
@@ -238,7 +271,8 @@ def build_config(overrides: Mapping[str, Any] | None = None, base: Config | None
         preset = sections["model"]["preset"]
         if preset not in MODEL_PRESETS:
             raise ConfigError(
-                f"config key 'model.preset' must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}")
+                f"config key 'model.preset' must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}"
+            )
         cfg = replace(cfg, model=ModelConfig(preset=preset, **MODEL_PRESETS[preset]))
     for name, values in sections.items():
         cfg = replace(cfg, **{name: replace(getattr(cfg, name), **values)})
@@ -288,17 +322,23 @@ def validate(cfg: Config) -> None:
             value = getattr(section, f.name)
             if not _satisfies(value, f.metadata):
                 raise ConfigError(
-                    f"config key '{name}.{f.name}' must be {_constraint(f)}, got {to_dict(value)!r}")
+                    f"config key '{name}.{f.name}' must be {_constraint(f)}, got {to_dict(value)!r}"
+                )
     m, d = cfg.model, cfg.data
     if m.embed_dim % m.num_heads:
-        raise ConfigError(f"config key 'model.embed_dim' ({m.embed_dim}) must be divisible by "
-                          f"model.num_heads ({m.num_heads})")
+        raise ConfigError(
+            f"config key 'model.embed_dim' ({m.embed_dim}) must be divisible by "
+            f"model.num_heads ({m.num_heads})"
+        )
     if m.dec_dim % m.dec_heads:
-        raise ConfigError(f"config key 'model.dec_dim' ({m.dec_dim}) must be divisible by "
-                          f"model.dec_heads ({m.dec_heads})")
+        raise ConfigError(
+            f"config key 'model.dec_dim' ({m.dec_dim}) must be divisible by model.dec_heads ({m.dec_heads})"
+        )
     if d.image_size % m.patch_size:
-        raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
-                          f"model.patch_size ({m.patch_size})")
+        raise ConfigError(
+            f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
+            f"model.patch_size ({m.patch_size})"
+        )
 
 
 _BOUNDS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
@@ -359,8 +399,7 @@ def parse_set(item: str) -> tuple[str, Any]:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def find_yaml(name: str | Path, folder: str, what: str,
-              error: type[ConfigError] = ConfigError) -> Path:
+def find_yaml(name: str | Path, folder: str, what: str, error: type[ConfigError] = ConfigError) -> Path:
     """A YAML file given as a path (from the current directory), as a path inside the project
     (``configs/digits_tiny.yaml``) or by name (``digits_tiny``, a file of ``folder``), so the
     shipped presets work from any directory."""
@@ -371,12 +410,18 @@ def find_yaml(name: str | Path, folder: str, what: str,
             if candidate.is_file():
                 return candidate
     names = sorted(p.stem for p in shipped.glob("*.yaml"))
-    raise error(f"{what} {str(name)!r} not found: pass a YAML file or a name from {folder}/ "
-                f"({', '.join(names) or 'none shipped'})")
+    raise error(
+        f"{what} {str(name)!r} not found: pass a YAML file or a name from {folder}/ "
+        f"({', '.join(names) or 'none shipped'})"
+    )
 
 
-def load_yaml(path: str | Path, what: str = "config file", folder: str = "configs",
-              error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+def load_yaml(
+    path: str | Path,
+    what: str = "config file",
+    folder: str = "configs",
+    error: type[ConfigError] = ConfigError,
+) -> dict[str, Any]:
     """A YAML mapping from ``path`` (see :func:`find_yaml`); ``error`` with a one-line message
     naming the file."""
     p = find_yaml(path, folder, what, error)
@@ -399,8 +444,11 @@ def absolute_paths(cfg: Config) -> Config:
         return None if path is None else filesystem.absolute(path)
 
     t, d = cfg.train, cfg.data
-    return replace(cfg, data=replace(d, root=absolute(d.root)),
-                   train=replace(t, output=absolute(t.output), storage_path=absolute(t.storage_path)))
+    return replace(
+        cfg,
+        data=replace(d, root=absolute(d.root)),
+        train=replace(t, output=absolute(t.output), storage_path=absolute(t.storage_path)),
+    )
 
 
 def resolve(config_path: str | None, flags: Mapping[str, Any], sets: list[str]) -> Config:
@@ -454,9 +502,15 @@ def reference_markdown() -> str:
             accepts = f"{accepts} {_constraint(f)}".strip()
             meaning = f.metadata["doc"].replace("|", "\\|")
             lines.append(f"| `{name}.{f.name}` | `{_yaml(f.default)}` | {accepts} | {meaning} |")
-    lines += ["", "## Model presets", "",
-              "`model.preset` sets these `model.*` keys first; explicit `model.*` keys win.", "",
-              "| preset | use | keys |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Model presets",
+        "",
+        "`model.preset` sets these `model.*` keys first; explicit `model.*` keys win.",
+        "",
+        "| preset | use | keys |",
+        "|---|---|---|",
+    ]
     for preset, values in MODEL_PRESETS.items():
         keys = ", ".join(f"`{k}={_yaml(v)}`" for k, v in values.items()) or "the defaults above"
         lines.append(f"| `{preset}` | {_PRESET_USES.get(preset, '')} | {keys} |")
@@ -464,10 +518,31 @@ def reference_markdown() -> str:
 
 
 __all__ = [
-    "EPOCHS_DONE", "SELECT_METRIC", "Config", "ConfigError", "DataConfig", "FreezeConfig",
-    "TemperatureConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "MODEL_PRESETS",
-    "PROJECT_ROOT", "RENAMED_KEYS", "RENAMED_SECTIONS", "absolute_paths", "build_config", "find_yaml",
-    "dump_yaml", "from_dict", "load_yaml", "parse_set", "reference_markdown", "resolve", "to_dict",
+    "EPOCHS_DONE",
+    "SELECT_METRIC",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FreezeConfig",
+    "TemperatureConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "MODEL_PRESETS",
+    "PROJECT_ROOT",
+    "RENAMED_KEYS",
+    "RENAMED_SECTIONS",
+    "absolute_paths",
+    "build_config",
+    "find_yaml",
+    "dump_yaml",
+    "from_dict",
+    "load_yaml",
+    "parse_set",
+    "reference_markdown",
+    "resolve",
+    "to_dict",
     "validate",
 ]
 

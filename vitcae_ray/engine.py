@@ -8,7 +8,7 @@ import contextlib
 import math
 import random
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -19,16 +19,16 @@ from .config import Config
 from .losses import vitcae_loss
 from .model import ViTCAE, build_model
 
-TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy",
-         "mse")
+TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy", "mse")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or its gradient stopped being finite at (epoch, step), with no skip left."""
 
     def __init__(self, epoch: int, step: int, bound: int = 0, every: bool = False) -> None:
-        skipped = (f" after {bound} skipped non-finite steps (train.max_nonfinite_steps={bound})"
-                   if bound else "")
+        skipped = (
+            f" after {bound} skipped non-finite steps (train.max_nonfinite_steps={bound})" if bound else ""
+        )
         if every:
             skipped = ", and at every step of the epoch before it (nothing trained)"
         super().__init__(
@@ -77,7 +77,7 @@ def wrap_model(model: nn.Module, prepare, compile_model: bool = False) -> nn.Mod
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 
@@ -128,9 +128,17 @@ def _as_metrics(prefix: str, sums: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    lr_scheduler, epoch: int, cfg: Config, device: torch.device,
-                    amp_dtype: torch.dtype | None = None, skips_left: int = 0) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    epoch: int,
+    cfg: Config,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    skips_left: int = 0,
+) -> dict[str, float]:
     """Train for one pass over ``loader``; returns metrics averaged over every rank's samples.
 
     A step whose gradient norm is not finite is skipped (no optimizer step; its CLS readout
@@ -180,8 +188,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, epoch: int, cfg: Config, device: torch.device,
-             amp_dtype: torch.dtype | None = None, seed: int = 0) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    epoch: int,
+    cfg: Config,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Deterministic validation: latents at the posterior means, MMD against prior samples
     from a fixed-seed generator. ``val/psnr`` = 10 log10(1 / val/mse) for images in [0, 1]."""
     model.eval()

@@ -19,6 +19,7 @@ Writes ``OUT/metrics.json`` (flat keys) and one PNG grid per task.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -31,11 +32,18 @@ import torch
 
 from . import filesystem
 from . import metrics as M
-from .checkpoints import (CHECKPOINT_FILE, DIGEST_FILE, MODEL_FILE, CheckpointError, check_digest,
-                          load_model_file, model_from_state)
-from .errors import fail, first_line
+from .checkpoints import (
+    CHECKPOINT_FILE,
+    DIGEST_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    check_digest,
+    load_model_file,
+    model_from_state,
+)
 from .config import SELECT_METRIC, Config, ConfigError, build_config
 from .data import DataError, build_datasets
+from .errors import fail, first_line
 
 TASKS = ("recon", "inpaint", "sample", "interp", "probe")
 
@@ -45,6 +53,7 @@ class EvalError(ValueError):
 
 
 # --- loading --------------------------------------------------------------------------------
+
 
 def _state_bytes(path: str) -> tuple[bytes, str, str | None]:
     """(bytes, where, the digest of a training checkpoint) of the model/checkpoint file behind
@@ -57,8 +66,9 @@ def _state_bytes(path: str) -> tuple[bytes, str, str | None]:
     except filesystem.FileSystemError as e:
         raise EvalError(str(e)) from None
     if kind == filesystem.FileType.NotFound:
-        raise EvalError(f"model {path!r} not found: pass an exported model directory, a run "
-                        "directory or a checkpoint")
+        raise EvalError(
+            f"model {path!r} not found: pass an exported model directory, a run directory or a checkpoint"
+        )
     if kind == filesystem.FileType.File:
         return filesystem.read_bytes(path), path, None
     for name in (MODEL_FILE, CHECKPOINT_FILE):
@@ -69,8 +79,9 @@ def _state_bytes(path: str) -> tuple[bytes, str, str | None]:
         ckpts = surviving_checkpoints(train_folder(path))
         if ckpts:
             try:
-                ckpt = choose_checkpoint({"trial_id": path, "run_dir": path}, path,
-                                         SELECT_METRIC, "min").checkpoint
+                ckpt = choose_checkpoint(
+                    {"trial_id": path, "run_dir": path}, path, SELECT_METRIC, "min"
+                ).checkpoint
             except ExportError:  # no metrics for the surviving checkpoints: the latest
                 ckpt = ckpts[max(ckpts)]
             data = filesystem.read_bytes(filesystem.join(ckpt, CHECKPOINT_FILE))
@@ -78,8 +89,10 @@ def _state_bytes(path: str) -> tuple[bytes, str, str | None]:
                 return data, filesystem.join(ckpt, CHECKPOINT_FILE), _digest(ckpt, CHECKPOINT_FILE)
     except ExportError as e:
         raise EvalError(str(e)) from None
-    raise EvalError(f"{path!r} holds no model.pt, checkpoint.pt or checkpoints: pass an exported "
-                    "model directory, a run directory or a checkpoint")
+    raise EvalError(
+        f"{path!r} holds no model.pt, checkpoint.pt or checkpoints: pass an exported "
+        "model directory, a run directory or a checkpoint"
+    )
 
 
 def _digest(folder: str, name: str) -> str | None:
@@ -119,7 +132,8 @@ def load_data(cfg: Config, model, dataset: str | None, root: str | None, downloa
         raise EvalError(
             f"dataset {data.dataset!r} gives {channels}-channel {x0.shape[-1]}x{x0.shape[-1]} images "
             f"but the model takes {model.in_chans}-channel {model.img_size}x{model.img_size}: "
-            f"pass the dataset the model was trained on ({cfg.data.dataset!r})")
+            f"pass the dataset the model was trained on ({cfg.data.dataset!r})"
+        )
 
     return (*stack_split(train_set), *stack_split(val_set))
 
@@ -141,11 +155,12 @@ def hole_rows(x: torch.Tensor, filled: torch.Tensor, pm: torch.Tensor) -> list[t
 
 # --- tasks ----------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def task_recon(model, xv, device, batch: int = 256):
     sse, ss, n = 0.0, 0.0, 0
     for i in range(0, len(xv), batch):
-        x = xv[i:i + batch].to(device)
+        x = xv[i : i + batch].to(device)
         r = model(x, sample=False).recon.float()
         sse += float(((r - x) ** 2).mean((1, 2, 3)).sum())
         ss += float(M.ssim(r, x).sum())
@@ -163,8 +178,9 @@ def task_inpaint(model, xtr, xv, device, seed: int, show: int = 8):
     for name in M.MASKS:
         mask = M.patch_mask(name, len(xv), model.grid, torch.Generator().manual_seed(seed))
         pm = M.pixel_mask(mask, model.grid, model.cfg.patch_size)
-        filled = torch.cat([M.inpaint(model, xv[i:i + 256], mask[i:i + 256]).cpu()
-                            for i in range(0, len(xv), 256)])
+        filled = torch.cat(
+            [M.inpaint(model, xv[i : i + 256], mask[i : i + 256]).cpu() for i in range(0, len(xv), 256)]
+        )
         out[f"inpaint/{name}/psnr_masked"] = M.psnr(M.masked_mse(filled, xv, pm))
         out[f"inpaint/{name}/psnr_mean_fill"] = M.psnr(M.masked_mse(fill.expand_as(xv), xv, pm))
         k = min(show, len(xv))
@@ -175,12 +191,15 @@ def task_inpaint(model, xtr, xv, device, seed: int, show: int = 8):
 @torch.no_grad()
 def task_sample(model, clf, xv, device, seed: int, n: int = 1000, fid_weights: str | None = None):
     gen = torch.Generator(device=device).manual_seed(seed)
-    samples = torch.cat([model.generate(min(250, n - i), generator=gen).float().cpu()
-                         for i in range(0, n, 250)])
+    samples = torch.cat(
+        [model.generate(min(250, n - i), generator=gen).float().cpu() for i in range(0, n, 250)]
+    )
     ps = clf.proba(samples)
-    out = {"sample/score": M.inception_style_score(ps),
-           "sample/real_score": M.inception_style_score(clf.proba(xv)),
-           "sample/max_class_share": M.max_class_share(ps)}
+    out = {
+        "sample/score": M.inception_style_score(ps),
+        "sample/real_score": M.inception_style_score(clf.proba(xv)),
+        "sample/max_class_share": M.max_class_share(ps),
+    }
     if fid_weights:
         out["sample/fid"] = fid(samples, xv, fid_weights, device)
     return out, samples[:64], 16
@@ -189,17 +208,20 @@ def task_sample(model, clf, xv, device, seed: int, n: int = 1000, fid_weights: s
 def fid(samples: torch.Tensor, real: torch.Tensor, weights: str, device) -> float:
     """FID through torchmetrics' Inception-v3 with the user's weights file (no download)."""
     if not os.path.isfile(weights):
-        raise EvalError(f"--fid-weights {weights!r} not found: pass the Inception weights file "
-                        "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+        raise EvalError(
+            f"--fid-weights {weights!r} not found: pass the Inception weights file "
+            "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)"
+        )
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
-        raise EvalError("FID needs torchmetrics and torch-fidelity: pip install -e \".[fid]\"") from None
-    metric = FrechetInceptionDistance(feature=2048, normalize=True,
-                                      feature_extractor_weights_path=weights).to(device)
+        raise EvalError('FID needs torchmetrics and torch-fidelity: pip install -e ".[fid]"') from None
+    metric = FrechetInceptionDistance(
+        feature=2048, normalize=True, feature_extractor_weights_path=weights
+    ).to(device)
     for imgs, real_flag in ((real, True), (samples, False)):
         for i in range(0, len(imgs), 100):
-            b = imgs[i:i + 100].to(device)
+            b = imgs[i : i + 100].to(device)
             metric.update(b.expand(-1, 3, -1, -1) if b.shape[1] == 1 else b, real=real_flag)
     return float(metric.compute())
 
@@ -242,6 +264,7 @@ def confusion_image(cm: np.ndarray, cell: int = 12) -> torch.Tensor:
 
 # --- during training ---------------------------------------------------------------------------
 
+
 class EpochEvaluator:
     """The trainer's periodic evaluation (rank 0, every ``train.eval_every`` epochs):
     ``val/probe_acc`` and ``val/sample_score`` with fixed data, seed and sample count, so
@@ -250,8 +273,15 @@ class EpochEvaluator:
     Holds at most ``max_train`` training and ``max_val`` validation images; the pixel
     classifier behind the sample score is fitted once, here."""
 
-    def __init__(self, train_set, val_set, seed: int = 0, max_train: int = 5000,
-                 max_val: int = 1000, num_samples: int = 500) -> None:
+    def __init__(
+        self,
+        train_set,
+        val_set,
+        seed: int = 0,
+        max_train: int = 5000,
+        max_val: int = 1000,
+        num_samples: int = 500,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.xtr, self.ytr = stack_split(train_set, max_train, rng)
         self.xv, self.yv = stack_split(val_set, max_val, rng)
@@ -275,14 +305,16 @@ class EpochEvaluator:
         filled = M.inpaint(model, x, mask).cpu()
         _, strips, steps = task_interp(model, self.xv, self.yv, self.seed, pairs=2)
         model.train(was_training)
-        metrics = {"val/probe_acc": acc,
-                   "val/sample_score": M.inception_style_score(self.clf.proba(samples))}
-        images = {"inpainting": grid_image(torch.cat(hole_rows(x, filled, pm)), k),
-                  "interpolation": grid_image(strips, steps)}
+        metrics = {"val/probe_acc": acc, "val/sample_score": M.inception_style_score(self.clf.proba(samples))}
+        images = {
+            "inpainting": grid_image(torch.cat(hole_rows(x, filled, pm)), k),
+            "interpolation": grid_image(strips, steps),
+        }
         return metrics, images
 
 
 # --- the CLI ---------------------------------------------------------------------------------
+
 
 def _save_grid(images: torch.Tensor, nrow: int, path) -> None:
     from .outputs import grid_image, save_png
@@ -290,10 +322,39 @@ def _save_grid(images: torch.Tensor, nrow: int, path) -> None:
     save_png(grid_image(images, nrow), path)
 
 
-def run(model_path: str, dataset: str | None, data_root: str | None, out: str,
-        tasks: tuple[str, ...] = TASKS, gpu: bool = False, seed: int = 0,
-        baseline: str | None = None, fid_weights: str | None = None, download: bool = False,
-        log=print) -> dict[str, Any]:
+def _run_task(task: str, model, base, data, device, seed: int, fid_weights: str | None, classifier):
+    """One task's (metrics, grid, grid columns); ``data`` is (train images, train labels, val
+    images, val labels), ``classifier()`` the sample score's pixel classifier and ``base`` the
+    baseline model (or None) that ``probe`` also probes."""
+    xtr, ytr, xv, yv = data
+    if task == "recon":
+        return task_recon(model, xv, device)
+    if task == "inpaint":
+        return task_inpaint(model, xtr, xv, device, seed)
+    if task == "sample":
+        return task_sample(model, classifier(), xv, device, seed, fid_weights=fid_weights)
+    if task == "interp":
+        return task_interp(model, xv, yv, seed)
+    acc, cm = probe_accuracy(model, xtr, ytr, xv, yv)  # probe
+    m, grid = {"probe/acc": acc}, confusion_image(cm)
+    if base is not None:
+        m["probe/baseline_acc"] = probe_accuracy(base, xtr, ytr, xv, yv)[0]
+    return m, grid, 1
+
+
+def run(
+    model_path: str,
+    dataset: str | None,
+    data_root: str | None,
+    out: str,
+    tasks: tuple[str, ...] = TASKS,
+    gpu: bool = False,
+    seed: int = 0,
+    baseline: str | None = None,
+    fid_weights: str | None = None,
+    download: bool = False,
+    log=print,
+) -> dict[str, Any]:
     """Run ``tasks``; returns the metrics written to ``out/metrics.json``."""
     from pathlib import Path
 
@@ -308,8 +369,9 @@ def run(model_path: str, dataset: str | None, data_root: str | None, out: str,
     base = load_model(baseline, device)[0] if baseline else None
     xtr, ytr, xv, yv = load_data(cfg, model, dataset, data_root, download)
     if base is not None and (base.in_chans, base.img_size) != (model.in_chans, model.img_size):
-        raise EvalError(f"--baseline {baseline!r} takes other images than --model: pass a model "
-                        "trained on the same data")
+        raise EvalError(
+            f"--baseline {baseline!r} takes other images than --model: pass a model trained on the same data"
+        )
     outdir = Path(out)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -318,23 +380,11 @@ def run(model_path: str, dataset: str | None, data_root: str | None, out: str,
     log(f"model {where}: {len(xtr)} training and {len(xv)} validation images")
     torch.manual_seed(seed)
     results: dict[str, Any] = {"model": where, "dataset": dataset or cfg.data.dataset, "seed": seed}
-    clf = None
+    data = (xtr, ytr, xv, yv)
+    classifier = functools.cache(lambda: M.PixelClassifier(xtr, ytr, seed=seed))  # fitted at first use
     for task in tasks:
         start = time.perf_counter()
-        if task == "recon":
-            m, grid, nrow = task_recon(model, xv, device)
-        elif task == "inpaint":
-            m, grid, nrow = task_inpaint(model, xtr, xv, device, seed)
-        elif task == "sample":
-            clf = clf or M.PixelClassifier(xtr, ytr, seed=seed)
-            m, grid, nrow = task_sample(model, clf, xv, device, seed, fid_weights=fid_weights)
-        elif task == "interp":
-            m, grid, nrow = task_interp(model, xv, yv, seed)
-        else:  # probe
-            acc, cm = probe_accuracy(model, xtr, ytr, xv, yv)
-            m, grid, nrow = {"probe/acc": acc}, confusion_image(cm), 1
-            if base is not None:
-                m["probe/baseline_acc"] = probe_accuracy(base, xtr, ytr, xv, yv)[0]
+        m, grid, nrow = _run_task(task, model, base, data, device, seed, fid_weights, classifier)
         _save_grid(grid, nrow, outdir / f"{task}.png")
         results.update(m)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items())
@@ -346,15 +396,23 @@ def run(model_path: str, dataset: str | None, data_root: str | None, out: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vitcae_ray.evaluate",
-                                description="Reconstruction, inpainting, sampling, interpolation "
-                                "and the z_cls probe on a trained ViTCAE.")
-    p.add_argument("--model", required=True, metavar="DIR_OR_CHECKPOINT",
-                   help="exported model directory, run directory (its best checkpoint by "
-                   "val/elbo) or checkpoint directory/file")
+    p = argparse.ArgumentParser(
+        prog="python -m vitcae_ray.evaluate",
+        description="Reconstruction, inpainting, sampling, interpolation "
+        "and the z_cls probe on a trained ViTCAE.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR_OR_CHECKPOINT",
+        help="exported model directory, run directory (its best checkpoint by "
+        "val/elbo) or checkpoint directory/file",
+    )
     p.add_argument("--dataset", help="dataset to evaluate on (default: the model's own)")
     p.add_argument("--data-root", help="dataset root, as for training")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data-root")
+    p.add_argument(
+        "--download", action="store_true", help="let torchvision download the dataset into --data-root"
+    )
     p.add_argument("--out", required=True, metavar="EVAL_DIR", help="where metrics.json and the PNGs go")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--gpu", action="store_true", help="run on the first CUDA device")
@@ -370,10 +428,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     try:
         if unknown or not tasks:
-            raise EvalError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none)'}; "
-                            f"choose from {','.join(TASKS)}")
-        run(args.model, args.dataset, args.data_root, args.out, tasks, args.gpu, args.seed,
-            args.baseline, args.fid_weights, args.download, log=lambda s: print(s, flush=True))
+            raise EvalError(
+                f"--tasks: unknown task(s) {', '.join(unknown) or '(none)'}; choose from {','.join(TASKS)}"
+            )
+        run(
+            args.model,
+            args.dataset,
+            args.data_root,
+            args.out,
+            tasks,
+            args.gpu,
+            args.seed,
+            args.baseline,
+            args.fid_weights,
+            args.download,
+            log=lambda s: print(s, flush=True),
+        )
     except (EvalError, ConfigError) as e:
         return fail(e)
     return 0

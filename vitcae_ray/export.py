@@ -31,7 +31,6 @@ from .filesystem import FileType, join
 from .outputs import CONFIG_FILE, METRICS_FILE, RESULTS_CSV, RESULTS_FILE, TRIALS_DIR
 
 
-
 class ExportError(ValueError):
     """A one-line reason the export cannot be made; nothing has been written."""
 
@@ -51,6 +50,7 @@ class Choice:
 def _uri_errors(fn):
     """A path that names no filesystem (:class:`~vitcae_ray.filesystem.FileSystemError`)
     becomes an :class:`ExportError`."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -63,14 +63,17 @@ def _uri_errors(fn):
 
 # --- choosing -------------------------------------------------------------------------------
 
+
 def read_results(experiment: str) -> list[dict[str, Any]]:
     """The experiment's results table, one dict per trial (``results.csv`` if there is no
     Parquet file)."""
     import pyarrow as pa
 
     if filesystem.kind(experiment) != FileType.Directory:
-        raise ExportError(f"experiment {experiment!r} not found (no {RESULTS_FILE} to read): pass "
-                          "the --output directory of python -m vitcae_ray.tune")
+        raise ExportError(
+            f"experiment {experiment!r} not found (no {RESULTS_FILE} to read): pass "
+            "the --output directory of python -m vitcae_ray.tune"
+        )
     data = filesystem.read_bytes(join(experiment, RESULTS_FILE))
     try:
         if data is not None:
@@ -82,11 +85,12 @@ def read_results(experiment: str) -> list[dict[str, Any]]:
 
             table = pacsv.read_csv(pa.BufferReader(csv))
         else:
-            raise ExportError(f"experiment {experiment!r} has no {RESULTS_FILE}: the sweep has "
-                              "not finished (rerun python -m vitcae_ray.tune with --resume)")
+            raise ExportError(
+                f"experiment {experiment!r} has no {RESULTS_FILE}: the sweep has "
+                "not finished (rerun python -m vitcae_ray.tune with --resume)"
+            )
     except (pa.ArrowInvalid, OSError) as e:
-        raise ExportError(f"cannot read the results table of {experiment!r}: "
-                          f"{first_line(e)}") from None
+        raise ExportError(f"cannot read the results table of {experiment!r}: {first_line(e)}") from None
     rows = table.to_pylist()
     missing = [c for c in ("trial_id", "run_dir") if c not in table.column_names]
     if missing:
@@ -100,7 +104,7 @@ def read_results(experiment: str) -> list[dict[str, Any]]:
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:
     """Metrics the results table ranks by (its ``best/...`` columns)."""
-    return sorted(k[len("best/"):] for k in rows[0] if k.startswith("best/"))
+    return sorted(k[len("best/") :] for k in rows[0] if k.startswith("best/"))
 
 
 def _finite(v: Any) -> bool:
@@ -111,8 +115,10 @@ def rank_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict
     """Trials with a finite ``best/<metric>``, best first (stable for ties)."""
     col = f"best/{metric}"
     if col not in rows[0]:
-        raise ExportError(f"metric {metric!r} is not in the results table (no column {col!r}); "
-                          f"available: {', '.join(metric_names(rows)) or 'none'}")
+        raise ExportError(
+            f"metric {metric!r} is not in the results table (no column {col!r}); "
+            f"available: {', '.join(metric_names(rows)) or 'none'}"
+        )
     sign = 1.0 if mode == "min" else -1.0
     return sorted((r for r in rows if _finite(r.get(col))), key=lambda r: sign * r[col])
 
@@ -191,7 +197,7 @@ def surviving_checkpoints(folder: str) -> dict[int, str]:
         names = filesystem.list_dirs(folder, CHECKPOINT_PREFIX)
     found = {}
     for name in names:
-        suffix = name[len(CHECKPOINT_PREFIX):]
+        suffix = name[len(CHECKPOINT_PREFIX) :]
         if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and join(folder, name) in complete:
             found[int(suffix)] = join(folder, name)
     return found
@@ -228,16 +234,23 @@ def choose_checkpoint(row: dict[str, Any], experiment: str, metric: str, mode: s
         if m is not None and _finite(m.get(metric)):
             scored.append((epoch, path, float(m[metric]), m))
     if not scored:
-        raise ExportError(f"trial {trial!r}: no surviving checkpoint (epochs "
-                          f"{', '.join(map(str, sorted(ckpts)))}) has a finite {metric!r}")
+        raise ExportError(
+            f"trial {trial!r}: no surviving checkpoint (epochs "
+            f"{', '.join(map(str, sorted(ckpts)))}) has a finite {metric!r}"
+        )
     sign = 1.0 if mode == "min" else -1.0
     epoch, path, value, m = min(scored, key=lambda s: (sign * s[2], -s[0]))
     return Choice(trial, row, path, epoch, value, m)
 
 
 @_uri_errors
-def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", trial: str | None = None,
-           top_k: int | None = None) -> list[Choice]:
+def choose(
+    experiment: str,
+    metric: str = SELECT_METRIC,
+    mode: str = "min",
+    trial: str | None = None,
+    top_k: int | None = None,
+) -> list[Choice]:
     """The checkpoints to export, best first, all checked before anything is written."""
     if mode not in ("min", "max"):
         raise ExportError(f"--mode must be min or max, got {mode!r}")
@@ -250,8 +263,10 @@ def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", tria
     if trial is not None:
         chosen = [r for r in rows if r["trial_id"] == str(trial)]
         if not chosen:
-            raise ExportError(f"trial {trial!r} is not in the results table of {experiment!r}; "
-                              f"trials: {', '.join(sorted(r['trial_id'] for r in rows))}")
+            raise ExportError(
+                f"trial {trial!r} is not in the results table of {experiment!r}; "
+                f"trials: {', '.join(sorted(r['trial_id'] for r in rows))}"
+            )
     else:
         chosen = ranked[: top_k or 1]
         if not chosen:
@@ -260,6 +275,7 @@ def choose(experiment: str, metric: str = SELECT_METRIC, mode: str = "min", tria
 
 
 # --- writing --------------------------------------------------------------------------------
+
 
 def _load_state(checkpoint: str) -> dict[str, Any]:
     """The checkpoint's state, checked against its digest (``weights_only`` loading)."""
@@ -272,8 +288,11 @@ def _load_state(checkpoint: str) -> dict[str, Any]:
 def frozen_info(state: dict[str, Any], frozen: list[list[int]], epoch: int) -> dict[str, Any]:
     """Per layer, the frozen heads and (from the head controller's decisions) the epoch each
     froze at; ``frozen_epochs`` is None when the checkpoint has no decisions."""
-    decisions = [d for d in ((state.get("heads") or {}).get("decisions") or [])
-                 if isinstance(d, dict) and int(d.get("epoch", -1)) <= epoch]
+    decisions = [
+        d
+        for d in ((state.get("heads") or {}).get("decisions") or [])
+        if isinstance(d, dict) and int(d.get("epoch", -1)) <= epoch
+    ]
     epochs = None
     if decisions:
         last = max(decisions, key=lambda d: int(d["epoch"]))
@@ -281,8 +300,12 @@ def frozen_info(state: dict[str, Any], frozen: list[list[int]], epoch: int) -> d
             epochs = [[last["frozen_epoch"][layer][h] for h in heads] for layer, heads in enumerate(frozen)]
         except (KeyError, IndexError, TypeError):
             epochs = None
-    return {"epoch": epoch, "frozen_heads": frozen, "frozen_epochs": epochs,
-            "num_frozen": sum(len(h) for h in frozen)}
+    return {
+        "epoch": epoch,
+        "frozen_heads": frozen,
+        "frozen_epochs": epochs,
+        "num_frozen": sum(len(h) for h in frozen),
+    }
 
 
 def model_files(choice: Choice) -> dict[str, bytes]:
@@ -296,14 +319,23 @@ def model_files(choice: Choice) -> dict[str, bytes]:
     try:
         model = checkpoints.model_from_state(state)  # it must rebuild before it is exported
     except Exception as e:
-        raise ExportError(f"checkpoint {choice.checkpoint!r} does not rebuild a model: "
-                          f"{first_line(e)}") from None
+        raise ExportError(
+            f"checkpoint {choice.checkpoint!r} does not rebuild a model: {first_line(e)}"
+        ) from None
     frozen = frozen_heads(model)
     history = {int(h["epoch"]): h for h in state.get("history", []) if "epoch" in h}
     metrics = history.get(choice.epoch, choice.metrics)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "model_args": dict(state["model_args"]),
-                "config": state["config"], "frozen_heads": frozen, "epoch": choice.epoch}, buf)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": dict(state["model_args"]),
+            "config": state["config"],
+            "frozen_heads": frozen,
+            "epoch": choice.epoch,
+        },
+        buf,
+    )
 
     def js(obj: Any) -> bytes:
         return (json.dumps(_plain(obj), indent=2) + "\n").encode()
@@ -325,9 +357,15 @@ def _write_dir(fs, base: str, files: dict[str, bytes]) -> None:
 
 
 @_uri_errors
-def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "min",
-           trial: str | None = None, top_k: int | None = None,
-           overwrite: bool = False) -> list[tuple[Choice, str]]:
+def export(
+    experiment: str,
+    out: str,
+    metric: str = SELECT_METRIC,
+    mode: str = "min",
+    trial: str | None = None,
+    top_k: int | None = None,
+    overwrite: bool = False,
+) -> list[tuple[Choice, str]]:
     """Export the chosen checkpoint(s) to ``out`` (``out/1 ... out/K`` with ``top_k``);
     returns ``(choice, model directory)`` pairs. Raises :class:`ExportError` before writing
     anything when the experiment, trial, metric or checkpoint is missing or ``out`` is taken."""
@@ -338,8 +376,11 @@ def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "
     info = fs.get_file_info(base)
     if info.type == FileType.File:
         raise ExportError(f"--out {out!r} is a file: pass a directory")
-    if (info.type == FileType.Directory and not overwrite
-            and fs.get_file_info(pafs.FileSelector(base, recursive=False))):
+    if (
+        info.type == FileType.Directory
+        and not overwrite
+        and fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    ):
         raise ExportError(f"--out {out!r} is not empty: pass another --out or --overwrite")
     subdirs = [str(i) for i in range(1, len(choices) + 1)] if top_k is not None else [""]
     targets = [join(out, s) if s else out for s in subdirs]
@@ -368,14 +409,17 @@ def export(experiment: str, out: str, metric: str = SELECT_METRIC, mode: str = "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vitcae_ray.export",
-                                description="Export the best checkpoint(s) of a Tune experiment as "
-                                "standalone model directories.")
-    p.add_argument("--experiment", required=True,
-                   help="experiment directory of python -m vitcae_ray.tune (local path or URI)")
+    p = argparse.ArgumentParser(
+        prog="python -m vitcae_ray.export",
+        description="Export the best checkpoint(s) of a Tune experiment as standalone model directories.",
+    )
+    p.add_argument(
+        "--experiment",
+        required=True,
+        help="experiment directory of python -m vitcae_ray.tune (local path or URI)",
+    )
     p.add_argument("--out", required=True, help="model directory to write (local path or URI)")
-    p.add_argument("--metric", default=SELECT_METRIC,
-                   help=f"rank by best/METRIC (default {SELECT_METRIC})")
+    p.add_argument("--metric", default=SELECT_METRIC, help=f"rank by best/METRIC (default {SELECT_METRIC})")
     p.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher is better")
     p.add_argument("--trial", help="export this trial id instead of the best")
     p.add_argument("--top-k", type=int, help="export the K best trials into OUT/1 ... OUT/K")
@@ -386,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        done = export(args.experiment, args.out, args.metric, args.mode, args.trial, args.top_k,
-                      args.overwrite)
+        done = export(
+            args.experiment, args.out, args.metric, args.mode, args.trial, args.top_k, args.overwrite
+        )
     except ExportError as e:
         return fail(e)
     except OSError as e:
@@ -395,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     for c, path in done:
         epochs = c.row.get("epochs")
         of = f"/{epochs}" if isinstance(epochs, int) else ""
-        print(f"trial {c.trial_id}: epoch {c.epoch + 1}{of} ({CHECKPOINT_PREFIX}{c.epoch:04d}), "
-              f"{args.metric} {c.value:.6g} -> {path}")
+        print(
+            f"trial {c.trial_id}: epoch {c.epoch + 1}{of} ({CHECKPOINT_PREFIX}{c.epoch:04d}), "
+            f"{args.metric} {c.value:.6g} -> {path}"
+        )
     return 0
 
 

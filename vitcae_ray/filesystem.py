@@ -9,8 +9,8 @@ from the current directory and ``~`` is expanded.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow.fs as pafs
 
@@ -104,8 +104,9 @@ def list_dirs(path: str, prefix: str = "") -> list[str]:
     """Names of the sub-directories of ``path`` that start with ``prefix``, sorted."""
     fs, inner = resolve(path)
     infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    return sorted(i.base_name for i in infos
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+    return sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)
+    )
 
 
 def makedirs(path: str) -> None:
@@ -128,5 +129,6 @@ def move(src: str, dest: str) -> None:
 def upload_dir(local_dir: str | os.PathLike, dest: str) -> None:
     """Copy the local directory's files to ``dest`` (a local path or a URI)."""
     fs, inner = resolve(dest)
-    pafs.copy_files(os.fspath(local_dir), inner, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    pafs.copy_files(
+        os.fspath(local_dir), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )

@@ -10,8 +10,9 @@ and DDP is re-wrapped on every rank. :func:`apply_decision` does all of it in on
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
-                              out_shape=None, **kwargs) -> int:
+def _cpu_flash_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -41,10 +43,13 @@ def flop_counter(display: bool = False) -> FlopCounterMode:
     counted as 0 by torch), with the same formulas torch uses for the CUDA flash kernels:
     the forward's two matmuls, and the backward's four plus the recomputed scores."""
     aten = torch.ops.aten
-    return FlopCounterMode(display=display, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
-    })
+    return FlopCounterMode(
+        display=display,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+        },
+    )
 
 
 def frozen_heads(model: ViTCAE) -> list[list[int]]:
@@ -58,9 +63,13 @@ def set_tau_factors(model: ViTCAE, factors: Sequence[Sequence[float]]) -> None:
         attn.tau_factor.copy_(torch.tensor(row, dtype=attn.tau_factor.dtype))
 
 
-def apply_frozen(model: ViTCAE, frozen: Sequence[Sequence[int]], mode: str,
-                 optimizer: torch.optim.Optimizer | None = None,
-                 out_proj: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+def apply_frozen(
+    model: ViTCAE,
+    frozen: Sequence[Sequence[int]],
+    mode: str,
+    optimizer: torch.optim.Optimizer | None = None,
+    out_proj: bool = False,
+) -> dict[int, dict[str, torch.Tensor]]:
     """Freeze ``frozen[l]`` heads of each encoder layer whose frozen set (or mode) changed;
     with ``out_proj`` also their columns of the output projection.
 
@@ -93,13 +102,20 @@ def apply_frozen(model: ViTCAE, frozen: Sequence[Sequence[int]], mode: str,
     return carried
 
 
-def rebuild_optimizer(model: ViTCAE, optimizer: torch.optim.Optimizer, lr_sched, cfg: Config,
-                      steps_per_epoch: int, carried: dict[int, dict[str, torch.Tensor]]):
+def rebuild_optimizer(
+    model: ViTCAE,
+    optimizer: torch.optim.Optimizer,
+    lr_sched,
+    cfg: Config,
+    steps_per_epoch: int,
+    carried: dict[int, dict[str, torch.Tensor]],
+):
     """A new AdamW over the model's trainable parameters, with every surviving parameter's
     state (unchanged parameters keep theirs, re-grouped heads get ``carried``), the same
     learning rates, and an LR schedule continuing at the same step."""
-    old_state = {id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"]
-                 if p in optimizer.state}
+    old_state = {
+        id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"] if p in optimizer.state
+    }
     new_opt = build_optimizer(model, cfg.optim)
     for g_new, g_old in zip(new_opt.param_groups, optimizer.param_groups):
         g_new["lr"] = g_old["lr"]
@@ -124,8 +140,7 @@ def mmd_active(epoch: int, cfg: Config) -> bool:
     return curriculum(epoch, cfg.loss)[1] > 0
 
 
-def train_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int,
-                     readout: bool = False) -> int:
+def train_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int, readout: bool = False) -> int:
     """Forward + backward FLOPs of one training step on ``x`` with the loss of ``epoch``
     (optimizer excluded), as executed: weight gradients skipped for frozen heads are not
     counted. ``readout`` includes the CLS attention readout the convergence scheduler runs
@@ -145,8 +160,7 @@ def train_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int,
     return int(counter.get_total_flops())
 
 
-def step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config,
-                        readout: bool = True) -> dict[bool, int]:
+def step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config, readout: bool = True) -> dict[bool, int]:
     """One training step's FLOPs in each loss phase, ``{mmd_active: flops}`` (the phases
     differ by the MMD terms); by default with the readout, as training runs."""
     epochs = {mmd_active(e, cfg): e for e in (0, cfg.loss.kl_warmup_epochs)}
@@ -195,9 +209,13 @@ class FlopAccount:
         seen = [m for m in history if "flops/epoch_unfrozen" in m]
         total_spent = spent + sum(m["flops/epoch"] for m in seen)
         total_unfrozen = unfrozen + sum(m["flops/epoch_unfrozen"] for m in seen)
-        return {"flops/train_step": trained, "flops/epoch": spent, "flops/epoch_unfrozen": unfrozen,
-                "flops/saved_frac": 1.0 - spent / unfrozen,
-                "flops/cumulative_saved_frac": 1.0 - total_spent / total_unfrozen}
+        return {
+            "flops/train_step": trained,
+            "flops/epoch": spent,
+            "flops/epoch_unfrozen": unfrozen,
+            "flops/saved_frac": 1.0 - spent / unfrozen,
+            "flops/cumulative_saved_frac": 1.0 - total_spent / total_unfrozen,
+        }
 
 
 @dataclass
@@ -218,8 +236,9 @@ class Trainee:
             self.wrapped = self.wrap(self.model)
 
 
-def apply_decision(trainee: Trainee, decision: HeadDecision, cfg: Config, steps_per_epoch: int,
-                   world: int) -> float:
+def apply_decision(
+    trainee: Trainee, decision: HeadDecision, cfg: Config, steps_per_epoch: int, world: int
+) -> float:
     """Apply an epoch's decision, on every rank at the same point: the temperature factors,
     then (if the frozen set changed) the frozen heads, the optimizer rebuild, the FLOP recount
     and the re-wrap. Returns :func:`rank_spread`, measured before the re-wrap (DDP's
@@ -229,10 +248,12 @@ def apply_decision(trainee: Trainee, decision: HeadDecision, cfg: Config, steps_
     changed = decision.frozen_heads != frozen_heads(model)
     if changed:
         trainee.wrapped = None  # DDP's reducer holds the old parameters
-        carried = apply_frozen(model, decision.frozen_heads, cfg.freeze.mode, trainee.optimizer,
-                               out_proj=cfg.freeze.out_proj)
+        carried = apply_frozen(
+            model, decision.frozen_heads, cfg.freeze.mode, trainee.optimizer, out_proj=cfg.freeze.out_proj
+        )
         trainee.optimizer, trainee.lr_schedule = rebuild_optimizer(
-            model, trainee.optimizer, trainee.lr_schedule, cfg, steps_per_epoch, carried)
+            model, trainee.optimizer, trainee.lr_schedule, cfg, steps_per_epoch, carried
+        )
     spread = rank_spread(model, world)
     if changed:
         trainee.flops.recount(model)

@@ -31,8 +31,9 @@ def kl_free_bits(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> to
     return kl_d.clamp_min(free_bits).sum()
 
 
-def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor,
-                 mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+def kl_gaussians(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
     """KL(N(mu_q, e^lv_q) || N(mu_p, e^lv_p)) summed over dims, batch mean:
     1/2 sum(lv_p - lv_q + (e^lv_q + (mu_q - mu_p)^2) / e^lv_p - 1)."""
     kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
@@ -70,8 +71,9 @@ def curriculum(epoch: int, cfg: LossConfig) -> tuple[float, float]:
     return 1.0 - r * (1.0 - cfg.kl_mix), r
 
 
-def patch_mmd(out: ViTCAEOutput, scales: tuple[float, ...], max_samples: int,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def patch_mmd(
+    out: ViTCAEOutput, scales: tuple[float, ...], max_samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """IMQ-MMD^2 between posterior and prior patch latents, each patch latent (Zp,) one
     sample, times N: like KL(z_patch), a per-patch divergence summed over the N patches.
     At most ``max_samples`` of the B*N patch latents are compared (a random subset)."""
@@ -84,15 +86,17 @@ def patch_mmd(out: ViTCAEOutput, scales: tuple[float, ...], max_samples: int,
     return N * imq_mmd(post, prior, scales)
 
 
-def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def vitcae_loss(
+    out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """All terms for one batch, in fp32; ``loss`` is the weighted total used for the
     gradient, ``elbo`` the fixed-weight negative ELBO (nats per image)."""
     kl_f, mmd_f = curriculum(epoch, cfg)
     recon = (out.recon.float() - x.float()).pow(2).flatten(1).sum(1).mean()
     kl_cls = kl_standard_normal(out.mu_cls.float(), out.logvar_cls.float())
-    kl_patch = kl_gaussians(out.mu_patch.float(), out.logvar_patch.float(),
-                            out.prior_mu.float(), out.prior_logvar.float())
+    kl_patch = kl_gaussians(
+        out.mu_patch.float(), out.logvar_patch.float(), out.prior_mu.float(), out.prior_logvar.float()
+    )
     # on the posterior mean: the sampled z_patch would also push the posterior variance down
     disc = (out.mu_patch.float() - out.z_patch_tilde.float()).pow(2).flatten(1).sum(1).mean()
     if mmd_f > 0:
@@ -119,5 +123,15 @@ def vitcae_loss(out: ViTCAEOutput, x: torch.Tensor, epoch: int, cfg: LossConfig,
         loss = loss + mmd_f * (cfg.mmd_cls_weight * mmd_cls + cfg.mmd_weight * mmd_patch)
     mse = (out.recon.float() - x.float()).pow(2).mean()
     elbo = gaussian_nll(recon, x[0].numel(), cfg.recon_weight) + kl_cls + kl_patch
-    return {"loss": loss, "elbo": elbo, "recon": recon, "prior_recon": prior_recon, "kl": kl,
-            "kl_cls": kl_cls, "kl_patch": kl_patch, "mmd": mmd, "discrepancy": disc, "mse": mse}
+    return {
+        "loss": loss,
+        "elbo": elbo,
+        "recon": recon,
+        "prior_recon": prior_recon,
+        "kl": kl,
+        "kl_cls": kl_cls,
+        "kl_patch": kl_patch,
+        "mmd": mmd,
+        "discrepancy": disc,
+        "mse": mse,
+    }

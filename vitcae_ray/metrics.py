@@ -7,7 +7,7 @@ periodic evaluation.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ MASKS = ("center25", "center50", "random25", "random50")  # inpainting masks, by
 
 
 # --- pixels ---------------------------------------------------------------------------------
+
 
 def psnr(mse: float) -> float:
     """10 log10(1 / mse) for images in [0, 1]."""
@@ -32,7 +33,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     C = x.shape[1]
     window = min(window, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)
     half = window // 2
-    g = torch.exp(-(torch.arange(window, dtype=torch.float64) - half) ** 2 / (2 * sigma**2))
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - half) ** 2) / (2 * sigma**2))
     g = (g / g.sum()).to(x.device)
     kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
 
@@ -49,6 +50,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 # --- a pixel classifier and the sample score --------------------------------------------------
 
+
 def _features(images: torch.Tensor, side: int = 16) -> np.ndarray:
     """(B, C, S, S) -> (B, C * side^2): average-pooled to at most ``side`` pixels a side."""
     x = images.float().cpu()
@@ -61,8 +63,9 @@ class PixelClassifier:
     """Logistic regression on (pooled) pixels of real training images: the classifier behind
     the sample score. Fitted on at most ``max_images`` images."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | np.ndarray, seed: int = 0,
-                 max_images: int = 10000) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor | np.ndarray, seed: int = 0, max_images: int = 10000
+    ) -> None:
         from sklearn.linear_model import LogisticRegression
 
         labels = np.asarray(labels)
@@ -95,13 +98,14 @@ def max_class_share(proba: np.ndarray) -> float:
 
 # --- latents ----------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def encode_means(model, images: torch.Tensor, batch_size: int = 256):
     """Posterior means (mu_cls (B, Zc), mu_patch (B, N, Zp)) in batches."""
     device = next(model.parameters()).device
     cls, patch = [], []
     for i in range(0, len(images), batch_size):
-        _, mu_cls, _, mu_patch, *_ = model.forward_encoder(images[i:i + batch_size].to(device))
+        _, mu_cls, _, mu_patch, *_ = model.forward_encoder(images[i : i + batch_size].to(device))
         cls.append(mu_cls.float().cpu())
         patch.append(mu_patch.float().cpu())
     return torch.cat(cls), torch.cat(patch)
@@ -142,16 +146,17 @@ def interpolation_smoothness(strips: Iterable[torch.Tensor]) -> tuple[float, flo
 
 # --- inpainting -------------------------------------------------------------------------------
 
+
 def patch_mask(name: str, batch: int, grid: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, N) bool patch mask: ``centerP`` a centred square block of about P% of the patches,
     ``randomP`` P% of the patches at random per image (the same count in every image)."""
-    kind, frac = name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")):]) / 100
+    kind, frac = name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")) :]) / 100
     N = grid * grid
     if kind == "center":
         side = max(1, round(grid * math.sqrt(frac)))
         lo = (grid - side) // 2
         m = torch.zeros(grid, grid, dtype=torch.bool)
-        m[lo:lo + side, lo:lo + side] = True
+        m[lo : lo + side, lo : lo + side] = True
         return m.flatten().expand(batch, N).clone()
     if kind == "random":
         rank = torch.rand(batch, N, generator=generator).argsort(1).argsort(1)

@@ -23,17 +23,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
-                      steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """lr(step) = lr * step / warmup during warm-up, then cosine from lr to min_lr_ratio * lr."""
     total = max(1, epochs * steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)

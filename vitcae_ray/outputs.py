@@ -32,8 +32,18 @@ RESULTS_FILE, RESULTS_CSV = "results.parquet", "results.csv"
 TRIALS_DIR, TUNE_NAME = "trials", "tune"
 PNG_GRIDS = ("reconstructions", "samples", "inpainting", "interpolation")  # also written as PNGs
 # Changing these between a run and its resumption would make the checkpoint meaningless.
-RESUME_KEYS = ("model", "loss", "optim", "data.dataset", "data.image_size", "data.channels",
-               "data.val_fraction", "data.split_seed", "train.batch_size", "train.seed")
+RESUME_KEYS = (
+    "model",
+    "loss",
+    "optim",
+    "data.dataset",
+    "data.image_size",
+    "data.channels",
+    "data.val_fraction",
+    "data.split_seed",
+    "train.batch_size",
+    "train.seed",
+)
 
 
 def check_directory(path: str, flag: str) -> None:
@@ -126,8 +136,12 @@ class RunLogger:
         run_dir.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.history))
         self.tb = SummaryWriter(str(run_dir.local / "tb"), purge_step=len(self.history))
 
-    def log_epoch(self, metrics: dict[str, Any], images: dict[str, torch.Tensor] | None = None,
-                  head_rows: list[dict[str, Any]] | None = None) -> None:
+    def log_epoch(
+        self,
+        metrics: dict[str, Any],
+        images: dict[str, torch.Tensor] | None = None,
+        head_rows: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Append one epoch; ``head_rows`` is the whole per-head table so far (rewritten)."""
         epoch = int(metrics["epoch"])
         self.history.append(metrics)
@@ -174,14 +188,21 @@ def image_grids(inputs: torch.Tensor, recon: torch.Tensor, samples: torch.Tensor
     import torch
 
     n = inputs.shape[0]
-    return {"reconstructions": grid_image(torch.cat([inputs, recon]), n),
-            "samples": grid_image(samples, n)}
+    return {"reconstructions": grid_image(torch.cat([inputs, recon]), n), "samples": grid_image(samples, n)}
 
 
 # heads.parquet: tau_effective = tau * f, the learned temperature times the schedule's factor
-HEADS_SCHEMA_FIELDS = (("epoch", "int64"), ("layer", "int64"), ("head", "int64"),
-                       ("drift_w1", "float64"), ("kappa", "int64"), ("tau_effective", "float64"),
-                       ("tau_factor", "float64"), ("frozen", "bool_"), ("frozen_epoch", "int64"))
+HEADS_SCHEMA_FIELDS = (
+    ("epoch", "int64"),
+    ("layer", "int64"),
+    ("head", "int64"),
+    ("drift_w1", "float64"),
+    ("kappa", "int64"),
+    ("tau_effective", "float64"),
+    ("tau_factor", "float64"),
+    ("frozen", "bool_"),
+    ("frozen_epoch", "int64"),
+)
 
 
 def head_rows(model: ViTCAE, decision: HeadDecision, factors_used: list[list[float]]) -> list[dict]:
@@ -192,14 +213,19 @@ def head_rows(model: ViTCAE, decision: HeadDecision, factors_used: list[list[flo
         tau = attn.tau.tolist()
         for head in range(attn.num_heads):
             drift, factor = decision.drift[layer][head], factors_used[layer][head]
-            rows.append({
-                "epoch": decision.epoch, "layer": layer, "head": head,
-                "drift_w1": None if drift is None or math.isnan(drift) else float(drift),
-                "kappa": int(decision.kappa[layer][head]),
-                "tau_effective": tau[head] * factor, "tau_factor": factor,
-                "frozen": bool(decision.frozen[layer][head]),
-                "frozen_epoch": decision.frozen_epoch[layer][head],
-            })
+            rows.append(
+                {
+                    "epoch": decision.epoch,
+                    "layer": layer,
+                    "head": head,
+                    "drift_w1": None if drift is None or math.isnan(drift) else float(drift),
+                    "kappa": int(decision.kappa[layer][head]),
+                    "tau_effective": tau[head] * factor,
+                    "tau_factor": factor,
+                    "frozen": bool(decision.frozen[layer][head]),
+                    "frozen_epoch": decision.frozen_epoch[layer][head],
+                }
+            )
     return rows
 
 
@@ -213,9 +239,11 @@ def head_heatmaps(rows: list[dict], num_layers: int, num_heads: int) -> dict[str
             t[r["layer"], r["head"]] = float("nan") if r[key] is None else float(r[key])
         return t
 
-    return {"heads/drift_w1": heatmap(grid("drift_w1")),
-            "heads/tau_effective": heatmap(grid("tau_effective")),
-            "heads/frozen": heatmap(grid("frozen"), vmax=1.0)}
+    return {
+        "heads/drift_w1": heatmap(grid("drift_w1")),
+        "heads/tau_effective": heatmap(grid("tau_effective")),
+        "heads/frozen": heatmap(grid("frozen"), vmax=1.0),
+    }
 
 
 def write_heads_table(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -241,14 +269,19 @@ def heatmap(values: torch.Tensor, vmax: float | None = None, cell: int = 16) -> 
 
 def progress_line(m: dict[str, Any], epochs: int) -> str:
     """The epoch's one line on the console."""
-    evaluated = (f" probe {m['val/probe_acc']:.1%} sample score {m['val/sample_score']:.2f} |"
-                 if "val/probe_acc" in m else "")
-    return (f"epoch {int(m['epoch']) + 1}/{epochs} | loss {m['train/loss']:.2f} "
-            f"recon {m['train/recon']:.2f} kl {m['train/kl']:.2f} mmd {m['train/mmd']:.4f} | "
-            f"val elbo {m['val/elbo']:.1f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB |"
-            f"{evaluated} heads {m['heads/frozen']}/{m['heads/total']} frozen "
-            f"(+{m['heads/newly_frozen']}), FLOPs saved {m['flops/saved_frac']:.1%} | "
-            f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s")
+    evaluated = (
+        f" probe {m['val/probe_acc']:.1%} sample score {m['val/sample_score']:.2f} |"
+        if "val/probe_acc" in m
+        else ""
+    )
+    return (
+        f"epoch {int(m['epoch']) + 1}/{epochs} | loss {m['train/loss']:.2f} "
+        f"recon {m['train/recon']:.2f} kl {m['train/kl']:.2f} mmd {m['train/mmd']:.4f} | "
+        f"val elbo {m['val/elbo']:.1f} mse {m['val/mse']:.5f} psnr {m['val/psnr']:.2f} dB |"
+        f"{evaluated} heads {m['heads/frozen']}/{m['heads/total']} frozen "
+        f"(+{m['heads/newly_frozen']}), FLOPs saved {m['flops/saved_frac']:.1%} | "
+        f"{m['time/epoch_s']:.1f}s {m['throughput/images_per_s']:.0f} img/s"
+    )
 
 
 def say(line: str) -> None:

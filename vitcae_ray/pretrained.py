@@ -27,13 +27,16 @@ def load_pretrained(model_dir: str | os.PathLike, device: torch.device | str = "
     if kind == filesystem.FileType.NotFound:
         raise FileNotFoundError(f"model directory {model_dir!r} not found")
     if kind != filesystem.FileType.Directory:
-        raise ValueError(f"{model_dir!r} is not a directory: pass the directory that "
-                         "python -m vitcae_ray.export wrote")
+        raise ValueError(
+            f"{model_dir!r} is not a directory: pass the directory that python -m vitcae_ray.export wrote"
+        )
     where = filesystem.join(model_dir, MODEL_FILE)
     data = filesystem.read_bytes(where)
     if data is None:
-        raise FileNotFoundError(f"model directory {model_dir!r} has no {MODEL_FILE} (an "
-                                "unfinished export?): rerun python -m vitcae_ray.export")
+        raise FileNotFoundError(
+            f"model directory {model_dir!r} has no {MODEL_FILE} (an "
+            "unfinished export?): rerun python -m vitcae_ray.export"
+        )
     state = load_model_file(data, where, device)
     try:
         model = model_from_state(state)

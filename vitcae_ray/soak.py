@@ -54,9 +54,12 @@ def worker_pids(address: str | None = None) -> list[int]:
     the one Ray finds on this machine, an error when there are several)."""
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(address=address,
-                                       filters=[("class_name", "=", WORKER_CLASS),
-                                                ("state", "=", "ALIVE")])]
+    return [
+        a.pid
+        for a in list_actors(
+            address=address, filters=[("class_name", "=", WORKER_CLASS), ("state", "=", "ALIVE")]
+        )
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -81,11 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-every", type=int, default=5, help="epochs between worker kills (default 5)")
     p.add_argument("--output", default="runs/soak", help="the run directory (must not exist yet)")
     p.add_argument("--address", help="a running Ray cluster to use instead of starting one here")
-    p.add_argument("--max-growth", type=float, default=0.10,
-                   help="largest allowed growth of the median peak memory, last quarter of "
-                   "the epochs over the first (default 0.10)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a training config override, as for python -m vitcae_ray.train")
+    p.add_argument(
+        "--max-growth",
+        type=float,
+        default=0.10,
+        help="largest allowed growth of the median peak memory, last quarter of "
+        "the epochs over the first (default 0.10)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training config override, as for python -m vitcae_ray.train",
+    )
     return p
 
 
@@ -125,13 +137,27 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
 
 def _driver_command(args: argparse.Namespace, out: Path, address: str) -> list[str]:
     """``python -m vitcae_ray.train`` on 2 workers, epochs without end, restarts unlimited."""
-    return [sys.executable, "-m", "vitcae_ray.train", "--address", address, "--num-workers", "2",
-            "--epochs", "100000", "--output", str(out), "--set", "train.max_failures=-1",
-            *[f"--set={s}" for s in args.set]]
+    return [
+        sys.executable,
+        "-m",
+        "vitcae_ray.train",
+        "--address",
+        address,
+        "--num-workers",
+        "2",
+        "--epochs",
+        "100000",
+        "--output",
+        str(out),
+        "--set",
+        "train.max_failures=-1",
+        *[f"--set={s}" for s in args.set],
+    ]
 
 
-def _watch(args: argparse.Namespace, out: Path, address: str, driver: subprocess.Popen,
-           start: float) -> tuple[dict[int, dict[str, float]], list[dict[str, Any]]]:
+def _watch(
+    args: argparse.Namespace, out: Path, address: str, driver: subprocess.Popen, start: float
+) -> tuple[dict[int, dict[str, float]], list[dict[str, Any]]]:
     """Until ``--minutes`` are up or the driver exits: every epoch's peak memory (driver,
     workers) and a worker killed every ``--kill-every`` epochs; returns (peaks, kills)."""
     peaks: dict[int, dict[str, float]] = {}
@@ -177,9 +203,15 @@ def _interrupt(driver: subprocess.Popen) -> None:
             driver.wait()
 
 
-def _report(args: argparse.Namespace, cmd: list[str], out: Path, driver: subprocess.Popen,
-            peaks: dict[int, dict[str, float]], kills: list[dict[str, Any]],
-            wall: float) -> dict[str, Any]:
+def _report(
+    args: argparse.Namespace,
+    cmd: list[str],
+    out: Path,
+    driver: subprocess.Popen,
+    peaks: dict[int, dict[str, float]],
+    kills: list[dict[str, Any]],
+    wall: float,
+) -> dict[str, Any]:
     """What ``soak.json`` holds: the run's epochs, the kills, each finished epoch's peaks."""
     history = metrics(out)
     epochs = [int(m["epoch"]) for m in history]
@@ -187,12 +219,16 @@ def _report(args: argparse.Namespace, cmd: list[str], out: Path, driver: subproc
     driver_peaks = [peaks[e]["driver_mib"] for e in complete]
     worker_peaks = [peaks[e]["worker_mib"] for e in complete]
     return {
-        "command": cmd, "minutes": args.minutes, "wall_s": round(wall, 1),
-        "driver_exit": driver.returncode, "epochs": len(history),
+        "command": cmd,
+        "minutes": args.minutes,
+        "wall_s": round(wall, 1),
+        "driver_exit": driver.returncode,
+        "epochs": len(history),
         "every_epoch_once": epochs == list(range(len(history))),
         "kills": kills,
         "per_epoch": [{"epoch": e, **{k: round(v, 1) for k, v in peaks[e].items()}} for e in complete],
-        "driver_growth": growth(driver_peaks), "worker_growth": growth(worker_peaks),
+        "driver_growth": growth(driver_peaks),
+        "worker_growth": growth(worker_peaks),
         "max_growth": args.max_growth,
     }
 
@@ -201,14 +237,17 @@ def table(report: dict[str, Any]) -> str:
     killed = {k["after_epochs"] for k in report["kills"]}
     lines = ["epoch  driver MiB  worker MiB  kill", "-----  ----------  ----------  ----"]
     for row in report["per_epoch"]:
-        lines.append(f"{row['epoch']:5d}  {row['driver_mib']:10.1f}  {row['worker_mib']:10.1f}  "
-                     f"{'yes' if row['epoch'] in killed else ''}")
-    g = {k: ("n/a" if report[k] is None else f"{report[k]:+.1%}")
-         for k in ("driver_growth", "worker_growth")}
-    lines.append(f"{report['epochs']} epochs in {report['wall_s'] / 60:.1f} min, "
-                 f"{len(report['kills'])} workers killed, every epoch once: "
-                 f"{report['every_epoch_once']}; peak memory growth, last quarter over the "
-                 f"first: driver {g['driver_growth']}, workers {g['worker_growth']}")
+        lines.append(
+            f"{row['epoch']:5d}  {row['driver_mib']:10.1f}  {row['worker_mib']:10.1f}  "
+            f"{'yes' if row['epoch'] in killed else ''}"
+        )
+    g = {k: ("n/a" if report[k] is None else f"{report[k]:+.1%}") for k in ("driver_growth", "worker_growth")}
+    lines.append(
+        f"{report['epochs']} epochs in {report['wall_s'] / 60:.1f} min, "
+        f"{len(report['kills'])} workers killed, every epoch once: "
+        f"{report['every_epoch_once']}; peak memory growth, last quarter over the "
+        f"first: driver {g['driver_growth']}, workers {g['worker_growth']}"
+    )
     return "\n".join(lines)
 
 
@@ -227,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
     print(f"report: {out / 'soak.json'}; the run: {out} (driver log {out / 'soak_driver.log'})")
-    grew = [g for g in (report["driver_growth"], report["worker_growth"])
-            if g is not None and g > args.max_growth]
+    grew = [
+        g for g in (report["driver_growth"], report["worker_growth"]) if g is not None and g > args.max_growth
+    ]
     ok = report["every_epoch_once"] and report["epochs"] > 0 and report["kills"] and not grew
     return 0 if ok else 1
 

@@ -10,7 +10,7 @@ cannot overwrite a property.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 

@@ -28,12 +28,29 @@ from .convergence import HeadController, controller_args
 from .convergence.actor import HeadsClient, share_decision
 from .data import build_datasets
 from .data.streaming import TRAIN, StreamingLoader, channels_of, local_splits, streams, train_dataset
-from .engine import (NonFiniteLossError, evaluate, head_statistics, init_model, seed_everything,
-                     set_epoch, train_one_epoch, wrap_model)
+from .engine import (
+    NonFiniteLossError,
+    evaluate,
+    head_statistics,
+    init_model,
+    seed_everything,
+    set_epoch,
+    train_one_epoch,
+    wrap_model,
+)
 from .freezing import FlopAccount, Trainee, apply_decision, apply_frozen, frozen_heads, grad_elements
 from .optim import build_lr_schedule, build_optimizer
-from .outputs import (CONFIG_FILE, RunDir, RunLogger, check_run_dir, head_heatmaps, head_rows,
-                      image_grids, progress_line, say)
+from .outputs import (
+    CONFIG_FILE,
+    RunDir,
+    RunLogger,
+    check_run_dir,
+    head_heatmaps,
+    head_rows,
+    image_grids,
+    progress_line,
+    say,
+)
 
 EVAL_TRAIN_ROWS = 5000  # training images rank 0's periodic evaluation holds at most
 
@@ -78,6 +95,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
 # --- set up or restore ---------------------------------------------------------------------
 
+
 def setup(loop_config: dict[str, Any]) -> Worker:
     """Data, model, optimizer and head controller of this worker, restored from the run's
     latest checkpoint when there is one (the source of truth, the heads' state included)."""
@@ -94,48 +112,75 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     if device.type == "cpu":
         torch.set_num_threads(torch_threads(t.cpus_per_worker))
     train_set, val_set, channels, train_loader, val_loader = _loaders(
-        cfg, loop_config.get("stream"), rank, world, device)
+        cfg, loop_config.get("stream"), rank, world, device
+    )
+    local_ckpts = (
+        checkpoints.LocalCheckpoints(loop_config["storage"], t.run_name, t.num_checkpoints) if local else None
+    )
+    state = _latest_state(local_ckpts, device, rank)
+    probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
+    probe = probe[rank::world].to(device)
+    w = Worker(
+        cfg,
+        rank,
+        world,
+        device,
+        torch.bfloat16 if device.type == "cuda" else None,
+        train_loader,
+        val_loader,
+        _trainee(cfg, state, channels, len(train_loader), probe, device),
+        probe,
+        start_epoch=0 if state is None else state["epoch"] + 1,
+        history=[] if state is None else state["history"],
+        head_rows=[] if state is None else state.get("head_rows", []),
+        heads=_heads_client(cfg, state, loop_config.get("heads_actor")) if rank == 0 else None,
+        local_checkpoints=local_ckpts,
+        fail_metrics=loop_config.get("fail_metrics"),
+    )
+    if rank == 0:
+        _setup_rank0(w, train_set, val_set)
+    return w
 
+
+def _latest_state(local_ckpts: checkpoints.LocalCheckpoints | None, device, rank: int) -> dict | None:
+    """The state of the run's latest checkpoint (Ray Train's, or local mode's own), or None."""
+    import ray.train
+
+    checkpoint = local_ckpts.latest() if local_ckpts is not None else ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        state = checkpoints.load(d, device)
+    if rank == 0:
+        say(f"resuming from {checkpoint.path} at epoch {state['epoch'] + 2}")
+    return state
+
+
+def _trainee(cfg: Config, state: dict | None, channels: int, steps_per_epoch: int, probe, device) -> Trainee:
+    """The model (initial weights from ``train.seed``, then the checkpoint's frozen set and
+    weights), its optimizer and LR schedule, the FLOP account, and the model wrapped for DDP."""
+    import ray.train.torch
+
+    t = cfg.train
     model = init_model(cfg, channels, device)
-    local_ckpts = (checkpoints.LocalCheckpoints(loop_config["storage"], t.run_name, t.num_checkpoints)
-                   if local else None)
-    checkpoint = local_ckpts.latest() if local else ray.train.get_checkpoint()
-    state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = checkpoints.load(d, device)
-        # the frozen set first, so that the optimizer is built around the surviving parameters
+    if state is not None:  # the frozen set first, so the optimizer is built around the trainable rest
         apply_frozen(model, state["frozen_heads"], cfg.freeze.mode, out_proj=cfg.freeze.out_proj)
     optimizer = build_optimizer(model, cfg.optim)
-    lr_schedule = build_lr_schedule(optimizer, cfg.optim, t.epochs, len(train_loader))
+    lr_schedule = build_lr_schedule(optimizer, cfg.optim, t.epochs, steps_per_epoch)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
-        if rank == 0:
-            say(f"resuming from {checkpoint.path} at epoch {state['epoch'] + 2}")
+    flop_x = torch.zeros(t.batch_size, channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    wrap = functools.partial(wrap_model, prepare=ray.train.torch.prepare_model, compile_model=t.compile)
+    return Trainee(model, optimizer, lr_schedule, wrap, FlopAccount(model, flop_x, cfg, probe))
 
-    heads = None
-    if rank == 0:  # the checkpoint's controller state goes into the actor
-        heads = HeadsClient(loop_config.get("heads_actor"), controller_args(cfg))
-        heads.load_state_dict((state or {}).get("heads")
-                              or HeadController(*controller_args(cfg)).state_dict())
-    probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
-    probe = probe[rank::world].to(device)
-    flop_x = torch.zeros(t.batch_size, channels, cfg.data.image_size, cfg.data.image_size,
-                         device=device)
-    wrap = functools.partial(wrap_model, prepare=ray.train.torch.prepare_model,
-                             compile_model=t.compile)
-    trainee = Trainee(model, optimizer, lr_schedule, wrap, FlopAccount(model, flop_x, cfg, probe))
-    w = Worker(cfg, rank, world, device, torch.bfloat16 if device.type == "cuda" else None,
-               train_loader, val_loader, trainee, probe,
-               start_epoch=0 if state is None else state["epoch"] + 1,
-               history=[] if state is None else state["history"],
-               head_rows=[] if state is None else state.get("head_rows", []),
-               heads=heads, local_checkpoints=local_ckpts, fail_metrics=loop_config.get("fail_metrics"))
-    if rank == 0:
-        _setup_rank0(w, train_set, val_set)
-    return w
+
+def _heads_client(cfg: Config, state: dict | None, actor_name: str | None) -> HeadsClient:
+    """Rank 0's client of the run's controller, holding the checkpoint's controller state."""
+    heads = HeadsClient(actor_name, controller_args(cfg))
+    heads.load_state_dict((state or {}).get("heads") or HeadController(*controller_args(cfg)).state_dict())
+    return heads
 
 
 def _setup_rank0(w: Worker, train_set, val_set) -> None:
@@ -162,15 +207,27 @@ def _loaders(cfg: Config, stream: dict[str, int] | None, rank: int, world: int, 
         evaluator_rows = EVAL_TRAIN_ROWS if rank == 0 and t.eval_every > 0 else None
         train_set, val_set = local_splits(cfg.data, stream["channels"], evaluator_rows)
         channels = stream["channels"]
-        train_loader = StreamingLoader(ray.train.get_dataset_shard(TRAIN), t.batch_size,
-                                       (stream["rows"] // world) // t.batch_size, t.seed)
+        train_loader = StreamingLoader(
+            ray.train.get_dataset_shard(TRAIN),
+            t.batch_size,
+            (stream["rows"] // world) // t.batch_size,
+            t.seed,
+        )
     else:
         train_set, val_set, channels = build_datasets(cfg.data)
-        train_loader = ray.train.torch.prepare_data_loader(DataLoader(
-            train_set, batch_size=t.batch_size, shuffle=True, drop_last=True,
-            num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda"))
-    val_loader = ray.train.torch.prepare_data_loader(DataLoader(
-        val_set, batch_size=t.batch_size, shuffle=False, num_workers=cfg.data.loader_workers))
+        train_loader = ray.train.torch.prepare_data_loader(
+            DataLoader(
+                train_set,
+                batch_size=t.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=cfg.data.loader_workers,
+                pin_memory=device.type == "cuda",
+            )
+        )
+    val_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(val_set, batch_size=t.batch_size, shuffle=False, num_workers=cfg.data.loader_workers)
+    )
     return train_set, val_set, channels, train_loader, val_loader
 
 
@@ -186,6 +243,7 @@ def _quiet_report_log(local: bool) -> None:
 
 # --- train an epoch, apply its decision ------------------------------------------------------
 
+
 def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     """One epoch: train, send the all-reduced head statistics to the controller, apply its
     decision on every rank, validate. The epoch's metrics, or None when the loss turned
@@ -198,19 +256,14 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     frozen_before = sum(len(f) for f in frozen_heads(model))
     elements = grad_elements(model)
     factors_used = [a.tau_factor.tolist() for a in model.attention_layers]
-    skips_left = cfg.train.max_nonfinite_steps - sum(m.get("train/nonfinite_steps", 0) for m in w.history)
-    model.set_readout(True)
     try:
-        metrics = train_one_epoch(tr.wrapped, w.train_loader, tr.optimizer, tr.lr_schedule, epoch,
-                                  cfg, w.device, w.amp_dtype, skips_left)
+        metrics = _train_steps(w, epoch)
     except NonFiniteLossError as e:
         # Every rank sees the same all-reduced gradient norm, so all stop here together;
         # inf metrics keep Tune's metric checks and ASHA working on the stop.
-        ray.train.report({"epoch": epoch, EPOCHS_DONE: epoch + 1, "error": str(e),
-                          "val/loss": math.inf, SELECT_METRIC: math.inf, **(w.fail_metrics or {})})
+        failed = {"error": str(e), "val/loss": math.inf, SELECT_METRIC: math.inf, **(w.fail_metrics or {})}
+        ray.train.report({"epoch": epoch, EPOCHS_DONE: epoch + 1, **failed})
         return None
-    finally:
-        model.set_readout(False)
     cls_attn, patch_attn = head_statistics(model, w.probe)
     decision = w.heads.update(epoch, cls_attn.numpy(), patch_attn.numpy()) if w.rank == 0 else None
     decision = share_decision(decision, w.world)
@@ -218,19 +271,46 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history)
     spread = apply_decision(tr, decision, cfg, len(w.train_loader), w.world)
     # validation sees the model exactly as the checkpoint stores it
-    metrics.update(evaluate(tr.wrapped, w.val_loader, epoch, cfg, w.device, w.amp_dtype,
-                            seed=cfg.train.seed))
+    metrics.update(evaluate(tr.wrapped, w.val_loader, epoch, cfg, w.device, w.amp_dtype, seed=cfg.train.seed))
     return {
-        "epoch": epoch, EPOCHS_DONE: epoch + 1, **metrics,
-        "heads/frozen": frozen_before, "heads/total": cfg.model.depth * cfg.model.num_heads,
-        "heads/newly_frozen": len(decision.newly_frozen), **flops,
-        "freeze/mean_drift": decision.mean_drift, "comm/grad_elements": elements,
+        "epoch": epoch,
+        EPOCHS_DONE: epoch + 1,
+        **metrics,
+        "heads/frozen": frozen_before,
+        "heads/total": cfg.model.depth * cfg.model.num_heads,
+        "heads/newly_frozen": len(decision.newly_frozen),
+        **flops,
+        "freeze/mean_drift": decision.mean_drift,
+        "comm/grad_elements": elements,
         "time/step_s": metrics["time/epoch_s"] / max(len(w.train_loader), 1),
         "ddp/rank_spread": spread,
     }
 
 
+def _train_steps(w: Worker, epoch: int) -> dict[str, Any]:
+    """The epoch's training steps, with the CLS attention readout on; at most the run's
+    remaining ``train.max_nonfinite_steps`` steps skipped."""
+    t, tr = w.cfg.train, w.trainee
+    skips_left = t.max_nonfinite_steps - sum(m.get("train/nonfinite_steps", 0) for m in w.history)
+    tr.model.set_readout(True)
+    try:
+        return train_one_epoch(
+            tr.wrapped,
+            w.train_loader,
+            tr.optimizer,
+            tr.lr_schedule,
+            epoch,
+            w.cfg,
+            w.device,
+            w.amp_dtype,
+            skips_left,
+        )
+    finally:
+        tr.model.set_readout(False)
+
+
 # --- report and checkpoint -------------------------------------------------------------------
+
 
 def report_and_checkpoint(w: Worker, epoch: int, metrics: dict[str, Any]) -> None:
     """Rank 0 runs the periodic evaluation, logs the epoch and writes the checkpoint; every
@@ -248,11 +328,24 @@ def report_and_checkpoint(w: Worker, epoch: int, metrics: dict[str, Any]) -> Non
         if w.rank == 0:
             _log_epoch(w, metrics, task_grids)
             tr = w.trainee
-            checkpoints.write(checkpoints.training_state(
-                tr.model, tr.optimizer, tr.lr_schedule, epoch, w.cfg, w.history,
-                w.heads.state_dict(), w.head_rows), tmp)
-            ckpt = (w.local_checkpoints.save(tmp, epoch, w.history) if w.local_checkpoints
-                    else ray.train.Checkpoint.from_directory(tmp))
+            checkpoints.write(
+                checkpoints.training_state(
+                    tr.model,
+                    tr.optimizer,
+                    tr.lr_schedule,
+                    epoch,
+                    w.cfg,
+                    w.history,
+                    w.heads.state_dict(),
+                    w.head_rows,
+                ),
+                tmp,
+            )
+            ckpt = (
+                w.local_checkpoints.save(tmp, epoch, w.history)
+                if w.local_checkpoints
+                else ray.train.Checkpoint.from_directory(tmp)
+            )
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoints.dir_name(epoch))
 
 
@@ -276,8 +369,14 @@ def _log_epoch(w: Worker, metrics: dict[str, Any], task_grids: dict[str, torch.T
 
 # --- driver ----------------------------------------------------------------------------------
 
-def run(cfg: Config, verbose: bool = True, callbacks: list | None = None,
-        fail_metrics: dict[str, float] | None = None, check_cluster: bool = True):
+
+def run(
+    cfg: Config,
+    verbose: bool = True,
+    callbacks: list | None = None,
+    fail_metrics: dict[str, float] | None = None,
+    check_cluster: bool = True,
+):
     """Train ``cfg`` with Ray Train; returns the ``ray.train.Result``. ``callbacks`` are Ray
     Train callbacks (a Tune trial passes ``TuneReportCallback``); ``fail_metrics`` are reported
     when the loss turns non-finite (a trial's Tune metric at its worst). ``check_cluster``:
@@ -294,9 +393,20 @@ def run(cfg: Config, verbose: bool = True, callbacks: list | None = None,
 
         actor_name = name_for(storage, t.run_name)
         actor = create_actor(actor_name, storage, t.run_name, *controller_args(cfg))
-    trainer = _trainer(cfg, datasets, storage, callbacks, {
-        "config": cfg.to_dict(), "local_mode": t.num_workers == 0, "storage": storage,
-        "heads_actor": actor_name, "fail_metrics": fail_metrics or {}, "stream": stream_info})
+    trainer = _trainer(
+        cfg,
+        datasets,
+        storage,
+        callbacks,
+        {
+            "config": cfg.to_dict(),
+            "local_mode": t.num_workers == 0,
+            "storage": storage,
+            "heads_actor": actor_name,
+            "fail_metrics": fail_metrics or {},
+            "stream": stream_info,
+        },
+    )
     start = time.perf_counter()
     try:
         result = trainer.fit()
@@ -355,13 +465,16 @@ def _trainer(cfg: Config, datasets, storage: str, callbacks, loop_config: dict[s
         datasets=datasets,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.gpu, resources_per_worker=worker_request(cfg)),
+            num_workers=t.num_workers, use_gpu=t.gpu, resources_per_worker=worker_request(cfg)
+        ),
         run_config=ray.train.RunConfig(
             name=t.run_name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=t.num_checkpoints, checkpoint_score_attribute=SELECT_METRIC,
-                checkpoint_score_order="min"),
+                num_to_keep=t.num_checkpoints,
+                checkpoint_score_attribute=SELECT_METRIC,
+                checkpoint_score_order="min",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,

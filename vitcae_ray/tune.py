@@ -17,20 +17,37 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import filesystem
-from .config import (EPOCHS_DONE, SELECT_METRIC, Config, ConfigError, absolute_paths,
-                     build_config, load_yaml, resolve)
+from .config import (
+    EPOCHS_DONE,
+    SELECT_METRIC,
+    Config,
+    ConfigError,
+    absolute_paths,
+    build_config,
+    load_yaml,
+    resolve,
+)
 from .data import DataError
 from .errors import fail
 from .filesystem import join
 from .outputs import METRICS_FILE, RESULTS_CSV, RESULTS_FILE, TRIALS_DIR, TUNE_NAME, check_directory
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
-RESULT_METRICS = ("val/elbo", "val/loss", "val/mse", "val/psnr", "train/loss", "flops/saved_frac",
-                  "flops/cumulative_saved_frac", "heads/frozen")
+RESULT_METRICS = (
+    "val/elbo",
+    "val/loss",
+    "val/mse",
+    "val/psnr",
+    "train/loss",
+    "flops/saved_frac",
+    "flops/cumulative_saved_frac",
+    "heads/frozen",
+)
 
 
 class SpaceError(ConfigError):
@@ -58,12 +75,15 @@ def load_space(path: str) -> dict[str, tuple[str, Any]]:
             space[key] = ("fixed", spec)
             continue
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise SpaceError(f"search space key {key!r} needs exactly one distribution, e.g. "
-                             f"{{loguniform: [0.001, 0.1]}}")
-        (dist, args), = spec.items()
+            raise SpaceError(
+                f"search space key {key!r} needs exactly one distribution, e.g. {{loguniform: [0.001, 0.1]}}"
+            )
+        ((dist, args),) = spec.items()
         if dist not in DISTRIBUTIONS:
-            raise SpaceError(f"search space key {key!r}: unknown distribution {dist!r}; "
-                             f"use one of {', '.join(DISTRIBUTIONS)}")
+            raise SpaceError(
+                f"search space key {key!r}: unknown distribution {dist!r}; "
+                f"use one of {', '.join(DISTRIBUTIONS)}"
+            )
         if not isinstance(args, list) or not args:
             raise SpaceError(f"search space key {key!r}: {dist} needs a list of values")
         if dist in ("uniform", "loguniform", "randint"):
@@ -93,8 +113,10 @@ def param_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     from ray import tune
 
     make: dict[str, Callable] = {
-        "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-        "randint": lambda a: tune.randint(int(a[0]), int(a[1])), "choice": tune.choice,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+        "choice": tune.choice,
         "grid": tune.grid_search,
     }
     return {key: make[dist](args) for key, (dist, args) in space.items()}
@@ -108,8 +130,7 @@ def worst(mode: str) -> float:
     return math.inf if mode == "min" else -math.inf
 
 
-def trial_fn(config: dict[str, Any], base: dict[str, Any], experiment: str, metric: str,
-             mode: str) -> None:
+def trial_fn(config: dict[str, Any], base: dict[str, Any], experiment: str, metric: str, mode: str) -> None:
     """One Tune trial: the searched keys (``config``) over the base config, trained with Ray
     Train in the trial's own run directory (its storage, run name and actor are the trial's)."""
     from ray import tune
@@ -118,10 +139,16 @@ def trial_fn(config: dict[str, Any], base: dict[str, Any], experiment: str, metr
     from .train import run
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = build_config({**base, **config, "train.output": join(experiment, TRIALS_DIR, trial_id),
-                        "train.storage_path": None})
-    result = run(cfg, verbose=False, callbacks=[TuneReportCallback()],
-                 fail_metrics={metric: worst(mode)}, check_cluster=False)
+    cfg = build_config(
+        {**base, **config, "train.output": join(experiment, TRIALS_DIR, trial_id), "train.storage_path": None}
+    )
+    result = run(
+        cfg,
+        verbose=False,
+        callbacks=[TuneReportCallback()],
+        fail_metrics={metric: worst(mode)},
+        check_cluster=False,
+    )
     error = (result.metrics or {}).get("error")
     if error:
         raise TrialFailed(error)
@@ -136,14 +163,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     """Non-dominated flags for (quality loss, compute) pairs, both to minimise."""
     flags = []
     for i, (q, c) in enumerate(points):
-        dominated = any((q2 <= q and c2 <= c) and (q2 < q or c2 < c)
-                        for j, (q2, c2) in enumerate(points) if j != i)
+        dominated = any(
+            (q2 <= q and c2 <= c) and (q2 < q or c2 < c) for j, (q2, c2) in enumerate(points) if j != i
+        )
         flags.append(not dominated and not (math.isnan(q) or math.isnan(c)))
     return flags
 
 
-def results_table(results, space_keys: list[str], experiment: str, max_epochs: int,
-                  metric: str, mode: str) -> list[dict[str, Any]]:
+def results_table(
+    results, space_keys: list[str], experiment: str, max_epochs: int, metric: str, mode: str
+) -> list[dict[str, Any]]:
     """One row per trial from its run directory's metrics.jsonl (the source of truth)."""
     rows = []
     for result in results:
@@ -153,18 +182,25 @@ def results_table(results, space_keys: list[str], experiment: str, max_epochs: i
         row: dict[str, Any] = {"trial_id": trial_id, "run_dir": run_dir}
         row.update({k: result.config.get(k) for k in space_keys})
         row["epochs"] = len(history)
-        row["status"] = ("error" if result.error is not None or "error" in (result.metrics or {})
-                         else "completed" if len(history) >= max_epochs else "stopped")
+        row["status"] = (
+            "error"
+            if result.error is not None or "error" in (result.metrics or {})
+            else "completed"
+            if len(history) >= max_epochs
+            else "stopped"
+        )
         for key in dict.fromkeys((*RESULT_METRICS, metric)):
             values = [m[key] for m in history if isinstance(m.get(key), (int, float))]
             row[f"final/{key}"] = values[-1] if values else math.nan
-            lower_is_better = mode == "min" if key == metric else any(
-                w in key for w in ("loss", "elbo", "mse"))
+            lower_is_better = (
+                mode == "min" if key == metric else any(w in key for w in ("loss", "elbo", "mse"))
+            )
             row[f"best/{key}"] = (min if lower_is_better else max)(values) if values else math.nan
         rows.append(row)
     sign = 1.0 if mode == "min" else -1.0
-    flags = pareto_front([(sign * r[f"best/{metric}"], 1.0 - r["final/flops/cumulative_saved_frac"])
-                          for r in rows])
+    flags = pareto_front(
+        [(sign * r[f"best/{metric}"], 1.0 - r["final/flops/cumulative_saved_frac"]) for r in rows]
+    )
     for r, f in zip(rows, flags):
         r["pareto"] = f
     rows.sort(key=lambda r: (math.isnan(r[f"best/{metric}"]), sign * r[f"best/{metric}"]))
@@ -186,22 +222,44 @@ def write_results(rows: list[dict[str, Any]], experiment: str) -> None:
 
 
 def format_results(rows: list[dict[str, Any]], space_keys: list[str], metric: str) -> str:
-    cols = ["trial_id", *space_keys, "status", "epochs", f"best/{metric}", "final/val/mse",
-            "final/heads/frozen", "final/flops/cumulative_saved_frac", "pareto"]
+    cols = [
+        "trial_id",
+        *space_keys,
+        "status",
+        "epochs",
+        f"best/{metric}",
+        "final/val/mse",
+        "final/heads/frozen",
+        "final/flops/cumulative_saved_frac",
+        "pareto",
+    ]
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}"
         return str(v)
+
     table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table)
 
 
-def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str, num_samples: int,
-              metric: str = SELECT_METRIC, mode: str = "min", grace_period: int = 1,
-              reduction_factor: float = 2, search: str = "random", resume: bool = False,
-              driver_cpus: float = 0.25, driver_resource: str | None = None,
-              callbacks: list | None = None, max_concurrent_trials: int = 0):
+def run_sweep(
+    base: Config,
+    space: dict[str, tuple[str, list]],
+    experiment: str,
+    num_samples: int,
+    metric: str = SELECT_METRIC,
+    mode: str = "min",
+    grace_period: int = 1,
+    reduction_factor: float = 2,
+    search: str = "random",
+    resume: bool = False,
+    driver_cpus: float = 0.25,
+    driver_resource: str | None = None,
+    callbacks: list | None = None,
+    max_concurrent_trials: int = 0,
+):
     """Run (or resume) the sweep; returns (ResultGrid, rows of the results table).
 
     Before anything starts: the base config's paths are made absolute, one trial (its driver
@@ -209,16 +267,14 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
     to be visible to every node. ``max_concurrent_trials`` 0 follows the cluster
     (:class:`~vitcae_ray.cluster.TrialCapacity`); > 0 caps it.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from .cluster import (TrialCapacity, check_shared_output, driver_request, settle_resources,
-                          worker_request)
+    from .cluster import TrialCapacity, check_shared_output, driver_request, settle_resources, worker_request
     from .sweep_capacity import set_capacity
 
     if base.train.storage_path is not None:
-        raise ConfigError("train.storage_path cannot be set for a sweep: each trial keeps its "
-                          "checkpoints in its own run directory under --output; remove it")
+        raise ConfigError(
+            "train.storage_path cannot be set for a sweep: each trial keeps its "
+            "checkpoints in its own run directory under --output; remove it"
+        )
     experiment = filesystem.absolute(experiment)
     check_directory(experiment, "--output")
     driver = driver_request(driver_cpus, driver_resource)
@@ -229,24 +285,42 @@ def run_sweep(base: Config, space: dict[str, tuple[str, list]], experiment: str,
         base = build_config(fixed, base)
     t = base.train
     set_capacity(TrialCapacity(driver, worker_request(base), t.num_workers, max_concurrent_trials))
-    # the base config travels with the trainable (not the search space), so the trial table
-    # and TensorBoard's hyperparameters show only what is searched
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=base.to_dict(), experiment=experiment, metric=metric,
-                             mode=mode),
-        driver)
+    trainable = _trainable(base, experiment, metric, mode, driver)
     if resume:
         tuner = _restored_tuner(experiment, trainable)
     else:
-        # rungs and max_t count epochs, however the trial got there (resumes, restarts)
-        asha = ASHAScheduler(time_attr=EPOCHS_DONE, max_t=t.epochs, grace_period=grace_period,
-                             reduction_factor=reduction_factor)
-        tuner = _new_tuner(experiment, trainable, space, num_samples, metric, mode, search, asha,
-                           callbacks)
+        asha = _asha(t.epochs, grace_period, reduction_factor)
+        tuner = _new_tuner(experiment, trainable, space, num_samples, metric, mode, search, asha, callbacks)
     results = tuner.fit()
     rows = results_table(list(results), list(space), experiment, t.epochs, metric, mode)
     write_results(rows, experiment)
     return results, rows
+
+
+def _trainable(base: Config, experiment: str, metric: str, mode: str, driver: dict[str, float]):
+    """:func:`trial_fn` with its arguments, requesting ``driver`` for each trial's driver.
+
+    The base config travels with the trainable (not the search space), so the trial table and
+    TensorBoard's hyperparameters show only what is searched."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(trial_fn, base=base.to_dict(), experiment=experiment, metric=metric, mode=mode),
+        driver,
+    )
+
+
+def _asha(max_t: int, grace_period: int, reduction_factor: float):
+    """The ASHA scheduler of a new experiment; its rungs and ``max_t`` count epochs, however
+    the trial got there (resumes, restarts)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr=EPOCHS_DONE,
+        max_t=max_t,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
 
 
 def _restored_tuner(experiment: str, trainable):
@@ -256,27 +330,40 @@ def _restored_tuner(experiment: str, trainable):
     tune_path = join(experiment, TUNE_NAME)
     if not tune.Tuner.can_restore(tune_path):
         raise ConfigError(f"nothing to resume at {tune_path!r}: run without --resume first")
-    return tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                              resume_errored=True)
+    return tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
 
 
-def _new_tuner(experiment: str, trainable, space: dict[str, tuple[str, list]], num_samples: int,
-               metric: str, mode: str, search: str, scheduler, callbacks: list | None):
+def _new_tuner(
+    experiment: str,
+    trainable,
+    space: dict[str, tuple[str, list]],
+    num_samples: int,
+    metric: str,
+    mode: str,
+    search: str,
+    scheduler,
+    callbacks: list | None,
+):
     """A new experiment's tuner (refused where one exists); ``search`` picks the searcher."""
     from ray import tune
 
     from .sweep_capacity import LiveConcurrencyLimiter, LiveVariantGenerator
 
     if filesystem.exists(join(experiment, TUNE_NAME)):
-        raise ConfigError(f"experiment {experiment!r} already exists: pass --resume to "
-                          "continue it, or another --output")
-    searcher = (LiveVariantGenerator() if search == "random"
-                else LiveConcurrencyLimiter(_searcher(search, metric, mode), max_concurrent=1))
+        raise ConfigError(
+            f"experiment {experiment!r} already exists: pass --resume to continue it, or another --output"
+        )
+    searcher = (
+        LiveVariantGenerator()
+        if search == "random"
+        else LiveConcurrencyLimiter(_searcher(search, metric, mode), max_concurrent=1)
+    )
     return tune.Tuner(
         trainable,
         param_space=param_space(space),
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
-                                    search_alg=searcher, scheduler=scheduler),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, num_samples=num_samples, search_alg=searcher, scheduler=scheduler
+        ),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=experiment, callbacks=callbacks),
     )
 
@@ -298,20 +385,30 @@ def _searcher(name: str, metric: str, mode: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vitcae_ray.tune", description=__doc__.splitlines()[0])
-    p.add_argument("--space", default="default",
-                   help="search-space YAML, or a name from tune_spaces/ (default, small)")
-    p.add_argument("--config", help="base training config YAML, or a name from configs/ "
-                   "(the searched keys override it)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config key (repeatable)")
+    p.add_argument(
+        "--space", default="default", help="search-space YAML, or a name from tune_spaces/ (default, small)"
+    )
+    p.add_argument(
+        "--config", help="base training config YAML, or a name from configs/ (the searched keys override it)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key (repeatable)",
+    )
     p.add_argument("--num-samples", type=int, default=8, help="trials (per grid point)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial (ASHA's max_t)")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers of each trial")
     p.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker")
     p.add_argument("--address", help="Ray cluster address, e.g. auto")
-    p.add_argument("--output", default="runs/tune",
-                   help="experiment directory: a local path (one machine, or a mount every node "
-                   "sees) or a URI such as s3://bucket/exp")
+    p.add_argument(
+        "--output",
+        default="runs/tune",
+        help="experiment directory: a local path (one machine, or a mount every node "
+        "sees) or a URI such as s3://bucket/exp",
+    )
     p.add_argument("--dataset", help="data.dataset")
     p.add_argument("--data-root", help="data.root")
     p.add_argument("--metric", default=SELECT_METRIC)
@@ -319,12 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor")
     p.add_argument("--search", default="random", help="random, optuna or hyperopt")
-    p.add_argument("--max-concurrent-trials", type=int, default=0,
-                   help="cap on trials at once; 0 = what the cluster holds, growing as an "
-                   "autoscaler adds nodes")
+    p.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=0,
+        help="cap on trials at once; 0 = what the cluster holds, growing as an autoscaler adds nodes",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
-    p.add_argument("--trial-driver-resource", help="custom resource each trial driver requests "
-                   "(cluster/aws.yaml gives the head node `trial_driver`)")
+    p.add_argument(
+        "--trial-driver-resource",
+        help="custom resource each trial driver requests "
+        "(cluster/aws.yaml gives the head node `trial_driver`)",
+    )
     return p
 
 
@@ -336,13 +439,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--max-concurrent-trials must be >= 0 (0 = what the cluster holds)")
         space, fixed = split_space(load_space(args.space))
         flags = {
-            "train.epochs": args.max_epochs, "train.num_workers": args.workers_per_trial,
-            "train.gpu": args.gpu, "train.address": args.address,
-            "data.dataset": args.dataset, "data.root": args.data_root,
+            "train.epochs": args.max_epochs,
+            "train.num_workers": args.workers_per_trial,
+            "train.gpu": args.gpu,
+            "train.address": args.address,
+            "data.dataset": args.dataset,
+            "data.root": args.data_root,
         }
         # precedence: --config < the space's fixed values < flags < --set
-        base = resolve(args.config, {**fixed, **{k: v for k, v in flags.items() if v is not None}},
-                       args.set)
+        base = resolve(args.config, {**fixed, **{k: v for k, v in flags.items() if v is not None}}, args.set)
         if base.train.num_workers < 1:
             raise ConfigError("--workers-per-trial must be >= 1 (each trial is a Ray Train run)")
         check_directory(filesystem.absolute(args.output), "--output")
@@ -352,21 +457,35 @@ def main(argv: list[str] | None = None) -> int:
             from .cluster import connect
 
             connect(base.train.address)
-        _, rows = run_sweep(base, space, args.output, args.num_samples, args.metric, args.mode,
-                            args.grace_period, args.reduction_factor, args.search, args.resume,
-                            driver_resource=args.trial_driver_resource,
-                            max_concurrent_trials=args.max_concurrent_trials)
+        _, rows = run_sweep(
+            base,
+            space,
+            args.output,
+            args.num_samples,
+            args.metric,
+            args.mode,
+            args.grace_period,
+            args.reduction_factor,
+            args.search,
+            args.resume,
+            driver_resource=args.trial_driver_resource,
+            max_concurrent_trials=args.max_concurrent_trials,
+        )
     except (ConfigError, DataError, filesystem.FileSystemError) as e:
         return fail(e)
     print(format_results(rows, list(space), args.metric))
     out = filesystem.absolute(args.output)
     stopped = sum(r["status"] == "stopped" for r in rows)
     failed = [r for r in rows if r["status"] == "error"]
-    print(f"{len(rows)} trials in {time.perf_counter() - start:.0f}s ({stopped} stopped early by "
-          f"ASHA, {len(failed)} failed); results: {out}/results.csv, {out}/results.parquet")
+    print(
+        f"{len(rows)} trials in {time.perf_counter() - start:.0f}s ({stopped} stopped early by "
+        f"ASHA, {len(failed)} failed); results: {out}/results.csv, {out}/results.parquet"
+    )
     if rows and len(failed) == len(rows):
-        print(f"error: every trial failed; see {failed[0]['run_dir']} and the trial errors above",
-              file=sys.stderr)
+        print(
+            f"error: every trial failed; see {failed[0]['run_dir']} and the trial errors above",
+            file=sys.stderr,
+        )
         return 1
     print(f"export the best: python -m vitcae_ray.export --experiment {out} --out model_dir")
     return 0

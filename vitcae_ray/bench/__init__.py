@@ -30,16 +30,28 @@ from ..errors import fail
 from .common import BenchError, progress, write_json
 
 # suite name -> module (imported on use: the attention suite needs timm, the ray suite Ray)
-SUITES = {"freeze": "freeze", "overhead": "overhead", "attention": "attention",
-          "ray": "ray_epoch", "quality": "quality"}
+SUITES = {
+    "freeze": "freeze",
+    "overhead": "overhead",
+    "attention": "attention",
+    "ray": "ray_epoch",
+    "quality": "quality",
+}
 
 # The model and images every suite uses in --quick mode (explicit --set items still win), on
 # one torch thread: tensors this small gain nothing from more, and on a busy CI machine a
 # multi-threaded op waits for every one of its threads to get a core.
 QUICK_SETS = {
-    "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 4, "model.dec_dim": 32,
-    "model.dec_depth": 1, "model.dec_heads": 2, "model.prior_hidden": 64, "model.patch_size": 4,
-    "data.image_size": 16, "train.cpus_per_worker": 1.0,
+    "model.embed_dim": 32,
+    "model.depth": 2,
+    "model.num_heads": 4,
+    "model.dec_dim": 32,
+    "model.dec_depth": 1,
+    "model.dec_heads": 2,
+    "model.prior_hidden": 64,
+    "model.patch_size": 4,
+    "data.image_size": 16,
+    "train.cpus_per_worker": 1.0,
 }
 QUICK_THREADS = 1
 
@@ -51,28 +63,48 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
-    p = _Parser(prog="python -m vitcae_ray.bench", description=doc[0].replace("``", ""),
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="\n\n".join(doc[1:]).replace("``", ""))
+    p = _Parser(
+        prog="python -m vitcae_ray.bench",
+        description=doc[0].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(doc[1:]).replace("``", ""),
+    )
     p.add_argument("suite", help=f"one of {', '.join(SUITES)}, all")
-    p.add_argument("--config", help="YAML preset (default: the suite's; the quickstart "
-                   "configs/digits_tiny.yaml for overhead, ray, quality)")
+    p.add_argument(
+        "--config",
+        help="YAML preset (default: the suite's; the quickstart "
+        "configs/digits_tiny.yaml for overhead, ray, quality)",
+    )
     p.add_argument("--preset", help="model.preset: tiny, small")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted config key (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key (repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round: seconds (CI)")
     p.add_argument("--gpu", action="store_true", help="run on the GPU (bf16 autocast)")
     p.add_argument("--json", metavar="OUT", help="also write the results to this file")
     p.add_argument("--rounds", type=int, help="interleaved rounds (medians over rounds)")
-    p.add_argument("--steps", type=int, help="steps per variant per round (freeze, attention); "
-                   "training steps per epoch (overhead; default the whole epoch)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="steps per variant per round (freeze, attention); "
+        "training steps per epoch (overhead; default the whole epoch)",
+    )
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--epochs", type=int, help="epochs per run (ray, quality)")
     p.add_argument("--seeds", type=int, help="seeds per variant (quality; default 3)")
-    p.add_argument("--output", help="directory for the runs (ray, quality; default a temporary "
-                   "directory, removed afterwards)")
-    p.add_argument("--variants", help="comma-separated variants to run (quality: off, weights, "
-                   "detach, weights+out_proj; default all; off is always run, as the baseline)")
+    p.add_argument(
+        "--output",
+        help="directory for the runs (ray, quality; default a temporary directory, removed afterwards)",
+    )
+    p.add_argument(
+        "--variants",
+        help="comma-separated variants to run (quality: off, weights, "
+        "detach, weights+out_proj; default all; off is always run, as the baseline)",
+    )
     return p
 
 

@@ -36,13 +36,22 @@ def timm_encoder(cfg: Config, chans: int, fused: bool) -> nn.Module:
     try:
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
-        raise BenchError("the attention suite compares against timm: "
-                         "pip install 'vitcae_ray[bench]' (or timm)") from None
+        raise BenchError(
+            "the attention suite compares against timm: pip install 'vitcae_ray[bench]' (or timm)"
+        ) from None
     m = cfg.model
-    model = VisionTransformer(img_size=cfg.data.image_size, patch_size=m.patch_size,
-                              in_chans=chans, num_classes=0, embed_dim=m.embed_dim,
-                              depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                              qkv_bias=True, class_token=True)
+    model = VisionTransformer(
+        img_size=cfg.data.image_size,
+        patch_size=m.patch_size,
+        in_chans=chans,
+        num_classes=0,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+    )
     for mod in model.modules():
         if hasattr(mod, "fused_attn"):
             mod.fused_attn = fused
@@ -53,8 +62,11 @@ def encoder_params(model: nn.Module) -> int:
     """Parameters of what ``forward_features`` runs (ours also holds a prior and a decoder)."""
     if hasattr(model, "to_z_cls"):  # ViTCAE
         parts = [model.patch_embed, model.blocks, model.norm]
-        return sum(p.numel() for part in parts for p in part.parameters()) + \
-            model.cls_token.numel() + model.pos_embed.numel()
+        return (
+            sum(p.numel() for part in parts for p in part.parameters())
+            + model.cls_token.numel()
+            + model.pos_embed.numel()
+        )
     return sum(p.numel() for p in model.parameters())
 
 
@@ -63,15 +75,8 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
     size, chans = cfg.data.image_size, 3 if cfg.data.channels == 3 else 1
     tokens = 1 + (size // cfg.model.patch_size) ** 2
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    x = torch.rand(opts.batch_size, chans, size, size,
-                   generator=torch.Generator().manual_seed(0)).to(device)
-    pairs = []
-    for fused in (True, False):
-        torch.manual_seed(0)
-        ours = build_model(replace(cfg.model, fused_attn=fused), size, chans).to(device).train()
-        theirs = timm_encoder(cfg, chans, fused).to(device).train()
-        pairs.append((fused, SimpleNamespace(name="ours", model=ours),
-                      SimpleNamespace(name="timm", model=theirs)))
+    x = torch.rand(opts.batch_size, chans, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    pairs = _pairs(cfg, size, chans, device)
     runs = [r for _, a, b in pairs for r in (a, b)]
 
     def steps(r: SimpleNamespace, n: int) -> None:
@@ -82,37 +87,86 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
             t.float().square().mean().backward()
 
     sync = device_sync(device)
-    times = interleave(runs, lambda r: timed(lambda: steps(r, opts.steps), sync) / opts.steps,
-                       opts.rounds, warmup=lambda r: steps(r, WARMUP_STEPS))
+    times = interleave(
+        runs,
+        lambda r: timed(lambda: steps(r, opts.steps), sync) / opts.steps,
+        opts.rounds,
+        warmup=lambda r: steps(r, WARMUP_STEPS),
+    )
     by_run = {id(r): t for r, t in zip(runs, times)}
-    rows = []
-    for fused, ours, theirs in pairs:
-        t_ours, t_timm = by_run[id(ours)], by_run[id(theirs)]
-        ratio, spread = ratio_stats(t_timm, t_ours)  # time timm / time ours = throughput ours / timm
-        ips_ours = opts.batch_size / statistics.median(t_ours)
-        ips_timm = opts.batch_size / statistics.median(t_timm)
-        rows.append({
-            "attention": "sdpa" if fused else "manual",
-            "embed_dim": cfg.model.embed_dim, "depth": cfg.model.depth,
-            "num_heads": cfg.model.num_heads, "mlp_ratio": cfg.model.mlp_ratio,
-            "tokens": tokens, "batch_size": opts.batch_size,
-            "ours_step_ms": 1e3 * statistics.median(t_ours),
-            "timm_step_ms": 1e3 * statistics.median(t_timm),
-            "ours_images_per_s": ips_ours, "timm_images_per_s": ips_timm,
-            "ours_tokens_per_s": ips_ours * tokens, "timm_tokens_per_s": ips_timm * tokens,
-            "ours_params": encoder_params(ours.model), "timm_params": encoder_params(theirs.model),
-            "ratio": ratio, "ratio_spread": spread, "target": TARGET,
-            "meets_target": ratio >= TARGET, "rounds": opts.rounds, "steps": opts.steps,
-            "device": device.type,
-        })
-    return rows
+    return [
+        _row(cfg, opts, fused, ours, theirs, by_run[id(ours)], by_run[id(theirs)], tokens)
+        for fused, ours, theirs in pairs
+    ]
+
+
+def _pairs(
+    cfg: Config, size: int, chans: int, device: torch.device
+) -> list[tuple[bool, SimpleNamespace, SimpleNamespace]]:
+    """(fused, ours, timm's) for SDPA and for the manual path, in train mode on ``device``; ours
+    built with torch's seed at 0."""
+    pairs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        ours = build_model(replace(cfg.model, fused_attn=fused), size, chans).to(device).train()
+        theirs = timm_encoder(cfg, chans, fused).to(device).train()
+        pairs.append(
+            (fused, SimpleNamespace(name="ours", model=ours), SimpleNamespace(name="timm", model=theirs))
+        )
+    return pairs
+
+
+def _row(
+    cfg: Config,
+    opts: SimpleNamespace,
+    fused: bool,
+    ours: SimpleNamespace,
+    theirs: SimpleNamespace,
+    t_ours: list[float],
+    t_timm: list[float],
+    tokens: int,
+) -> dict:
+    """One attention path's row from the per-round step times of ours and timm's."""
+    ratio, spread = ratio_stats(t_timm, t_ours)  # time timm / time ours = throughput ours / timm
+    ips_ours = opts.batch_size / statistics.median(t_ours)
+    ips_timm = opts.batch_size / statistics.median(t_timm)
+    return {
+        "attention": "sdpa" if fused else "manual",
+        "embed_dim": cfg.model.embed_dim,
+        "depth": cfg.model.depth,
+        "num_heads": cfg.model.num_heads,
+        "mlp_ratio": cfg.model.mlp_ratio,
+        "tokens": tokens,
+        "batch_size": opts.batch_size,
+        "ours_step_ms": 1e3 * statistics.median(t_ours),
+        "timm_step_ms": 1e3 * statistics.median(t_timm),
+        "ours_images_per_s": ips_ours,
+        "timm_images_per_s": ips_timm,
+        "ours_tokens_per_s": ips_ours * tokens,
+        "timm_tokens_per_s": ips_timm * tokens,
+        "ours_params": encoder_params(ours.model),
+        "timm_params": encoder_params(theirs.model),
+        "ratio": ratio,
+        "ratio_spread": spread,
+        "target": TARGET,
+        "meets_target": ratio >= TARGET,
+        "rounds": opts.rounds,
+        "steps": opts.steps,
+        "device": opts.device.type,
+    }
 
 
 def render(rows: list[dict]) -> str:
-    return table(rows, [
-        ("attention", "attention", str), ("tokens", "tokens", str),
-        ("ours_images_per_s", "ours img/s", num(1)), ("timm_images_per_s", "timm img/s", num(1)),
-        ("ours_tokens_per_s", "ours tok/s", lambda v: f"{v:,.0f}"),
-        ("ratio", "ours/timm", num(3)), ("ratio_spread", "min..max", fmt_spread),
-        ("meets_target", f">= {TARGET}", lambda v: "yes" if v else "no"),
-    ])
+    return table(
+        rows,
+        [
+            ("attention", "attention", str),
+            ("tokens", "tokens", str),
+            ("ours_images_per_s", "ours img/s", num(1)),
+            ("timm_images_per_s", "timm img/s", num(1)),
+            ("ours_tokens_per_s", "ours tok/s", lambda v: f"{v:,.0f}"),
+            ("ratio", "ours/timm", num(3)),
+            ("ratio_spread", "min..max", fmt_spread),
+            ("meets_target", f">= {TARGET}", lambda v: "yes" if v else "no"),
+        ],
+    )

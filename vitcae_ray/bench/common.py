@@ -56,8 +56,12 @@ def round_orders(variants: Sequence[Any], rounds: int) -> Iterable[tuple[int, li
         yield i, list(variants) if i % 2 == 0 else list(reversed(variants))
 
 
-def interleave(variants: Sequence[Any], measure: Callable[[Any], float], rounds: int,
-               warmup: Callable[[Any], None] | None = None) -> list[list[float]]:
+def interleave(
+    variants: Sequence[Any],
+    measure: Callable[[Any], float],
+    rounds: int,
+    warmup: Callable[[Any], None] | None = None,
+) -> list[list[float]]:
     """Run ``measure(variant)`` once per variant per round, interleaved; returns per variant
     the list of its per-round values (index = round)."""
     if warmup is not None:
@@ -126,6 +130,7 @@ def start_ray(settle: bool = True) -> None:
 
 # --- machine and output --------------------------------------------------------------------
 
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -142,13 +147,18 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
 
     try:
         import ray
+
         ray_version = ray.__version__
     except ImportError:  # pragma: no cover - a dependency
         ray_version = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "cpu": cpu_model(), "cores": local_cpus(), "gpu": gpu, "torch": torch.__version__,
-        "ray": ray_version, "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": local_cpus(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "ray": ray_version,
+        "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "vitcae_ray.bench", *argv]),
     }
@@ -172,8 +182,9 @@ def table(rows: list[dict[str, Any]], columns: Sequence[Column]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = []
     for j, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -66,8 +66,7 @@ class _ProcessGroup:
         self.owned = not dist.is_initialized()
         if self.owned:
             self.file = os.path.join(tempfile.gettempdir(), f"vitcae_bench_pg_{uuid.uuid4().hex}")
-            dist.init_process_group("gloo", init_method=f"file://{self.file}", rank=0,
-                                    world_size=1)
+            dist.init_process_group("gloo", init_method=f"file://{self.file}", rank=0, world_size=1)
         return self
 
     def __exit__(self, *exc):
@@ -108,31 +107,48 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
     plain = _variant("plain", cfg, opts, train_set, chans, batch_size)
     machinery = _variant("machinery", cfg, opts, train_set, chans, batch_size)
     bench = SimpleNamespace(
-        cfg=cfg, device=device, probe=probe.to(device),
+        cfg=cfg,
+        device=device,
+        probe=probe.to(device),
         amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
         epoch_loss=cfg.loss.kl_warmup_epochs + cfg.loss.ramp_epochs,  # the full loss, MMD included
-        readout_s=_time_readout(machinery.model), local=None, remote=None)
+        readout_s=_time_readout(machinery.model),
+        local=None,
+        remote=None,
+    )
     with _Ray(settle=not opts.quick), _ProcessGroup(), _heads_clients(cfg) as (local, remote):
         bench.local, bench.remote = local, remote
         _measure_rounds(bench, plain, machinery, opts.rounds)
     return _rows(plain, machinery, batch_size, opts)
 
 
-def _variant(name: str, cfg: Config, opts: SimpleNamespace, train_set, chans: int,
-             batch_size: int) -> SimpleNamespace:
+def _variant(
+    name: str, cfg: Config, opts: SimpleNamespace, train_set, chans: int, batch_size: int
+) -> SimpleNamespace:
     """One copy of the model with its loader, optimizer and LR schedule; the same
     initialisation and batches for every copy."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.image_size, chans).to(opts.device)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.loader_workers,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.data.loader_workers,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
     opt = build_optimizer(model, cfg.optim)
     steps = len(Limited(loader, opts.steps))
     sched = build_lr_schedule(opt, cfg.optim, opts.rounds + 2, steps)
-    return SimpleNamespace(name=name, model=model, loader=Limited(loader, opts.steps),
-                           opt=opt, sched=sched, steps=steps,
-                           times={p: [] for p in ("epoch", *PARTS)})  # per round
+    return SimpleNamespace(
+        name=name,
+        model=model,
+        loader=Limited(loader, opts.steps),
+        opt=opt,
+        sched=sched,
+        steps=steps,
+        times={p: [] for p in ("epoch", *PARTS)},
+    )  # per round
 
 
 def _time_readout(model) -> list[float]:
@@ -147,6 +163,7 @@ def _time_readout(model) -> list[float]:
                 return record(*args, **kwargs)
             finally:
                 readout_s[0] += time.perf_counter() - t0
+
         return call
 
     for attn in model.attention_layers:
@@ -164,8 +181,7 @@ def _heads_clients(cfg: Config):
     from ..convergence.actor import HeadsClient, create_actor
 
     name = f"bench-heads-{uuid.uuid4().hex[:8]}"
-    actor = create_actor(name, tempfile.mkdtemp(prefix="bench-heads-"), "none",
-                         *controller_args(cfg))
+    actor = create_actor(name, tempfile.mkdtemp(prefix="bench-heads-"), "none", *controller_args(cfg))
     try:
         remote = HeadsClient(name, controller_args(cfg))
         local = HeadsClient(None, controller_args(cfg))
@@ -174,8 +190,9 @@ def _heads_clients(cfg: Config):
         ray.kill(actor)
 
 
-def _measure_rounds(bench: SimpleNamespace, plain: SimpleNamespace, machinery: SimpleNamespace,
-                    rounds: int) -> None:
+def _measure_rounds(
+    bench: SimpleNamespace, plain: SimpleNamespace, machinery: SimpleNamespace, rounds: int
+) -> None:
     for v in (plain, machinery):  # warm-up: the controllers' first epoch has no drift
         _measure(bench, v, 0)
         for times in v.times.values():
@@ -183,8 +200,10 @@ def _measure_rounds(bench: SimpleNamespace, plain: SimpleNamespace, machinery: S
     for r, order in round_orders([plain, machinery], rounds):
         for v in order:
             _measure(bench, v, r + 1)
-        progress(f"round {r + 1}/{rounds}: epoch {plain.times['epoch'][-1]:.3f}s "
-                 f"plain, {machinery.times['epoch'][-1]:.3f}s with the readout")
+        progress(
+            f"round {r + 1}/{rounds}: epoch {plain.times['epoch'][-1]:.3f}s "
+            f"plain, {machinery.times['epoch'][-1]:.3f}s with the readout"
+        )
 
 
 def _measure(bench: SimpleNamespace, v: SimpleNamespace, epoch: int) -> None:
@@ -197,8 +216,9 @@ def _measure(bench: SimpleNamespace, v: SimpleNamespace, epoch: int) -> None:
     if machinery:
         v.model.set_readout(True)
     try:
-        train_one_epoch(v.model, v.loader, v.opt, v.sched, bench.epoch_loss, bench.cfg,
-                        bench.device, bench.amp_dtype)
+        train_one_epoch(
+            v.model, v.loader, v.opt, v.sched, bench.epoch_loss, bench.cfg, bench.device, bench.amp_dtype
+        )
     finally:
         v.model.set_readout(False)
     t1 = time.perf_counter()
@@ -214,13 +234,19 @@ def _measure(bench: SimpleNamespace, v: SimpleNamespace, epoch: int) -> None:
     t4 = time.perf_counter()
     bench.remote.update(epoch, cls.numpy(), patch.numpy())
     t5 = time.perf_counter()
-    for part, t in (("readout", bench.readout_s[0]), ("probe", t2 - t1), ("all_reduce", t3 - t2),
-                    ("controller", t4 - t3), ("actor_round_trip", t5 - t4)):
+    for part, t in (
+        ("readout", bench.readout_s[0]),
+        ("probe", t2 - t1),
+        ("all_reduce", t3 - t2),
+        ("controller", t4 - t3),
+        ("actor_round_trip", t5 - t4),
+    ):
         v.times[part].append(t)
 
 
-def _rows(plain: SimpleNamespace, machinery: SimpleNamespace, batch_size: int,
-          opts: SimpleNamespace) -> list[dict]:
+def _rows(
+    plain: SimpleNamespace, machinery: SimpleNamespace, batch_size: int, opts: SimpleNamespace
+) -> list[dict]:
     """The plain epoch, each part, their total and the epoch difference, as fractions of
     the plain epoch round by round."""
     base = plain.times["epoch"]
@@ -228,7 +254,9 @@ def _rows(plain: SimpleNamespace, machinery: SimpleNamespace, batch_size: int,
     # The actor's part is the round trip less the controller work it also does (measured
     # in-process just before).
     per_round = {
-        "readout": m["readout"], "probe": m["probe"], "all_reduce": m["all_reduce"],
+        "readout": m["readout"],
+        "probe": m["probe"],
+        "all_reduce": m["all_reduce"],
         "controller": m["controller"],
         "actor_round_trip": [a - c for a, c in zip(m["actor_round_trip"], m["controller"])],
     }
@@ -236,23 +264,45 @@ def _rows(plain: SimpleNamespace, machinery: SimpleNamespace, batch_size: int,
     # the readout as the epoch clock sees it: the two epochs' difference (noisier)
     per_round["epoch_difference"] = [a - b for a, b in zip(m["epoch"], base)]
     base_med = statistics.median(base)
-    common = {"epoch_ms": 1e3 * base_med, "steps": plain.steps, "batch_size": batch_size,
-              "rounds": opts.rounds, "device": opts.device.type}
-    rows = [{"part": "epoch", "ms": 1e3 * base_med, "epoch_frac": 1.0,
-             "epoch_frac_spread": spread([1.0] * len(base)), **common}]
+    common = {
+        "epoch_ms": 1e3 * base_med,
+        "steps": plain.steps,
+        "batch_size": batch_size,
+        "rounds": opts.rounds,
+        "device": opts.device.type,
+    }
+    rows = [
+        {
+            "part": "epoch",
+            "ms": 1e3 * base_med,
+            "epoch_frac": 1.0,
+            "epoch_frac_spread": spread([1.0] * len(base)),
+            **common,
+        }
+    ]
     for part, values in per_round.items():
         fracs = [v / b for v, b in zip(values, base)]
-        rows.append({"part": part, "ms": 1e3 * statistics.median(values),
-                     "epoch_frac": quartiles(fracs)[1], "epoch_frac_spread": spread(fracs),
-                     **common})
+        rows.append(
+            {
+                "part": part,
+                "ms": 1e3 * statistics.median(values),
+                "epoch_frac": quartiles(fracs)[1],
+                "epoch_frac_spread": spread(fracs),
+                **common,
+            }
+        )
     total = rows[-2]
     total.update(target=TARGET, meets_target=total["epoch_frac"] <= TARGET)
     return rows
 
 
 def render(rows: list[dict]) -> str:
-    return table(rows, [
-        ("part", "part", str), ("ms", "ms", lambda v: f"{v:.2f}"),
-        ("epoch_frac", "of epoch", pct),
-        ("epoch_frac_spread", "min..max", lambda s: f"[{s['min']:.1%}, {s['max']:.1%}]"),
-    ])
+    return table(
+        rows,
+        [
+            ("part", "part", str),
+            ("ms", "ms", lambda v: f"{v:.2f}"),
+            ("epoch_frac", "of epoch", pct),
+            ("epoch_frac_spread", "min..max", lambda s: f"[{s['min']:.1%}, {s['max']:.1%}]"),
+        ],
+    )

@@ -51,14 +51,15 @@ TARGET = 1.10
 # variant -> train.num_workers; local_no_ray runs with this suite's Ray shut down
 VARIANTS = {"ray": 1, "local": 0, "local_no_ray": 0}
 TIMINGS_FILE = "bench_timings.jsonl"
-PHASES = ("train", "head_stats", "heads", "evaluate", "evaluator", "log", "ckpt_save",
-          "persist", "report")
+PHASES = ("train", "head_stats", "heads", "evaluate", "evaluator", "log", "ckpt_save", "persist", "report")
 
 
 # --- inside the training loop ----------------------------------------------------------------
 
+
 class _Recorder:
-    """Rank 0's per-epoch phase times, one JSON line per epoch in the run directory."""
+    """Rank 0's per-epoch phase times, one JSON line per epoch in the run directory; its
+    wrappers (:meth:`timer`, :meth:`begins_epoch`, :meth:`ends_epoch`) time the loop's calls."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.epoch, self.phases, self.start = path, None, {}, 0.0
@@ -79,15 +80,59 @@ class _Recorder:
         except AttributeError:  # macOS, Windows
             cpus = os.cpu_count() or 1
         now = time.perf_counter()  # CLOCK_MONOTONIC on Linux: comparable across processes
-        line = {"epoch": self.epoch, "epoch_s": now - self.start, "t0": self.start, "t1": now,
-                "phases": self.phases, "torch_threads": torch.get_num_threads(),
-                "interop_threads": torch.get_num_interop_threads(),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": cpus,
-                "python_threads": threading.active_count(), "os_threads": _os_threads(),
-                "pid": os.getpid()}
+        line = {
+            "epoch": self.epoch,
+            "epoch_s": now - self.start,
+            "t0": self.start,
+            "t1": now,
+            "phases": self.phases,
+            "torch_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpus": cpus,
+            "python_threads": threading.active_count(),
+            "os_threads": _os_threads(),
+            "pid": os.getpid(),
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
         self.epoch = None
+
+    def timer(self, phase: str) -> Callable[[Callable], Callable]:
+        """A wrapper that adds each call's time to ``phase``."""
+
+        def wrap(fn: Callable) -> Callable:
+            def timed_call(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.add(phase, time.perf_counter() - t0)
+
+            return timed_call
+
+        return wrap
+
+    def begins_epoch(self, fn: Callable) -> Callable:
+        """``fn(seed, epoch, rank)`` (the loop's per-epoch seeding) that first begins ``epoch``."""
+
+        def call(seed, epoch, rank):
+            self.begin(epoch)
+            return fn(seed, epoch, rank)
+
+        return call
+
+    def ends_epoch(self, fn: Callable) -> Callable:
+        """``fn`` (the epoch's report) timed as ``report``, then the epoch's line written."""
+        timed = self.timer("report")(fn)
+
+        def call(*args, **kwargs):
+            try:
+                return timed(*args, **kwargs)
+            finally:
+                self.end()
+
+        return call
 
 
 def _os_threads() -> int | None:
@@ -127,42 +172,20 @@ def timed_train_fn(loop_config: dict[str, Any]) -> None:
     rank0 = ray.train.get_context().get_world_rank() == 0
     rec = _Recorder(Path(loop_config["config"]["train"]["output"]) / TIMINGS_FILE)
 
-    def timer(phase: str) -> Callable[[Callable], Callable]:
-        def wrap(fn: Callable) -> Callable:
-            def timed_call(*args, **kwargs):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    rec.add(phase, time.perf_counter() - t0)
-            return timed_call
-        return wrap
-
-    def begins_epoch(fn: Callable) -> Callable:
-        def call(seed, epoch, rank):
-            rec.begin(epoch)
-            return fn(seed, epoch, rank)
-        return call
-
-    def ends_epoch(fn: Callable) -> Callable:
-        timed = timer("report")(fn)
-
-        def call(*args, **kwargs):
-            try:
-                return timed(*args, **kwargs)
-            finally:
-                rec.end()
-        return call
-
     # the loop's module globals (train_epoch's calls) and the classes whose methods it calls
-    patches = [(T, "seed_everything", begins_epoch), (T, "train_one_epoch", timer("train")),
-               (T, "head_statistics", timer("head_stats")), (T, "evaluate", timer("evaluate")),
-               (actor.HeadsClient, "update", timer("heads")),
-               (T, "share_decision", timer("heads")),
-               (outputs.RunLogger, "log_epoch", timer("log")), (torch, "save", timer("ckpt_save")),
-               (checkpoints.LocalCheckpoints, "save", timer("persist")),
-               (evaluate_module.EpochEvaluator, "__call__", timer("evaluator")),
-               (ray.train, "report", ends_epoch)]
+    patches = [
+        (T, "seed_everything", rec.begins_epoch),
+        (T, "train_one_epoch", rec.timer("train")),
+        (T, "head_statistics", rec.timer("head_stats")),
+        (T, "evaluate", rec.timer("evaluate")),
+        (actor.HeadsClient, "update", rec.timer("heads")),
+        (T, "share_decision", rec.timer("heads")),
+        (outputs.RunLogger, "log_epoch", rec.timer("log")),
+        (torch, "save", rec.timer("ckpt_save")),
+        (checkpoints.LocalCheckpoints, "save", rec.timer("persist")),
+        (evaluate_module.EpochEvaluator, "__call__", rec.timer("evaluator")),
+        (ray.train, "report", rec.ends_epoch),
+    ]
     if not rank0:
         patches = []
     with _patched(patches):
@@ -171,11 +194,13 @@ def timed_train_fn(loop_config: dict[str, Any]) -> None:
 
 # --- the driver --------------------------------------------------------------------------------
 
+
 def _is_ray(cmd: str) -> bool:
     """A process of Ray's (any Ray on the machine): raylet, GCS, dashboard, log monitor, the
     actors and workers (``ray::...``)."""
-    return cmd.startswith(("ray::", "ray-dashboard")) or "/site-packages/ray/" in cmd \
-        or "/ray/core/src/" in cmd
+    return (
+        cmd.startswith(("ray::", "ray-dashboard")) or "/site-packages/ray/" in cmd or "/ray/core/src/" in cmd
+    )
 
 
 class _CpuSampler:
@@ -215,7 +240,7 @@ class _CpuSampler:
                         cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:  # ended meanwhile
                     continue
-                fields = stat[stat.rindex(")") + 2:].split()
+                fields = stat[stat.rindex(")") + 2 :].split()
                 procs[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
             self.samples.append((now, procs))
             if self._stop.wait(self.INTERVAL_S):
@@ -239,16 +264,19 @@ class _CpuSampler:
 def _one_run(cfg: Config, workers: int, output: str) -> SimpleNamespace:
     from .. import train as T
 
-    cfg = replace(cfg, train=replace(cfg.train, num_workers=workers, output=output,
-                                     max_failures=0))
+    cfg = replace(cfg, train=replace(cfg.train, num_workers=workers, output=output, max_failures=0))
     t0 = time.perf_counter()
-    with training_output(), _CpuSampler() as cpu, \
-            _patched([(T, "train_fn_per_worker", lambda _: timed_train_fn)]):
+    with (
+        training_output(),
+        _CpuSampler() as cpu,
+        _patched([(T, "train_fn_per_worker", lambda _: timed_train_fn)]),
+    ):
         result = T.run(cfg, verbose=False)
     wall = time.perf_counter() - t0
     if result.error is not None or "error" in (result.metrics or {}):
-        raise RuntimeError(f"the {'Ray' if workers else 'local'} run failed: "
-                           f"{result.error or result.metrics['error']}")
+        raise RuntimeError(
+            f"the {'Ray' if workers else 'local'} run failed: {result.error or result.metrics['error']}"
+        )
     lines = [json.loads(x) for x in (Path(output) / TIMINGS_FILE).read_text().splitlines()]
     steady = _steady(lines)
     cores = cpu.cores(steady[0]["t0"], steady[-1]["t1"], lines[-1]["pid"])
@@ -290,8 +318,11 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
             shutil.rmtree(root, ignore_errors=True)
     rows = [_row(v, runs, opts) for v in names]
     ray_row = rows[0]
-    ray_row.update(target=TARGET, meets_target=ray_row["ratio"] <= TARGET and (
-        ray_row["ratio_no_ray"] is None or ray_row["ratio_no_ray"] <= TARGET))
+    ray_row.update(
+        target=TARGET,
+        meets_target=ray_row["ratio"] <= TARGET
+        and (ray_row["ratio_no_ray"] is None or ray_row["ratio_no_ray"] <= TARGET),
+    )
     return rows
 
 
@@ -299,12 +330,14 @@ def _bench_config(cfg: Config, opts: SimpleNamespace) -> Config:
     """The suite's config: the GPU with --gpu, its epochs and batch size."""
     if opts.device.type == "cuda":
         cfg = replace(cfg, train=replace(cfg.train, gpu=True))
-    return replace(cfg, train=replace(cfg.train, epochs=opts.epochs,
-                                      batch_size=opts.batch_size or cfg.train.batch_size))
+    return replace(
+        cfg, train=replace(cfg.train, epochs=opts.epochs, batch_size=opts.batch_size or cfg.train.batch_size)
+    )
 
 
-def _rounds(cfg: Config, opts: SimpleNamespace, root: str, names: list[str],
-            owned: bool) -> dict[str, list[SimpleNamespace]]:
+def _rounds(
+    cfg: Config, opts: SimpleNamespace, root: str, names: list[str], owned: bool
+) -> dict[str, list[SimpleNamespace]]:
     """Every round's runs, per variant; ``owned``: this suite starts (and stops) Ray, and
     shuts it down for ``local_no_ray``."""
     import ray
@@ -315,8 +348,7 @@ def _rounds(cfg: Config, opts: SimpleNamespace, root: str, names: list[str],
         out = os.path.join(root, f"round{r}-{v}")
         runs[v].append(_one_run(cfg, VARIANTS[v], out))
         epoch = _per_round(runs[v][-1:], _epoch_s)[0]
-        progress(f"round {r + 1}/{opts.rounds}: {v} epoch {epoch:.3f}s "
-                 f"(run {runs[v][-1].wall_s:.1f}s)")
+        progress(f"round {r + 1}/{opts.rounds}: {v} epoch {epoch:.3f}s (run {runs[v][-1].wall_s:.1f}s)")
 
     try:
         if owned:
@@ -344,6 +376,7 @@ def _train_s(e: dict) -> float:
 
 def _row(v: str, runs: dict[str, list[SimpleNamespace]], opts: SimpleNamespace) -> dict:
     """Variant ``v``'s row: medians over its rounds, ratios to the local variants."""
+
     def ratios(base: str, key: Callable[[dict], float]):
         if base not in runs:
             return None, None
@@ -357,28 +390,42 @@ def _row(v: str, runs: dict[str, list[SimpleNamespace]], opts: SimpleNamespace) 
     last = runs[v][-1].epochs[-1]
     startup = [run.wall_s - sum(e["epoch_s"] for e in run.epochs) for run in runs[v]]
     return {
-        "variant": v, "num_workers": VARIANTS[v], "ray_running": v != "local_no_ray",
-        "epoch_s": statistics.median(epoch), "epoch_spread": spread(epoch),
+        "variant": v,
+        "num_workers": VARIANTS[v],
+        "ray_running": v != "local_no_ray",
+        "epoch_s": statistics.median(epoch),
+        "epoch_spread": spread(epoch),
         "train_s": statistics.median(train),
         "rest_s": statistics.median(epoch) - statistics.median(train),
-        "ratio": ratio, "ratio_spread": ratio_spread,
-        "train_ratio": train_ratio, "train_ratio_spread": train_spread,
-        "ratio_no_ray": ratio_no_ray, "ratio_no_ray_spread": no_ray_spread,
+        "ratio": ratio,
+        "ratio_spread": ratio_spread,
+        "train_ratio": train_ratio,
+        "train_ratio_spread": train_spread,
+        "ratio_no_ray": ratio_no_ray,
+        "ratio_no_ray_spread": no_ray_spread,
         "train_ratio_no_ray": train_no_ray,
-        "phases_s": _phases(runs[v]), "run_wall_s": statistics.median(run.wall_s for run in runs[v]),
+        "phases_s": _phases(runs[v]),
+        "run_wall_s": statistics.median(run.wall_s for run in runs[v]),
         "startup_s": statistics.median(startup),
-        "torch_threads": last["torch_threads"], "interop_threads": last["interop_threads"],
-        "omp_num_threads": last["omp_num_threads"], "cpus": last["cpus"],
-        "python_threads": last["python_threads"], "os_threads": last["os_threads"],
+        "torch_threads": last["torch_threads"],
+        "interop_threads": last["interop_threads"],
+        "omp_num_threads": last["omp_num_threads"],
+        "cpus": last["cpus"],
+        "python_threads": last["python_threads"],
+        "os_threads": last["os_threads"],
         "cores_used": _cores(runs[v]),
-        "epochs": opts.epochs, "rounds": opts.rounds,
+        "epochs": opts.epochs,
+        "rounds": opts.rounds,
     }
 
 
 def _phases(runs: list[SimpleNamespace]) -> dict[str, float]:
     """Median seconds per epoch of every phase the runs timed, and of the rest (``other``)."""
-    phases = {p: statistics.median(_per_round(runs, lambda e, p=p: e["phases"].get(p, 0.0)))
-              for p in PHASES if any(p in e["phases"] for run in runs for e in run.epochs)}
+    phases = {
+        p: statistics.median(_per_round(runs, lambda e, p=p: e["phases"].get(p, 0.0)))
+        for p in PHASES
+        if any(p in e["phases"] for run in runs for e in run.epochs)
+    }
     phases["other"] = statistics.median(_per_round(runs, _other))
     return phases
 
@@ -393,20 +440,32 @@ def render(rows: list[dict]) -> str:
     def x(v: float) -> str:
         return f"{v:.3f}"
 
-    main = table(rows, [
-        ("variant", "variant", str), ("epoch_s", "epoch s", x), ("ratio", "x local", x),
-        ("ratio_spread", "min..max", lambda s: f"[{s['min']:.3f}, {s['max']:.3f}]"),
-        ("ratio_no_ray", "x no Ray", x), ("train_s", "train s", x),
-        ("train_ratio", "x local", x), ("train_ratio_no_ray", "x no Ray", x),
-        ("rest_s", "rest s", x), ("torch_threads", "threads", str),
-        ("cores_used", "cores: train/Ray/other",
-         lambda c: f"{c['worker']:.2f}/{c['ray']:.2f}/{c['other']:.2f}"),
-        ("omp_num_threads", "OMP", str), ("startup_s", "startup s", lambda v: f"{v:.1f}"),
-    ])
-    phases = sorted({p for r in rows for p in r["phases_s"]},
-                    key=lambda p: (PHASES + ("other",)).index(p))
-    breakdown = table([{"phase": p, **{r["variant"]: r["phases_s"].get(p) for r in rows}}
-                       for p in phases],
-                      [("phase", "phase (median s/epoch)", str)]
-                      + [(r["variant"], r["variant"], lambda v: f"{v:.4f}") for r in rows])
+    main = table(
+        rows,
+        [
+            ("variant", "variant", str),
+            ("epoch_s", "epoch s", x),
+            ("ratio", "x local", x),
+            ("ratio_spread", "min..max", lambda s: f"[{s['min']:.3f}, {s['max']:.3f}]"),
+            ("ratio_no_ray", "x no Ray", x),
+            ("train_s", "train s", x),
+            ("train_ratio", "x local", x),
+            ("train_ratio_no_ray", "x no Ray", x),
+            ("rest_s", "rest s", x),
+            ("torch_threads", "threads", str),
+            (
+                "cores_used",
+                "cores: train/Ray/other",
+                lambda c: f"{c['worker']:.2f}/{c['ray']:.2f}/{c['other']:.2f}",
+            ),
+            ("omp_num_threads", "OMP", str),
+            ("startup_s", "startup s", lambda v: f"{v:.1f}"),
+        ],
+    )
+    phases = sorted({p for r in rows for p in r["phases_s"]}, key=lambda p: (PHASES + ("other",)).index(p))
+    breakdown = table(
+        [{"phase": p, **{r["variant"]: r["phases_s"].get(p) for r in rows}} for p in phases],
+        [("phase", "phase (median s/epoch)", str)]
+        + [(r["variant"], r["variant"], lambda v: f"{v:.4f}") for r in rows],
+    )
     return main + "\n\n" + breakdown

@@ -4,5 +4,14 @@ temperature factors and freeze decisions, and (``actor.py``, the only Ray import
 from .controller import HeadController, HeadDecision, controller_args
 from .diagnostics import drift_w1, drift_w1_heads, grid_cost, kappa, kappa_heads, patch_coords
 
-__all__ = ["HeadController", "HeadDecision", "controller_args", "drift_w1", "drift_w1_heads", "grid_cost", "kappa",
-           "kappa_heads", "patch_coords"]
+__all__ = [
+    "HeadController",
+    "HeadDecision",
+    "controller_args",
+    "drift_w1",
+    "drift_w1_heads",
+    "grid_cost",
+    "kappa",
+    "kappa_heads",
+    "patch_coords",
+]

@@ -77,9 +77,9 @@ def create_actor(name: str, storage: str, run_name: str, *controller_args: Any):
         ray.kill(ray.get_actor(name, namespace=NAMESPACE))
     except ValueError:
         pass
-    return HeadConvergenceActor.options(name=name, namespace=NAMESPACE,
-                                        scheduling_strategy=on_this_node()).remote(
-        storage, run_name, *controller_args)
+    return HeadConvergenceActor.options(
+        name=name, namespace=NAMESPACE, scheduling_strategy=on_this_node()
+    ).remote(storage, run_name, *controller_args)
 
 
 def get_actor(name: str):

@@ -107,8 +107,16 @@ class HeadController:
     contiguous: ``update(t)`` needs epoch t - 1 recorded, unless the history is empty.
     """
 
-    def __init__(self, num_layers: int, num_heads: int, grid: int, temperature: TemperatureConfig,
-                 freeze: FreezeConfig, min_epoch: int, replay_window: int = 8) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        grid: int,
+        temperature: TemperatureConfig,
+        freeze: FreezeConfig,
+        min_epoch: int,
+        replay_window: int = 8,
+    ) -> None:
         if replay_window < 1:
             raise ValueError(f"replay_window must be >= 1, got {replay_window}")
         self.num_layers, self.num_heads, self.grid = num_layers, num_heads, grid
@@ -143,16 +151,20 @@ class HeadController:
         if history and prev is None:
             raise ValueError(f"epoch {epoch} does not follow the last recorded epoch {max(history)}")
         if prev is not None and epoch - 1 not in self._cls:
-            raise ValueError(f"cannot replay epoch {epoch}: it lies outside the replay window of "
-                             f"{self.replay_window} epochs; load the state saved after epoch "
-                             f"{epoch - 1} first")
+            raise ValueError(
+                f"cannot replay epoch {epoch}: it lies outside the replay window of "
+                f"{self.replay_window} epochs; load the state saved after epoch "
+                f"{epoch - 1} first"
+            )
         L, H = self.num_layers, self.num_heads
-        drift = (drift_w1_heads(self._cls[epoch - 1], cls, self.grid) if prev is not None
-                 else np.full((L, H), np.nan))
+        drift = (
+            drift_w1_heads(self._cls[epoch - 1], cls, self.grid)
+            if prev is not None
+            else np.full((L, H), np.nan)
+        )
 
         frozen = [list(r) for r in prev.frozen] if prev else [[False] * H for _ in range(L)]
-        frozen_epoch = ([list(r) for r in prev.frozen_epoch] if prev
-                        else [[None] * H for _ in range(L)])
+        frozen_epoch = [list(r) for r in prev.frozen_epoch] if prev else [[None] * H for _ in range(L)]
         newly = self._to_freeze(epoch, history, frozen, drift, kap) if self.freeze.enabled else []
         for l, h in newly:
             frozen[l][h], frozen_epoch[l][h] = True, epoch
@@ -166,8 +178,15 @@ class HeadController:
                         tau[l][h] = in_use[l][h]  # the factor it used when it froze
                     elif not math.isnan(drift[l, h]):
                         tau[l][h] = 1.0 / (1.0 + self.temperature.alpha * float(drift[l, h]))
-        dec = HeadDecision(epoch=epoch, tau_factor=tau, frozen=frozen, frozen_epoch=frozen_epoch,
-                           drift=drift.tolist(), kappa=kap.tolist(), newly_frozen=newly)
+        dec = HeadDecision(
+            epoch=epoch,
+            tau_factor=tau,
+            frozen=frozen,
+            frozen_epoch=frozen_epoch,
+            drift=drift.tolist(),
+            kappa=kap.tolist(),
+            newly_frozen=newly,
+        )
 
         self._decisions = {**history, epoch: dec}
         self._cls = {e: v for e, v in self._cls.items() if epoch - self.replay_window <= e < epoch}
@@ -176,7 +195,7 @@ class HeadController:
 
     def _check_cls(self, cls_attn: np.ndarray) -> np.ndarray:
         """(L, H, N) attention -> per-head distributions over the N patches."""
-        shape = (self.num_layers, self.num_heads, self.grid ** 2)
+        shape = (self.num_layers, self.num_heads, self.grid**2)
         cls = np.clip(np.asarray(cls_attn, dtype=np.float64), 0.0, None)
         if cls.shape != shape:
             raise ValueError(f"cls_attn has shape {cls.shape}, expected {shape}")
@@ -189,15 +208,21 @@ class HeadController:
         """(L, H, N, N) attention -> (L, H) kappa, or -1 everywhere without it."""
         if patch_attn is None:
             return np.full((self.num_layers, self.num_heads), -1, dtype=np.int64)
-        n = self.grid ** 2
+        n = self.grid**2
         shape = (self.num_layers, self.num_heads, n, n)
         patch = np.asarray(patch_attn, dtype=np.float64)
         if patch.shape != shape:
             raise ValueError(f"patch_attn has shape {patch.shape}, expected {shape}")
         return kappa_heads(patch, self.freeze.kappa_top_k)
 
-    def _to_freeze(self, epoch: int, history: dict[int, HeadDecision], frozen: list[list[bool]],
-                   drift: np.ndarray, kap: np.ndarray) -> list[tuple[int, int]]:
+    def _to_freeze(
+        self,
+        epoch: int,
+        history: dict[int, HeadDecision],
+        frozen: list[list[bool]],
+        drift: np.ndarray,
+        kap: np.ndarray,
+    ) -> list[tuple[int, int]]:
         """Heads that newly satisfy the freeze rule at ``epoch``, within the per-layer cap."""
         fz = self.freeze
         if epoch < self.min_epoch:
@@ -208,8 +233,7 @@ class HeadController:
             past = range(epoch - length + 1, epoch)
             if any(e not in history for e in past):
                 return None
-            return np.array([getattr(history[e], key) for e in past] + [now.tolist()],
-                            dtype=np.float64)
+            return np.array([getattr(history[e], key) for e in past] + [now.tolist()], dtype=np.float64)
 
         drifts = window(fz.patience, drift, "drift")
         kappas = window(fz.kappa_window, kap, "kappa")
@@ -221,8 +245,11 @@ class HeadController:
         cap = math.floor(fz.max_frozen_frac * self.num_heads)
         newly: list[tuple[int, int]] = []
         for l in range(self.num_layers):
-            candidates = sorted((float(mean_drift[l, h]), h) for h in range(self.num_heads)
-                                if not frozen[l][h] and converged[l, h] and stable[l, h])
+            candidates = sorted(
+                (float(mean_drift[l, h]), h)
+                for h in range(self.num_heads)
+                if not frozen[l][h] and converged[l, h] and stable[l, h]
+            )
             room = max(cap - sum(frozen[l]), 0)
             newly += [(l, h) for h in sorted(h for _, h in candidates[:room])]
         return newly
@@ -233,7 +260,9 @@ class HeadController:
         frozen set, freeze epochs) and the CLS distributions of the replay window."""
         return {
             "version": STATE_VERSION,
-            "num_layers": self.num_layers, "num_heads": self.num_heads, "grid": self.grid,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "grid": self.grid,
             "decisions": [self._decisions[e].to_dict() for e in sorted(self._decisions)],
             "cls": {str(e): self._cls[e].tolist() for e in sorted(self._cls)},
         }
@@ -243,24 +272,32 @@ class HeadController:
         shape = (self.num_layers, self.num_heads, self.grid)
         saved = tuple(state.get(k, v) for k, v in zip(("num_layers", "num_heads", "grid"), shape))
         if saved != shape:
-            raise ValueError(f"head state for (layers, heads, grid) = {saved} cannot load into a "
-                             f"controller for {shape}")
+            raise ValueError(
+                f"head state for (layers, heads, grid) = {saved} cannot load into a controller for {shape}"
+            )
         decisions = {int(d["epoch"]): HeadDecision.from_dict(d) for d in state["decisions"]}
         if decisions and sorted(decisions) != list(range(min(decisions), max(decisions) + 1)):
             raise ValueError("head state has non-contiguous epochs")
         cls = {int(e): np.array(v, dtype=np.float64) for e, v in state["cls"].items()}
-        n = self.grid ** 2
+        n = self.grid**2
         if any(v.shape != (self.num_layers, self.num_heads, n) for v in cls.values()):
             raise ValueError("head state holds CLS attention of the wrong shape")
         last = max(decisions) if decisions else None
         self._decisions = decisions
-        self._cls = {e: v for e, v in cls.items()
-                     if last is not None and last - self.replay_window <= e <= last}
+        self._cls = {
+            e: v for e, v in cls.items() if last is not None and last - self.replay_window <= e <= last
+        }
 
 
 def controller_args(cfg: Config) -> tuple:
     """``HeadController(*controller_args(cfg))``: (layers, heads, patch grid, temperature,
     freeze, min_epoch), with ``freeze.min_epoch`` -1 resolved to the end of the KL warm-up."""
     min_epoch = cfg.freeze.min_epoch if cfg.freeze.min_epoch >= 0 else cfg.loss.kl_warmup_epochs
-    return (cfg.model.depth, cfg.model.num_heads, cfg.data.image_size // cfg.model.patch_size,
-            cfg.temperature, cfg.freeze, min_epoch)
+    return (
+        cfg.model.depth,
+        cfg.model.num_heads,
+        cfg.data.image_size // cfg.model.patch_size,
+        cfg.temperature,
+        cfg.freeze,
+        min_epoch,
+    )

@@ -65,8 +65,9 @@ def drift_w1_heads(prev: np.ndarray, cur: np.ndarray, grid: int) -> np.ndarray:
         raise ValueError(f"expected two (L, H, N) arrays, got {prev.shape} and {cur.shape}")
     cost = grid_cost(grid)
     L, H = cur.shape[:2]
-    return np.array([[drift_w1(prev[l, h], cur[l, h], cost) for h in range(H)] for l in range(L)],
-                    dtype=np.float64).reshape(L, H)
+    return np.array(
+        [[drift_w1(prev[l, h], cur[l, h], cost) for h in range(H)] for l in range(L)], dtype=np.float64
+    ).reshape(L, H)
 
 
 def kappa(attn: np.ndarray, top_k: int) -> int:
@@ -89,5 +90,6 @@ def kappa_heads(attn: np.ndarray, top_k: int) -> np.ndarray:
     if attn.ndim != 4:
         raise ValueError(f"expected an (L, H, N, N) array, got {attn.shape}")
     L, H = attn.shape[:2]
-    return np.array([[kappa(attn[l, h], top_k) for h in range(H)] for l in range(L)],
-                    dtype=np.int64).reshape(L, H)
+    return np.array([[kappa(attn[l, h], top_k) for h in range(H)] for l in range(L)], dtype=np.int64).reshape(
+        L, H
+    )

@@ -7,6 +7,11 @@ from .datasets import DATASETS, DataError, TensorImageDataset, build_datasets, r
 from .files import ImageFolderDataset, ParquetImageDataset  # registers imagefolder, parquet
 
 __all__ = [
-    "DATASETS", "DataError", "ImageFolderDataset", "ParquetImageDataset", "TensorImageDataset",
-    "build_datasets", "register",
+    "DATASETS",
+    "DataError",
+    "ImageFolderDataset",
+    "ParquetImageDataset",
+    "TensorImageDataset",
+    "build_datasets",
+    "register",
 ]

@@ -66,8 +66,9 @@ def _check_first_item(name: str, split: str, ds: Dataset, channels: int, size: i
     image, label = ds[0]
     want = (channels, size, size)
     if not isinstance(image, torch.Tensor) or image.dtype != torch.float32 or tuple(image.shape) != want:
-        got = (f"{tuple(image.shape)} {image.dtype}" if isinstance(image, torch.Tensor)
-               else type(image).__name__)
+        got = (
+            f"{tuple(image.shape)} {image.dtype}" if isinstance(image, torch.Tensor) else type(image).__name__
+        )
         raise DataError(
             f"dataset {name!r}: {split} images are {got}, expected float32 {want}; check data.image_size"
         )
@@ -131,8 +132,9 @@ def _digits(cfg: DataConfig) -> DatasetTriple:
     images = torch.from_numpy(bunch.images).to(torch.float32).div_(16.0).unsqueeze(1)
     size = cfg.image_size
     if images.shape[-1] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                               antialias=True)
+        images = F.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     images = images.clamp_(0.0, 1.0)
     channels = cfg.channels or 1
     if channels == 3:
@@ -168,8 +170,10 @@ def require_root(cfg: DataConfig, what: str, download_hint: bool = False) -> str
 def _torchvision_root(cfg: DataConfig) -> str:
     root = os.path.expanduser(require_root(cfg, "DIR", download_hint=True))
     if not os.path.exists(root) and not cfg.download:
-        raise DataError(f"dataset {cfg.dataset!r}: root {root!r} not found; "
-                        "pass --data-root DIR (and --download to fetch it)")
+        raise DataError(
+            f"dataset {cfg.dataset!r}: root {root!r} not found; "
+            "pass --data-root DIR (and --download to fetch it)"
+        )
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f"dataset {cfg.dataset!r}: root {root!r} is not a folder; pass --data-root DIR")
     return root

@@ -109,15 +109,19 @@ def _is_image(path: str) -> bool:
 def _class_folders(folder: str) -> list[str]:
     """The class folders torchvision's ``ImageFolder`` sees (symlinks followed), less hidden ones."""
     if not os.path.isdir(folder):
-        raise DataError(f"dataset 'imagefolder': folder {folder!r} not found; "
-                        "pass --data-root DIR (one sub-folder per class)")
+        raise DataError(
+            f"dataset 'imagefolder': folder {folder!r} not found; "
+            "pass --data-root DIR (one sub-folder per class)"
+        )
     try:
         classes = [c for c in find_classes(folder)[0] if not c.startswith(".")]
     except FileNotFoundError:  # no sub-folder at all
         classes = []
     if not classes:
-        raise DataError(f"dataset 'imagefolder': no class folders in {folder!r}; "
-                        "expected one sub-folder of images per class")
+        raise DataError(
+            f"dataset 'imagefolder': no class folders in {folder!r}; "
+            "expected one sub-folder of images per class"
+        )
     return classes
 
 
@@ -127,16 +131,20 @@ def _scan(folder: str, class_to_idx: dict[str, int]) -> tuple[list[str], list[in
     names = _class_folders(folder)
     unknown = [n for n in names if n not in class_to_idx]
     if unknown:
-        raise DataError(f"dataset 'imagefolder': class folder {os.path.join(folder, unknown[0])!r} "
-                        "has no matching train class; val/ must use the train class names")
+        raise DataError(
+            f"dataset 'imagefolder': class folder {os.path.join(folder, unknown[0])!r} "
+            "has no matching train class; val/ must use the train class names"
+        )
     index = {n: class_to_idx[n] for n in names}
     found = make_dataset(folder, index, is_valid_file=_is_image, allow_empty=True)
     paths, labels = [path for path, _ in found], [label for _, label in found]
     present = set(labels)
     empty = [n for n in names if index[n] not in present]
     if empty:
-        raise DataError(f"dataset 'imagefolder': class folder {os.path.join(folder, empty[0])!r} "
-                        f"holds no images ({', '.join(IMG_EXTENSIONS)}); add images or remove it")
+        raise DataError(
+            f"dataset 'imagefolder': class folder {os.path.join(folder, empty[0])!r} "
+            f"holds no images ({', '.join(IMG_EXTENSIONS)}); add images or remove it"
+        )
     return paths, labels
 
 
@@ -153,8 +161,9 @@ def _imagefolder(cfg: DataConfig) -> DatasetTriple:
     else:
         classes = _class_folders(root)
         paths, labels = _scan(root, {c: i for i, c in enumerate(classes)})
-        tr, va = split_indices(len(paths), cfg.val_fraction, cfg.split_seed,
-                               f"dataset 'imagefolder' {root!r}")
+        tr, va = split_indices(
+            len(paths), cfg.val_fraction, cfg.split_seed, f"dataset 'imagefolder' {root!r}"
+        )
         train = ImageFolderDataset([paths[i] for i in tr], [labels[i] for i in tr], classes, size)
         val = ImageFolderDataset([paths[i] for i in va], [labels[i] for i in va], classes, size)
     return _finish(cfg, train, val)
@@ -202,15 +211,20 @@ def _read_table(fs: pafs.FileSystem, path: str, shown: str, limit: int | None = 
         raise DataError(f"dataset 'parquet': no Parquet files in {shown!r}")
     for col, ok in (("image", _is_binary), ("label", pa.types.is_integer)):
         if col not in schema.names:
-            raise DataError(f"dataset 'parquet': {shown!r} has no column {col!r} "
-                            f"(columns: {', '.join(schema.names)}); {hint}")
+            raise DataError(
+                f"dataset 'parquet': {shown!r} has no column {col!r} "
+                f"(columns: {', '.join(schema.names)}); {hint}"
+            )
         if not ok(schema.field(col).type):
             raise DataError(
                 f"dataset 'parquet': column {col!r} of {shown!r} has type {schema.field(col).type}; {hint}"
             )
     try:
-        table = (dset.to_table(columns=["image", "label"]) if limit is None
-                 else dset.head(limit, columns=["image", "label"]))
+        table = (
+            dset.to_table(columns=["image", "label"])
+            if limit is None
+            else dset.head(limit, columns=["image", "label"])
+        )
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"dataset 'parquet': cannot read {shown!r} ({first_line(err)})") from None
     if table.column("label").null_count:
@@ -240,13 +254,17 @@ def parquet_splits(cfg: DataConfig) -> tuple[pafs.FileSystem, str, str] | None:
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"dataset 'parquet': cannot access {shown!r} ({first_line(err)})") from None
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"dataset 'parquet': {shown!r} not found; pass --data-root PATH_OR_URI of a "
-                        "Parquet file or folder (write one with python -m vitcae_ray.data.to_parquet)")
+        raise DataError(
+            f"dataset 'parquet': {shown!r} not found; pass --data-root PATH_OR_URI of a "
+            "Parquet file or folder (write one with python -m vitcae_ray.data.to_parquet)"
+        )
     if info.type != pafs.FileType.Directory:
         return None
     if fs.get_file_info(filesystem.join(path, INCOMPLETE_MARKER)).type != pafs.FileType.NotFound:
-        raise DataError(f"dataset 'parquet': {shown!r} is an unfinished to_parquet output; "
-                        "rerun to_parquet with --overwrite")
+        raise DataError(
+            f"dataset 'parquet': {shown!r} is an unfinished to_parquet output; "
+            "rerun to_parquet with --overwrite"
+        )
     subs = fs.get_file_info([filesystem.join(path, "train"), filesystem.join(path, "val")])
     if all(s.type == pafs.FileType.Directory for s in subs):
         return fs, path, shown
@@ -258,8 +276,10 @@ def parquet_split(cfg: DataConfig, split: str, limit: int | None = None) -> Parq
     its first ``limit`` rows; the caller sets ``mode`` (see :func:`_finish`)."""
     found = parquet_splits(cfg)
     if found is None:
-        raise DataError(f"dataset 'parquet': {cfg.root!r} has no train/ and val/ folders; "
-                        "write it with python -m vitcae_ray.data.to_parquet")
+        raise DataError(
+            f"dataset 'parquet': {cfg.root!r} has no train/ and val/ folders; "
+            "write it with python -m vitcae_ray.data.to_parquet"
+        )
     fs, path, shown = found
     where = filesystem.join(shown, split)
     table = _read_table(fs, filesystem.join(path, split), where, limit)

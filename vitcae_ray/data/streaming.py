@@ -59,8 +59,10 @@ class Decode:
                 img = Image.open(io.BytesIO(data or b""))
                 images.append((image_to_tensor(img, self.mode, self.size) * 255).round().to(torch.uint8))
             except _PIL_ERRORS as err:
-                raise DataError(f"dataset 'parquet': an image of {self.source!r} is not readable "
-                                f"({first_line(err)}); fix or remove it") from None
+                raise DataError(
+                    f"dataset 'parquet': an image of {self.source!r} is not readable "
+                    f"({first_line(err)}); fix or remove it"
+                ) from None
         return {"image": torch.stack(images).numpy(), "label": np.asarray(batch["label"], np.int64)}
 
 
@@ -72,8 +74,11 @@ def train_dataset(cfg: DataConfig, channels: int) -> tuple[Any, int]:
     ds = ray.data.read_parquet(filesystem.join(path, "train"), filesystem=fs, shuffle="files")
     ds = ds.select_columns(["image", "label"])
     rows = ds.count()  # metadata only, before the decode
-    decoded = ds.map_batches(Decode(channels, cfg.image_size, filesystem.join(shown, "train")),
-                             batch_format="numpy", batch_size=256)
+    decoded = ds.map_batches(
+        Decode(channels, cfg.image_size, filesystem.join(shown, "train")),
+        batch_format="numpy",
+        batch_size=256,
+    )
     return decoded, rows
 
 
@@ -95,8 +100,10 @@ class StreamingLoader:
 
     def __init__(self, shard, batch_size: int, steps: int, seed: int) -> None:
         if steps < 1:
-            raise DataError(f"dataset 'parquet': the train split holds fewer than batch_size "
-                            f"({batch_size}) rows per worker; lower --batch-size or --num-workers")
+            raise DataError(
+                f"dataset 'parquet': the train split holds fewer than batch_size "
+                f"({batch_size}) rows per worker; lower --batch-size or --num-workers"
+            )
         self.shard, self.batch_size, self.steps, self.seed = shard, batch_size, steps, seed
         self.epoch = 0
 
@@ -108,11 +115,13 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self.shard.iter_batches(
-            batch_size=self.batch_size, batch_format="numpy", drop_last=True,
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            drop_last=True,
             local_shuffle_buffer_size=8 * self.batch_size,
-            local_shuffle_seed=self.seed * 1_009 + self.epoch)
+            local_shuffle_seed=self.seed * 1_009 + self.epoch,
+        )
         for step, batch in enumerate(batches):
             if step == self.steps:
                 break
-            yield (torch.from_numpy(batch["image"]).float().div_(255.0),
-                   torch.from_numpy(batch["label"]))
+            yield (torch.from_numpy(batch["image"]).float().div_(255.0), torch.from_numpy(batch["label"]))

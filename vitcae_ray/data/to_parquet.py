@@ -52,18 +52,23 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vitcae_ray.data.to_parquet",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", required=True,
-                   help="registered dataset name, e.g. digits, cifar10, imagefolder")
+    p = argparse.ArgumentParser(
+        prog="python -m vitcae_ray.data.to_parquet", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--dataset", required=True, help="registered dataset name, e.g. digits, cifar10, imagefolder"
+    )
     p.add_argument("--data-root", default=None, help="dataset root folder, Parquet path or URI")
     p.add_argument("--download", action="store_true", help="let torchvision download into --data-root")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="output images are S x S (default: data.image_size)")
-    p.add_argument("--channels", type=int, default=None,
-                   help="1 or 3 to force grayscale/RGB; 0 keeps the dataset's own")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="held-out fraction when the dataset has no val split")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="output images are S x S (default: data.image_size)"
+    )
+    p.add_argument(
+        "--channels", type=int, default=None, help="1 or 3 to force grayscale/RGB; 0 keeps the dataset's own"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=None, help="held-out fraction when the dataset has no val split"
+    )
     p.add_argument("--split-seed", type=int, default=None, help="seed of that train/val split")
     p.add_argument("--out", default=None, help="output folder or URI (default: data/parquet/DATASET-SIZE)")
     p.add_argument("--shard-size", type=_positive_int, default=10_000, help="rows per Parquet file")
@@ -83,8 +88,9 @@ def _prepare_out(fs: pafs.FileSystem, path: str, out: str, overwrite: bool) -> N
     if not entries:
         return
     if not overwrite:
-        raise DataError(f"output {out!r} already exists and is not empty; "
-                        "pass --overwrite or choose another --out")
+        raise DataError(
+            f"output {out!r} already exists and is not empty; pass --overwrite or choose another --out"
+        )
     foreign = sorted({e.base_name for e in entries} - _OWN_ENTRIES)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -105,8 +111,9 @@ def _write_split(
     def flush() -> None:
         nonlocal shard, images, labels
         name = f"part-{shard:05d}.parquet"
-        table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())},
-                         schema=SCHEMA)
+        table = pa.table(
+            {"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())}, schema=SCHEMA
+        )
         pq.write_table(table, join(base, split, name), filesystem=fs)
         print(f"wrote {join(out, split, name)} ({table.num_rows} rows)", flush=True)
         shard, images, labels = shard + 1, [], []
@@ -126,9 +133,13 @@ def _write_split(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     flags = {
-        "data.dataset": args.dataset, "data.root": args.data_root, "data.download": args.download,
-        "data.image_size": args.image_size, "data.channels": args.channels,
-        "data.val_fraction": args.val_fraction, "data.split_seed": args.split_seed,
+        "data.dataset": args.dataset,
+        "data.root": args.data_root,
+        "data.download": args.download,
+        "data.image_size": args.image_size,
+        "data.channels": args.channels,
+        "data.val_fraction": args.val_fraction,
+        "data.split_seed": args.split_seed,
     }
     try:
         # Shards do not depend on the model, so patch_size 1 keeps every image size valid here.

@@ -73,7 +73,7 @@ class _ActiveRowsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             r = ctx.grad_rows
             grad_x = grad[..., :r].matmul(weight[:r])
-        g = grad.reshape(-1, grad.shape[-1])[:, :ctx.n]
+        g = grad.reshape(-1, grad.shape[-1])[:, : ctx.n]
         if ctx.needs_input_grad[3]:
             grad_w = g.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.needs_input_grad[4]:
@@ -103,7 +103,7 @@ class _ActiveInputsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad.matmul(weight_t.t())
         if ctx.needs_input_grad[3]:
-            grad_w = x.reshape(-1, x.shape[-1])[:, :ctx.n].t().mm(g)
+            grad_w = x.reshape(-1, x.shape[-1])[:, : ctx.n].t().mm(g)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, None, grad_b, grad_w
@@ -122,7 +122,7 @@ class _ScaledActiveRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (factor,) = ctx.saved_tensors
-        grad_a = (grad * factor)[:ctx.n] if ctx.needs_input_grad[2] else None
+        grad_a = (grad * factor)[: ctx.n] if ctx.needs_input_grad[2] else None
         return None, None, grad_a
 
 
@@ -151,9 +151,16 @@ class Attention(nn.Module):
         self.register_buffer("tau_factor", torch.ones(num_heads))  # scheduler's factor
         self.proj_bias = nn.Parameter(proj.bias.detach().clone())
         self._stores: dict[str, torch.Tensor] = {}
-        self._set_groups({"qkv_weight": weight, "qkv_bias": torch.zeros(3, num_heads, self.head_dim),
-                          "tau": torch.ones(num_heads), "proj_weight": proj.weight.detach()},
-                         frozen=[], out_proj=False)
+        self._set_groups(
+            {
+                "qkv_weight": weight,
+                "qkv_bias": torch.zeros(3, num_heads, self.head_dim),
+                "tau": torch.ones(num_heads),
+                "proj_weight": proj.weight.detach(),
+            },
+            frozen=[],
+            out_proj=False,
+        )
         # CLS->token readout, accumulated while ``record_cls`` is on. Plain attributes, not
         # buffers: DDP would broadcast buffers from rank 0 and overwrite each rank's sums.
         self.record_cls = False
@@ -161,8 +168,12 @@ class Attention(nn.Module):
 
     # --- head groups ---------------------------------------------------------------------
     def _rows_per_head(self, name: str) -> int:
-        return {"qkv_weight": 3 * self.head_dim, "qkv_bias": 3 * self.head_dim, "tau": 1,
-                "proj_weight": self.head_dim}[name]
+        return {
+            "qkv_weight": 3 * self.head_dim,
+            "qkv_bias": 3 * self.head_dim,
+            "tau": 1,
+            "proj_weight": self.head_dim,
+        }[name]
 
     def heads_in(self, name: str) -> list[int]:
         """The heads, in row order, that the trainable ``{name}_active`` view covers."""
@@ -219,7 +230,7 @@ class Attention(nn.Module):
         for name in GROUPED:
             a, f = getattr(self, f"{name}_active"), getattr(self, f"{name}_frozen")
             store = torch.cat([a.data, f.data])
-            a.data, f.data = store[:a.shape[0]], store[a.shape[0]:]
+            a.data, f.data = store[: a.shape[0]], store[a.shape[0] :]
             self._stores[name] = store
 
     def _apply(self, fn, recurse=True):
@@ -279,12 +290,17 @@ class Attention(nn.Module):
         destination[prefix + "proj.weight"] = self._canonical("proj_weight")
         destination[prefix + "proj.bias"] = bias
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         if prefix + "proj.bias" in state_dict:
             state_dict[prefix + "proj_bias"] = state_dict.pop(prefix + "proj.bias")
-        keys = {"qkv_weight": "qkv_weight", "qkv_bias": "qkv_bias", "tau": "tau",
-                "proj_weight": "proj.weight"}
+        keys = {
+            "qkv_weight": "qkv_weight",
+            "qkv_bias": "qkv_bias",
+            "tau": "tau",
+            "proj_weight": "proj.weight",
+        }
         for name, key in keys.items():
             full = state_dict.pop(prefix + key, None)
             if full is None:
@@ -293,8 +309,9 @@ class Attention(nn.Module):
             n = getattr(self, f"{name}_active").shape[0]
             state_dict[f"{prefix}{name}_active"] = store[:n]
             state_dict[f"{prefix}{name}_frozen"] = store[n:]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # --- forward -------------------------------------------------------------------------
     def effective_tau(self) -> torch.Tensor:
@@ -304,8 +321,14 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Unscaled q, k, v over every head in group order, each (B, H, T, hd)."""
         B, T, _ = x.shape
-        qkv = _ActiveRowsLinear.apply(x, self._stores["qkv_weight"], self._stores["qkv_bias"],
-                                      self.qkv_weight_active, self.qkv_bias_active, self._grad_rows)
+        qkv = _ActiveRowsLinear.apply(
+            x,
+            self._stores["qkv_weight"],
+            self._stores["qkv_bias"],
+            self.qkv_weight_active,
+            self.qkv_bias_active,
+            self._grad_rows,
+        )
         return qkv.view(B, T, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
 
     def _attend(self, q, k, v, return_attn: bool):
@@ -353,13 +376,18 @@ class Attention(nn.Module):
         cut = self.freeze_mode == "detach" and not self.active_heads
         with torch.no_grad() if cut else contextlib.nullcontext():
             q, k, v = self._qkv(x)
-            tau = _ScaledActiveRows.apply(self._stores["tau"], self.tau_factor.index_select(0, self.order),
-                                          self.tau_active)
+            tau = _ScaledActiveRows.apply(
+                self._stores["tau"], self.tau_factor.index_select(0, self.order), self.tau_active
+            )
             if self.record_cls:
                 self._record(q, k)
             out, attn = self._attend(q * tau.view(1, -1, 1, 1).to(q.dtype), k, v, return_attn)
-        y = _ActiveInputsLinear.apply(out.transpose(1, 2).reshape(B, T, D), self._stores["proj_weight"],
-                                      self.proj_bias, self.proj_weight_active)
+        y = _ActiveInputsLinear.apply(
+            out.transpose(1, 2).reshape(B, T, D),
+            self._stores["proj_weight"],
+            self.proj_bias,
+            self.proj_weight_active,
+        )
         if return_attn:
             return y, attn.index_select(1, self.inverse)
         return y

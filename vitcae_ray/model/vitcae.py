@@ -51,8 +51,7 @@ class Block(nn.Module):
     """Pre-norm transformer block; with ``cond_dim`` the normed inputs of both sub-layers are
     FiLM-modulated, ``h * (1 + gamma(c)) + beta(c)`` (zero-initialised, so identity at start)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, fused: bool,
-                 cond_dim: int = 0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, fused: bool, cond_dim: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, fused=fused)
@@ -75,8 +74,9 @@ class Block(nn.Module):
         return x + self.mlp(h2)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I)."""
     if generator is None:  # randn_like also traces under torch.compile with dynamic shapes
         eps = torch.randn_like(mu)
@@ -106,9 +106,9 @@ class ViTCAEOutput:
 
 class ViTCAE(nn.Module):
     """Args:
-        cfg: the model section of the config (sizes, latent dims, fused attention flag).
-        img_size: input side S (a multiple of ``cfg.patch_size``).
-        in_chans: image channels C.
+    cfg: the model section of the config (sizes, latent dims, fused attention flag).
+    img_size: input side S (a multiple of ``cfg.patch_size``).
+    in_chans: image channels C.
     """
 
     def __init__(self, cfg: ModelConfig, img_size: int, in_chans: int) -> None:
@@ -133,11 +133,17 @@ class ViTCAE(nn.Module):
 
         # neural prior: z_cls -> (Z~ = mu_p, logvar_p) for every patch position
         Zp = cfg.z_patch_dim
-        self.prior = nn.Sequential(
-            nn.Linear(cfg.z_cls_dim, cfg.prior_hidden), nn.GELU(),
-            nn.Linear(cfg.prior_hidden, cfg.prior_hidden), nn.GELU(),
-            nn.Linear(cfg.prior_hidden, N * 2 * Zp),
-        ) if cfg.conditional_prior else None
+        self.prior = (
+            nn.Sequential(
+                nn.Linear(cfg.z_cls_dim, cfg.prior_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.prior_hidden, cfg.prior_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.prior_hidden, N * 2 * Zp),
+            )
+            if cfg.conditional_prior
+            else None
+        )
 
         # decoder: patch latents -> tokens, FiLM(z_cls) in every block -> pixels
         Dd = cfg.dec_dim
@@ -180,9 +186,13 @@ class ViTCAE(nn.Module):
             t = blk(t)
         return self.norm(t)
 
-    def forward_encoder(self, x: torch.Tensor, sample: bool = False,
-                        generator: torch.Generator | None = None,
-                        keep: torch.Tensor | None = None):
+    def forward_encoder(
+        self,
+        x: torch.Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        keep: torch.Tensor | None = None,
+    ):
         """x -> the posteriors and the prior they are measured against, all fp32:
         z_cls, mu_cls, logvar_cls (B, Zc); mu_patch, logvar_patch, prior_mu, prior_logvar
         (B, N, Zp). z_cls is a sample with ``sample``, else mu_cls. With ``keep`` (B, Nk)
@@ -217,12 +227,16 @@ class ViTCAE(nn.Module):
         out = out.view(z_cls.shape[0], self.num_patches, 2, self.cfg.z_patch_dim)
         return out[:, :, 0], bound_logvar(out[:, :, 1])
 
-    def sample_prior(self, z_cls: torch.Tensor, temperature: float = 1.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_prior(
+        self, z_cls: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """z_patch ~ N(Z~_patch, (temperature * sigma_p)^2): (B, N, Zp)."""
         prior_mu, prior_logvar = self.forward_prior(z_cls)
-        return reparameterize(prior_mu, prior_logvar + 2.0 * math.log(temperature), generator) \
-            if temperature > 0 else prior_mu
+        return (
+            reparameterize(prior_mu, prior_logvar + 2.0 * math.log(temperature), generator)
+            if temperature > 0
+            else prior_mu
+        )
 
     # --- decoder -------------------------------------------------------------------------
     def forward_decoder(self, z_patch: torch.Tensor, z_cls: torch.Tensor) -> torch.Tensor:
@@ -239,25 +253,42 @@ class ViTCAE(nn.Module):
         h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return h.reshape(B, C, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None, decode_prior: bool = False) -> ViTCAEOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+        decode_prior: bool = False,
+    ) -> ViTCAEOutput:
         """Encode, sample (or take the means when ``sample`` is False), and decode; with
         ``decode_prior`` also decode from p(z_patch | z_cls) alone (its mean without
         ``sample``) into ``recon_prior``."""
-        z_cls, mu_cls, logvar_cls, mu_patch, logvar_patch, prior_mu, prior_logvar = \
-            self.forward_encoder(x, sample, generator)
+        z_cls, mu_cls, logvar_cls, mu_patch, logvar_patch, prior_mu, prior_logvar = self.forward_encoder(
+            x, sample, generator
+        )
         z_patch = reparameterize(mu_patch, logvar_patch, generator) if sample else mu_patch
         recon = self.forward_decoder(z_patch, z_cls)
         recon_prior = None
         if decode_prior:  # the generative path: every patch from p(z_patch | z_cls)
             z_prior = reparameterize(prior_mu, prior_logvar, generator) if sample else prior_mu
             recon_prior = self.forward_decoder(z_prior, z_cls)
-        return ViTCAEOutput(recon, z_cls, mu_cls, logvar_cls, z_patch, mu_patch, logvar_patch,
-                            prior_mu, prior_logvar, recon_prior)
+        return ViTCAEOutput(
+            recon,
+            z_cls,
+            mu_cls,
+            logvar_cls,
+            z_patch,
+            mu_patch,
+            logvar_patch,
+            prior_mu,
+            prior_logvar,
+            recon_prior,
+        )
 
     @torch.no_grad()
-    def generate(self, n: int, generator: torch.Generator | None = None,
-                 temperature: float = 1.0) -> torch.Tensor:
+    def generate(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
         """z_cls ~ N(0, I) -> z_patch ~ N(Z~_patch, (temperature sigma_p)^2) -> decode:
         (n, C, S, S)."""
         device = self.cls_token.device
