@@ -186,9 +186,9 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("inpaint needs the same, non-zero number of visible patches per image")
     keep = (~mask).nonzero()[:, 1].view(x.shape[0], -1)  # (B, Nk), ascending per row
     _, mu_cls, _, mu_patch, *_ = model.forward_encoder(x, keep=keep)
-    dec = model.forward_decoder(mu_patch, mu_cls).float()
+    decoded = model.forward_decoder(mu_patch, mu_cls).float()
     pm = pixel_mask(mask, model.grid, model.cfg.patch_size).to(device)
-    return torch.where(pm, dec, x)
+    return torch.where(pm, decoded, x)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, pm: torch.Tensor) -> float:

@@ -178,7 +178,7 @@ class HeadController:
                         tau[l][h] = in_use[l][h]  # the factor it used when it froze
                     elif not math.isnan(drift[l, h]):
                         tau[l][h] = 1.0 / (1.0 + self.temperature.alpha * float(drift[l, h]))
-        dec = HeadDecision(
+        decision = HeadDecision(
             epoch=epoch,
             tau_factor=tau,
             frozen=frozen,
@@ -188,10 +188,10 @@ class HeadController:
             newly_frozen=newly,
         )
 
-        self._decisions = {**history, epoch: dec}
+        self._decisions = {**history, epoch: decision}
         self._cls = {e: v for e, v in self._cls.items() if epoch - self.replay_window <= e < epoch}
         self._cls[epoch] = cls
-        return dec
+        return decision
 
     def _check_cls(self, cls_attn: np.ndarray) -> np.ndarray:
         """(L, H, N) attention -> per-head distributions over the N patches."""
