@@ -13,6 +13,12 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+# The evaluation's feature classifiers are cached per test run, never in the user's cache
+# (set before Ray starts, so its workers inherit it).
+if "VITCAE_RAY_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["VITCAE_RAY_CACHE"] = tempfile.mkdtemp(prefix="vitcae-ray-cache-")
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker

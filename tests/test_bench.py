@@ -135,7 +135,7 @@ def test_quality_suite_trains_every_variant_with_the_same_seed(tmp_path):
     assert [(r["variant"], r["seed"]) for r in runs] == [(v, 0) for v in VARIANTS]
     assert list(VARIANTS)[:3] == ["off", "weights", "detach"] and set(means) == set(VARIANTS)
     for r in rows:
-        _positive(r, "val_mse", "wall_s", "train_s", "probe_acc", "sample_score")
+        _positive(r, "val_mse", "wall_s", "train_s", "probe_acc", "fid")
         _finite(r, "flops_saved_frac", "val_elbo")
         assert r["epochs"] == 3 and 0 < r["probe_acc"] <= 1
     assert means["off"]["mse_ratio"] == 1.0 and means["off"]["heads_frozen"] == 0

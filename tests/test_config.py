@@ -111,6 +111,12 @@ def test_values_are_converted_where_the_type_allows(item, value):
         ),
         ("loss.mmd_scales=4", "config key 'loss.mmd_scales' expects list of float, got 4"),
         ("train.max_failures=-2", "config key 'train.max_failures' must be >= -1, got -2"),
+        ("model.variant=vae", "config key 'model.variant' must be vitcae or vitvae, got 'vae'"),
+        ("loss.elbo_samples=0", "config key 'loss.elbo_samples' must be >= 1, got 0"),
+        (
+            "train.select_metric=val/loss",
+            "config key 'train.select_metric' must be val/elbo or val/mse, got 'val/loss'",
+        ),
         (
             "data.image_size=30",
             "config key 'data.image_size' (30) must be a multiple of model.patch_size (4)",
@@ -168,3 +174,9 @@ def test_docs_config_md_is_the_generated_reference():
     for f in dataclasses.fields(Config):
         for name in dataclasses.fields(f.default_factory):
             assert f"`{f.name}.{name.name}`" in text
+
+
+def test_select_metric_default_is_the_exported_constant():
+    from vitcae_ray.config import SELECT_METRIC, build_config
+
+    assert build_config({}).train.select_metric == SELECT_METRIC == "val/elbo"

@@ -57,21 +57,32 @@ def trained(tmp_path_factory):
 
 
 def test_decoded_prior_means_of_different_z_cls_differ(trained):
-    from vitcae_ray.metrics import PixelClassifier, max_class_share
+    from vitcae_ray.metrics import max_class_share
 
     model, cfg, _, _ = trained
-    train_set, _, _ = build_datasets(cfg.data)
-    xtr = torch.stack([train_set[i][0] for i in range(len(train_set))])
-    ytr = np.array([train_set[i][1] for i in range(len(train_set))])
+    net = _feature_net(cfg)
     z_cls = torch.randn(64, cfg.model.z_cls_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         z_tilde, _ = model.forward_prior(z_cls)
         images = model.forward_decoder(z_tilde, z_cls)
     spread = (images - images.mean(0)).abs().mean().item()
     assert spread > 0.10
-    # and they differ as digits do: a pixel classifier sees many classes, none dominating
-    proba = PixelClassifier(xtr, ytr).proba(images)
+    # and they differ as digits do: the feature classifier sees many classes, none dominating
+    proba = net.proba(images)
     assert len(np.unique(proba.argmax(1))) >= 6 and max_class_share(proba) <= 0.4
+
+
+def _splits(cfg):
+    train_set, val_set, _ = build_datasets(cfg.data)
+    xtr, ytr = ev.stack_split(train_set)
+    xv, yv = ev.stack_split(val_set)
+    return xtr, ytr, xv, yv
+
+
+def _feature_net(cfg):
+    from vitcae_ray.evaluate.features import feature_net
+
+    return feature_net(cfg.data.dataset, *_splits(cfg), log=lambda s: None)[0]
 
 
 def test_shuffling_z_cls_changes_reconstructions_like_shuffling_z_patch(trained):
@@ -90,55 +101,119 @@ def test_shuffling_z_cls_changes_reconstructions_like_shuffling_z_patch(trained)
     assert d_cls > 0.15 * d_patch
 
 
-def test_every_task_writes_its_png_and_metrics(trained, tmp_path):
+def test_every_task_writes_its_png_metrics_and_the_table_with_baselines(trained, tmp_path):
     _, _, path, _ = trained
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vitcae_ray.evaluate",
-            "--model",
-            str(path),
-            "--dataset",
-            "digits",
-            "--out",
-            str(out),
-            "--baseline",
-            str(path),
-        ],
+        [sys.executable, "-m", "vitcae_ray.evaluate", "--model", str(path), "--dataset", "digits"]
+        + ["--out", str(out), "--iwae-k", "16"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
     for task in ev.TASKS:  # a progress line and a PNG per task
-        assert any(line.startswith(f"{task}:") for line in proc.stdout.splitlines()), proc.stdout
+        assert any(line.startswith(f"{task}:") for line in lines), proc.stdout
         assert (out / f"{task}.png").stat().st_size > 100
     m = json.loads((out / "metrics.json").read_text())
-    keys = [
-        "recon/mse",
-        "recon/psnr",
-        "recon/ssim",
-        "sample/score",
-        "sample/real_score",
-        "sample/max_class_share",
-        "interp/smoothness",
-        "interp/step_change",
-        "probe/acc",
-        "probe/baseline_acc",
-    ]
-    keys += [
-        f"inpaint/{k}/{v}"
-        for k in ("center25", "center50", "random25", "random50")
-        for v in ("psnr_masked", "psnr_mean_fill")
-    ]
+    masks = ("center25", "center50", "random25", "random50")
+    keys = ["recon/mse", "recon/psnr", "recon/ssim", "recon/elbo", "iwae/nll_k16", "probe/acc"]
+    keys += [f"inpaint/{k}/psnr_{v}" for k in masks for v in ("model", "mean_fill", "biharmonic")]
+    rows = ("", "real/", "prototypes/", "copies/", "noise/")
+    metrics = ("fid", "kid", "precision", "recall", "memorisation", "max_class_share", "low_confidence_share")
+    keys += [f"sample/{r}{k}" for r in rows for k in metrics]
+    keys += [f"probe/{r}/acc{s}" for r in ("z_cls", "pca8_pixels", "pixels") for s in ("", "_std")]
     for k in keys:
         assert isinstance(m[k], float) and np.isfinite(m[k]), k
     assert m["recon/psnr"] == pytest.approx(10 * np.log10(1 / m["recon/mse"]))
-    assert 0 < m["recon/ssim"] <= 1 and 0 < m["sample/max_class_share"] <= 1
-    assert m["probe/acc"] == m["probe/baseline_acc"] > 0.3  # the same model twice, above chance
-    assert m["sample/real_score"] > 5
+    # every row of the generation metrics holds the held-out split's size
+    assert m["sample/images"] == 180 and m["sample/sanity_holds"] == 1.0
+    assert m["sample/feature_acc"] > 0.9
+    # the probe is cross-validated over all 1,797 digits; pixels are a strong baseline here
+    assert m["probe/images"] == 1797 and m["probe/folds"] == 5
+    assert m["probe/pixels/acc"] > 0.9 and 0 < m["probe/pixels/acc_std"] < 0.05
+    assert m["probe/acc"] == m["probe/z_cls/acc"] > 0.3
+    # the IWAE bound with 16 samples is tighter than the 1-sample ELBO (both -log p bounds)
+    assert m["iwae/nll_k16"] < m["recon/elbo"]
+    # the printed table puts the baselines beside the model
+    text = "\n".join(lines)
+    for needle in ("biharmonic", "mean_fill", "pca8_pixels", "prototypes", "copies", "noise", "sanity: "):
+        assert needle in text, needle
+    assert "sanity: held-out real images beat" in text and text.count(": yes") == 1
+
+
+def test_sanity_rows_move_the_generation_metrics_the_right_way(trained):
+    """Held-out real images against sets a gameable metric would reward: prototypes (a
+    collapsed model), 16 copies of training images (a memorising one), and noise."""
+    from vitcae_ray.evaluate.generation import GenerationReference
+
+    model, cfg, _, _ = trained
+    xtr, ytr, xv, _ = _splits(cfg)
+    net = _feature_net(cfg)
+    ref = GenerationReference(net, net, xtr, xv, seed=0)
+    rows = {name: ref.row(images) for name, images in ref.sanity_sets(ytr).items()}
+    real = rows["real"]
+    for name in ("prototypes", "copies", "noise"):
+        assert real["fid"] < rows[name]["fid"] and real["kid"] < rows[name]["kid"], name
+        assert real["recall"] > rows[name]["recall"] + 0.3, name
+    assert rows["copies"]["memorisation"] < 0.05 < 0.8 < real["memorisation"] == 1.0
+    assert rows["prototypes"]["memorisation"] < 1.0  # closer to the training set than new digits
+    assert real["precision"] > 0.7
+    # the real images' own share below their 5th-percentile confidence is about 5%
+    assert real["low_confidence_share"] == pytest.approx(0.05, abs=0.02)
+
+
+def test_probe_baselines_fall_to_chance_on_shuffled_labels(trained):
+    from vitcae_ray.evaluate.baselines import pca_pixels
+    from vitcae_ray.evaluate.probe import cross_validated
+
+    _, cfg, _, _ = trained
+    xtr, ytr, _, _ = _splits(cfg)
+    pixels = xtr.flatten(1).numpy()
+    acc, std, pred = cross_validated(pixels, ytr, 5, 0, pca_pixels(8))
+    assert acc > 0.8 and std < 0.05 and (pred == ytr).mean() == pytest.approx(acc, abs=0.01)
+    shuffled = np.random.default_rng(0).permutation(ytr)
+    assert cross_validated(pixels, shuffled, 5, 0, pca_pixels(8))[0] < 0.2
+
+
+def test_feature_classifier_is_trained_once_and_found_again(trained, tmp_path):
+    from vitcae_ray.evaluate.features import feature_net
+
+    _, cfg, _, _ = trained
+    xtr, ytr, xv, yv = _splits(cfg)
+    said = []
+    net, acc = feature_net("digits", xtr, ytr, xv, yv, cache=str(tmp_path), log=said.append)
+    assert acc > 0.9 and any("trained" in s for s in said)
+    files = list((tmp_path / "features").glob("digits-1x8-*.pt"))
+    assert len(files) == 1
+    said.clear()
+    again, acc2 = feature_net("digits", xtr, ytr, xv, yv, cache=str(tmp_path), log=said.append)
+    assert acc2 == acc and not said  # loaded, not trained
+    assert torch.equal(again.features(xv), net.features(xv))
+    # other training images are another dataset: another cache entry
+    feature_net("digits", xtr[:-1], ytr[:-1], xv, yv, cache=str(tmp_path), log=said.append)
+    assert len(list((tmp_path / "features").glob("*.pt"))) == 2
+
+
+def test_vitvae_variant_is_evaluated_through_the_same_tasks(tmp_path):
+    """The ViT-VAE baseline (untrained here: the plumbing) reports both of its candidate
+    representations beside the pixel baselines, and the likelihood bounds."""
+    cfg = build_config({**SHORT, "model.variant": "vitvae"})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 8, 1)
+    path = tmp_path / "vitvae.pt"
+    torch.save(
+        {"model": model.state_dict(), "config": cfg.to_dict(), "model_args": {"img_size": 8, "in_chans": 1}},
+        path,
+    )
+    m = ev.run(
+        str(path), "digits", None, str(tmp_path / "eval"), ("recon", "probe"), iwae_k=4, log=lambda s: None
+    )
+    assert m["variant"] == "vitvae"
+    for k in ("probe/cls_feature/acc", "probe/patch_mean/acc", "probe/pca8_pixels/acc", "iwae/nll_k4"):
+        assert np.isfinite(m[k]), k
+    assert m["probe/acc"] == m["probe/cls_feature/acc"]
 
 
 def _copy_checkpoint(model_file, directory) -> None:
@@ -171,7 +246,9 @@ def test_run_directory_and_checkpoint_inputs_resolve_to_a_model(trained, tmp_pat
     assert "checkpoint_epoch_0001" in ev.load_model(str(tmp_path / "run"), torch.device("cpu"))[2]
 
 
-@pytest.mark.parametrize("case", ["missing", "size", "channels", "task"])
+@pytest.mark.parametrize(
+    "case", ["missing", "size", "channels", "task", "iwae_k", "inception", "no_checkpoint"]
+)
 def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
     _, _, path, _ = trained
     args = ["--model", str(path), "--out", str(tmp_path / "eval"), "--tasks", "recon"]
@@ -201,25 +278,50 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
             },
             args[1],
         )
+    elif case == "iwae_k":
+        args += ["--iwae-k", "0"]
+    elif case == "inception":
+        args += ["--features", "inception"]
+    elif case == "no_checkpoint":  # a run directory whose checkpoints are gone
+        run = tmp_path / "run"
+        (run / "train").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val/elbo": 1.0}) + "\n")
+        args[1] = str(run)
     else:
         args[-1] = "recon,nope"
     assert ev.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
-    expected = {"missing": "not found", "size": "8x8", "channels": "3-channel", "task": "nope"}[case]
+    expected = {
+        "missing": "not found",
+        "size": "8x8",
+        "channels": "3-channel",
+        "task": "nope",
+        "iwae_k": "at least 1",
+        "inception": "--fid-weights",
+        "no_checkpoint": "no model.pt, checkpoint.pt or checkpoints",
+    }[case]
     assert expected in err[0]
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
-def test_epoch_evaluator_gives_probe_sample_score_and_grids(trained):
+def test_epoch_evaluator_gives_probe_fid_kid_and_grids(trained):
+    from vitcae_ray.evaluate.baselines import noise
+    from vitcae_ray.evaluate.generation import fid_kid
+
     model, cfg, _, _ = trained
     train_set, val_set, _ = build_datasets(cfg.data)
-    evaluator = ev.EpochEvaluator(train_set, val_set, max_train=600, max_val=200, num_samples=100)
+    evaluator = ev.EpochEvaluator(
+        train_set, val_set, "digits", max_train=600, max_val=200, log=lambda s: None
+    )
     model.train()
     metrics, images = evaluator(model, torch.device("cpu"))
     assert model.training  # restored
-    assert set(metrics) == {"val/probe_acc", "val/sample_score"}
-    assert 0.3 < metrics["val/probe_acc"] <= 1.0 and 1.0 <= metrics["val/sample_score"] <= 10.0
+    assert set(metrics) == {"val/probe_acc", "val/fid", "val/kid"}
+    assert 0.3 < metrics["val/probe_acc"] <= 1.0
+    # the trained model's samples sit far closer to the digits than noise with their moments
+    noise_fid, noise_kid, _ = fid_kid(evaluator.ref, evaluator.net.features(noise(evaluator.xtr, 180)))
+    assert 0 < metrics["val/fid"] < 0.5 * noise_fid and metrics["val/kid"] < 0.5 * noise_kid
     assert set(images) == {"inpainting", "interpolation"}
     for grid in images.values():
         assert grid.dim() == 3 and grid.shape[0] == 3 and 0 <= grid.min() and grid.max() <= 1

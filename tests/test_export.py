@@ -378,3 +378,12 @@ def test_importing_the_package_stays_light():
         "assert not {'ray', 'torchvision'} & set(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_export_ranks_by_the_metric_the_sweep_recorded():
+    from vitcae_ray.config import SELECT_METRIC
+    from vitcae_ray.export import sweep_metric
+
+    assert sweep_metric([{"select_metric": "val/mse"}, {"select_metric": "val/mse"}]) == "val/mse"
+    assert sweep_metric([{"trial_id": "a"}]) == SELECT_METRIC  # a table from before the column
+    assert sweep_metric([{"select_metric": "val/mse"}, {"select_metric": "val/elbo"}]) == SELECT_METRIC

@@ -121,15 +121,18 @@ def test_frozen_weights_stay_bit_identical_and_leave_the_optimizer():
     assert torch.equal(attn.qkv_weight[:, [0, 3]], frozen_rows)
 
 
-def test_flops_detach_lt_weights_lt_unfrozen_and_fewer_grad_elements():
+@pytest.mark.parametrize("variant", ["vitcae", "vitvae"])
+def test_flops_detach_lt_weights_lt_unfrozen_and_fewer_grad_elements(variant):
+    cfg = build_config({**CFG.to_dict(), "model": {**CFG.to_dict()["model"], "variant": variant}})
     x = torch.rand(8, 1, 16, 16)
     every = [[0, 1, 2, 3]] * 3
     counts, elements = {}, {}
     for mode in ("none", "weights", "detach"):
-        model = _model()
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 16, 1)
         if mode != "none":
             apply_frozen(model, every, mode)
-        counts[mode] = train_step_flops(model, x, CFG, 0)
+        counts[mode] = train_step_flops(model, x, cfg, 0)
         elements[mode] = grad_elements(model)
     assert counts["detach"] < counts["weights"] < counts["none"]
     assert elements["weights"] == elements["detach"] < elements["none"]

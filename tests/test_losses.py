@@ -147,11 +147,33 @@ def test_patch_posterior_is_a_residual_on_the_prior_of_z_cls():
     _, model, x = _out()
     model.eval()
     with torch.no_grad():
-        z_cls, mu_cls, _, mu_patch, _, prior_mu, _ = model.forward_encoder(x)
-        delta = mu_patch - prior_mu
-        # the same image's delta with another z_cls: the prior part moves, delta does not
-        torch.testing.assert_close(model.forward_prior(z_cls)[0] + delta, mu_patch)
-        assert torch.equal(z_cls, mu_cls)
+        z0, mu_cls, _, mu0, lv0, prior0, _ = model.forward_encoder(x)
+        assert torch.equal(z0, mu_cls)  # without sampling, z_cls is the posterior mean
+        draws = [
+            model.forward_encoder(x, sample=True, generator=torch.Generator().manual_seed(s)) for s in (1, 2)
+        ]
+    (z1, _, _, mu1, lv1, prior1, _), (z2, _, _, mu2, lv2, prior2, _) = draws
+    assert not torch.allclose(z1, z2)
+    # another z_cls moves the prior mean Z~_patch, and mu_patch with it ...
+    assert (prior1 - prior2).abs().max() > 1e-3 and (mu1 - mu2).abs().max() > 1e-3
+    torch.testing.assert_close(prior1, model.forward_prior(z1)[0])
+    # ... while the residual delta(x) and the posterior variance depend on x alone
+    torch.testing.assert_close(mu1 - prior1, mu2 - prior2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mu1 - prior1, mu0 - prior0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lv1, lv2)
+
+
+def test_imq_mmd_and_kl_of_a_zero_width_latent_are_exactly_zero():
+    from vitcae_ray.losses import kl_free_bits
+
+    empty = torch.zeros(8, 0)
+    scales = LossConfig().mmd_scales
+    for value in (
+        imq_mmd(empty, torch.randn(8, 0), scales),
+        kl_standard_normal(empty, empty),
+        kl_free_bits(empty, empty, 1.0),
+    ):
+        assert value.item() == 0.0  # not NaN
 
 
 def test_patch_mmd_compares_patch_latents_and_scales_with_patches():

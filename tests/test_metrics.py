@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vitcae_ray import metrics as M
 from vitcae_ray.config import build_config
@@ -39,29 +40,117 @@ def test_psnr_and_ssim_agree_with_scikit_image():
     assert (M.ssim(small_y, small_x) < 0.99).all()
 
 
-def test_sample_score_of_real_images_exceeds_noise_and_is_bounded():
-    from vitcae_ray.data import build_datasets
+def _brute_precision_recall(real, fake, k):
+    """Kynkaanniemi et al.'s definition written out with explicit loops over points."""
 
-    train_set, val_set, _ = build_datasets(build_config({"data.image_size": 16}).data)
-    xtr = torch.stack([train_set[i][0] for i in range(len(train_set))])
-    ytr = np.array([train_set[i][1] for i in range(len(train_set))])
-    xv = torch.stack([val_set[i][0] for i in range(len(val_set))])
-    yv = np.array([val_set[i][1] for i in range(len(val_set))])
-    clf = M.PixelClassifier(xtr, ytr)
-    assert clf.accuracy(xv, yv) > 0.85
-    real = M.inception_style_score(clf.proba(xv))
-    noise = M.inception_style_score(clf.proba(torch.rand(len(xv), 1, 16, 16)))
-    one_class = M.inception_style_score(clf.proba(xv[yv == 3]))
-    assert 1.0 <= noise < real <= 10.0 and real > 5.0
-    assert one_class < 2.0  # confident but all alike: the score punishes a collapsed sampler
-    assert M.max_class_share(clf.proba(xv[yv == 3])) > 0.9
-    assert M.max_class_share(clf.proba(xv)) < 0.2
+    def radius(points, i):
+        d = sorted(float(np.linalg.norm(points[i] - q)) for j, q in enumerate(points) if j != i)
+        return d[k - 1]
+
+    def inside(p, centres):
+        return any(np.linalg.norm(p - c) <= radius(centres, j) for j, c in enumerate(centres))
+
+    precision = np.mean([inside(f, real) for f in fake])
+    recall = np.mean([inside(r, fake) for r in real])
+    return precision, recall
 
 
-def test_inception_style_score_closed_form():
-    K = 4
-    assert M.inception_style_score(np.eye(K)) == pytest.approx(K)  # confident, even
-    assert M.inception_style_score(np.full((8, K), 1 / K)) == pytest.approx(1.0)
+def test_knn_precision_recall_matches_the_definition_and_punishes_collapse():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 3))
+    fake = rng.normal(0.5, 1.2, size=(40, 3))
+    p, r = M.knn_precision_recall(real, fake, k=3)
+    assert (p, r) == pytest.approx(_brute_precision_recall(real, fake, 3))
+    assert M.knn_precision_recall(real, real, 3) == (1.0, 1.0)
+    # a generator collapsed onto a few real points: precise, but it recalls little
+    collapsed = real[np.arange(40) % 3] + 1e-6
+    p_c, r_c = M.knn_precision_recall(real, collapsed, 3)
+    assert p_c == 1.0 and r_c < 0.3
+    # far away: neither
+    assert M.knn_precision_recall(real, real + 100.0, 3) == (0.0, 0.0)
+
+
+def test_nearest_distance_agrees_with_scipy():
+    from scipy.spatial.distance import cdist
+
+    g = torch.Generator().manual_seed(0)
+    ref, x = torch.rand(30, 1, 4, 4, generator=g), torch.rand(7, 1, 4, 4, generator=g)
+    expected = cdist(x.flatten(1).numpy(), ref.flatten(1).numpy()).min(1)
+    assert M.nearest_distance(x, ref) == pytest.approx(expected, rel=1e-6)
+    assert M.nearest_distance(ref[:5], ref) == pytest.approx(np.zeros(5), abs=1e-9)  # copies
+
+
+def test_fid_and_kid_agree_with_closed_forms():
+    """torchmetrics through our feature pass-through, against scipy's matrix square root
+    (FID) and the unbiased cubic-polynomial-kernel MMD^2 written out (KID)."""
+    from scipy import linalg
+
+    from vitcae_ray.evaluate.generation import fid_kid
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 6))
+    b = rng.normal(0.3, 1.5, size=(200, 6))
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref_fid = ((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+
+    def unbiased_mmd(x, y):
+        k = lambda u, v: (u @ v.T / x.shape[1] + 1.0) ** 3  # noqa: E731
+        m, n = len(x), len(y)
+        kxx, kyy = k(x, x), k(y, y)
+        return (
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+            - 2 * k(x, y).mean()
+        )
+
+    fid, kid, kid_std = fid_kid(torch.from_numpy(a), torch.from_numpy(b))
+    assert fid == pytest.approx(ref_fid, rel=1e-4)
+    # every KID subset is all 200 fake and 200 of the 300 real: the mean over subsets is close
+    # to the full-sample statistic, and well away from 0
+    full = unbiased_mmd(a, b)
+    assert kid == pytest.approx(full, rel=0.1) and kid_std >= 0
+    same, kid_same, _ = fid_kid(torch.from_numpy(a), torch.from_numpy(a[:200]))
+    assert abs(kid_same) < 0.05 * full and same < 0.1 * fid
+
+
+def test_hidden_band_removes_the_upsampling_leak():
+    """Digits are bilinearly upsampled 8 -> 32: a masked patch is one source pixel, and its
+    neighbours' visible pixels mix part of it in. With the band of patch_size / 2 hidden,
+    changing the masked source pixels changes nothing a method sees; without it, it does."""
+    from sklearn.datasets import load_digits
+
+    src = torch.from_numpy(load_digits().images[:16]).float().div(16).unsqueeze(1)  # (16, 1, 8, 8)
+
+    def up(t):  # the digits dataset's own resize
+        return F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+
+    mask = M.patch_mask("random25", 16, 8, torch.Generator().manual_seed(0))  # (16, 64)
+    changed = src.clone().flatten(1)
+    changed[mask] = 1.0 - changed[mask]  # only the masked source pixels differ
+    changed = changed.view_as(src)
+    pm = M.pixel_mask(mask, 8, 4)
+    fill = torch.full((1, 1, 32, 32), 0.3)
+    for band, leaks in ((2, False), (0, True)):
+        hidden = M.hidden_region(pm, band)
+        a, b = M.hide(up(src), hidden, fill), M.hide(up(changed), hidden, fill)
+        assert (not torch.equal(a, b)) == leaks
+    assert M.hidden_region(pm, 2).sum() > pm.sum()  # the band is really there
+
+
+def test_biharmonic_fill_ignores_hidden_values_and_continues_smooth_images():
+    from vitcae_ray.evaluate.baselines import biharmonic_fill, mean_fill
+
+    ramp = torch.linspace(0.1, 0.9, 16)
+    x = (ramp[None, :] * 0.5 + ramp[:, None] * 0.5).expand(2, 1, 16, 16).clone()  # a plane
+    hidden = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    hidden[:, :, 5:11, 5:11] = True
+    filled = biharmonic_fill(x, hidden)
+    assert torch.allclose(filled, x, atol=1e-3)  # a plane is biharmonic: filled exactly
+    garbage = torch.where(hidden, torch.rand_like(x), x)
+    assert torch.equal(biharmonic_fill(garbage, hidden), filled)
+    mean = torch.full((1, 1, 16, 16), 0.5)
+    assert M.masked_mse(mean_fill(x, hidden, mean), x, hidden) > 100 * M.masked_mse(filled, x, hidden)
 
 
 @pytest.mark.parametrize(
@@ -114,13 +203,14 @@ def test_interpolation_smoothness_is_one_for_an_even_path_and_grows_with_a_jump(
     assert M.interpolation_smoothness([jump])[1] == pytest.approx(5.0)
 
 
-def test_fid_reads_the_given_weights_file_and_separates_noise_from_real(tmp_path, monkeypatch):
-    """FID through torchmetrics with a user-supplied Inception weights file: here a randomly
-    initialised one (nothing is downloaded), so only the ordering of the values is checked."""
+def test_inception_features_read_the_given_weights_file_and_separate_noise_from_real(tmp_path, monkeypatch):
+    """Inception-v3 features through torchmetrics with a user-supplied weights file: here a
+    randomly initialised one (nothing is downloaded), so only the ordering is checked."""
     import torch_fidelity.feature_extractor_inceptionv3 as fx
 
     from vitcae_ray.data import build_datasets
-    from vitcae_ray.evaluate import EvalError, fid
+    from vitcae_ray.evaluate.features import InceptionFeatures
+    from vitcae_ray.evaluate.generation import fid_kid
 
     with monkeypatch.context() as m:  # build a weights file of the right layout, offline
         m.setattr(fx.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
@@ -131,9 +221,9 @@ def test_fid_reads_the_given_weights_file_and_separates_noise_from_real(tmp_path
     torch.save(net.state_dict(), weights)
     _, val_set, _ = build_datasets(build_config({"data.image_size": 16}).data)
     real = torch.stack([val_set[i][0] for i in range(60)])
-    noise = torch.rand(30, 1, 16, 16)
-    close = fid(real[30:], real[:30], str(weights), torch.device("cpu"))
-    far = fid(noise, real[:30], str(weights), torch.device("cpu"))
+    embed = InceptionFeatures(str(weights))
+    ref = embed.features(real[:30])
+    assert ref.shape == (30, 2048)
+    close = fid_kid(ref, embed.features(real[30:]))[0]
+    far = fid_kid(ref, embed.features(torch.rand(30, 1, 16, 16)))[0]
     assert 0 <= close < far
-    with pytest.raises(EvalError, match="not found"):
-        fid(noise, real, str(tmp_path / "missing.pth"), torch.device("cpu"))

@@ -10,6 +10,15 @@ def _model(preset: str, image_size: int, chans: int = 3):
     return build_model(cfg.model, image_size, chans)
 
 
+def _without_gradient(model) -> list[str]:
+    """Trainable parameters whose gradient is missing, non-finite or all zero."""
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
+    ]
+
+
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
 def test_preset_forward_shapes_finite_and_every_param_gets_a_gradient(preset):
     torch.manual_seed(0)
@@ -39,11 +48,7 @@ def test_preset_forward_shapes_finite_and_every_param_gets_a_gradient(preset):
     )
     assert torch.isfinite(loss)
     loss.backward()
-    missing = [
-        name
-        for name, p in model.named_parameters()
-        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
-    ]
+    missing = _without_gradient(model)
     # FiLM layers start at zero, so their gradient is nonzero only through z_cls: still nonzero
     assert missing == []
     samples = model.generate(3, generator=torch.Generator().manual_seed(0))
@@ -127,3 +132,127 @@ def test_unconditional_prior_ablation_uses_a_standard_normal_prior():
     out = model(torch.rand(2, 1, 32, 32))
     assert out.prior_mu.abs().sum() == 0 and out.prior_logvar.abs().sum() == 0
     assert model.generate(2).shape == (2, 1, 32, 32)
+
+
+def _vitvae(image_size: int = 16, chans: int = 1):
+    cfg = build_config({"model.variant": "vitvae", "data.image_size": image_size, "model.patch_size": 2})
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model, image_size, chans)
+
+
+def test_vitvae_has_no_global_latent_prior_mlp_or_film():
+    cfg, model = _vitvae()
+    assert model.to_z_cls is None and model.prior is None
+    assert all(blk.film is None for blk in model.dec_blocks)
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if "film" in n or n.startswith(("prior.", "to_z_cls."))]
+    # the same encoder as the ViTCAE: CLS token and per-head temperatures
+    ref = build_model(build_config({"data.image_size": 16, "model.patch_size": 2}).model, 16, 1)
+    encoder = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.", "to_z_patch.")
+    assert [n for n in names if n.startswith(encoder)] == [
+        n for n, _ in ref.named_parameters() if n.startswith(encoder)
+    ]
+    assert all(a.tau_active.numel() == cfg.model.num_heads for a in model.attention_layers)
+
+
+def test_vitvae_forward_shapes_loss_and_every_param_gets_a_gradient():
+    from vitcae_ray.losses import patch_mmd, vitcae_loss
+
+    cfg, model = _vitvae()
+    x = torch.rand(6, 1, 16, 16)
+    out = model(x, decode_prior=True)  # nothing to decode from a prior: ignored
+    n, zp = model.num_patches, cfg.model.z_patch_dim
+    assert out.recon.shape == x.shape and out.recon_prior is None
+    for t in (out.z_cls, out.mu_cls, out.logvar_cls):
+        assert t.shape == (6, 0)
+    for t in (out.z_patch, out.mu_patch, out.logvar_patch, out.prior_mu, out.prior_logvar):
+        assert t.shape == (6, n, zp)
+    assert out.prior_mu.abs().sum() == 0 and out.prior_logvar.abs().sum() == 0  # N(0, I)
+    epoch = cfg.loss.kl_warmup_epochs + cfg.loss.ramp_epochs  # KL and MMD both on
+    terms = vitcae_loss(out, x, epoch, cfg.loss, generator=torch.Generator().manual_seed(3))
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert terms["kl_cls"].item() == 0.0 and terms["discrepancy"].item() == 0.0
+    assert terms["prior_recon"].item() == 0.0
+    # the whole MMD is the patch MMD: the zero-width z_cls adds exactly 0
+    only_patch = patch_mmd(
+        out, cfg.loss.mmd_scales, cfg.loss.mmd_max_samples, torch.Generator().manual_seed(3)
+    )
+    assert terms["mmd"].item() == only_patch.item()
+    terms["loss"].backward()
+    missing = _without_gradient(model)
+    assert missing == []
+    samples = model.generate(3, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 16, 16) and torch.isfinite(samples).all()
+
+
+def test_vitvae_inpainting_encoder_puts_the_standard_normal_prior_in_the_holes():
+    _, model = _vitvae()
+    x = torch.rand(2, 1, 16, 16)
+    keep = torch.stack([torch.arange(0, model.num_patches, 2)] * 2)  # every other patch
+    with torch.no_grad():
+        z_cls, _, _, mu_patch, logvar_patch, _, _ = model.forward_encoder(x, keep=keep)
+        full = model.forward_encoder(x)[3]
+    assert z_cls.shape == (2, 0)
+    holes = torch.arange(1, model.num_patches, 2)
+    assert mu_patch[:, holes].abs().sum() == 0 and logvar_patch[:, holes].abs().sum() == 0
+    assert not torch.allclose(mu_patch[:, keep[0]], full[:, keep[0]])  # seen through fewer patches
+    assert model.forward_decoder(mu_patch, z_cls).shape == x.shape
+
+
+@pytest.mark.parametrize("variant", ["vitcae", "vitvae"])
+def test_representations_are_posterior_means_without_sampling(variant):
+    cfg = build_config({"model.variant": variant, "data.image_size": 16, "model.patch_size": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 16, 1).train()
+    x = torch.rand(5, 1, 16, 16)
+    reps = model.representations(x)
+    assert model.training  # the mode is restored
+    _, mu_cls, _, mu_patch, *_ = model.forward_encoder(x)
+    if variant == "vitcae":
+        assert list(reps) == ["z_cls"]
+        torch.testing.assert_close(reps["z_cls"], mu_cls)
+        torch.testing.assert_close(model.representation(x), mu_cls)
+    else:
+        assert list(reps) == ["cls_feature", "patch_mean"]
+        assert reps["cls_feature"].shape == (5, cfg.model.embed_dim)
+        assert reps["patch_mean"].shape == (5, cfg.model.z_patch_dim)
+        torch.testing.assert_close(reps["cls_feature"], model.forward_features(x)[:, 0])
+        torch.testing.assert_close(reps["patch_mean"], mu_patch.mean(1))
+        torch.testing.assert_close(model.representation(x), reps["cls_feature"])
+    assert all(not r.requires_grad and r.dtype == torch.float32 for r in reps.values())
+    # deterministic: the same vectors twice
+    for k, r in model.representations(x).items():
+        assert torch.equal(r, reps[k])
+
+
+def test_checkpoint_round_trip_rebuilds_the_variant():
+    import io
+
+    from vitcae_ray.checkpoints import load_model_file, model_from_state
+    from vitcae_ray.freezing import frozen_heads
+
+    cfg, model = _vitvae()
+    state = {
+        "model": model.state_dict(),
+        "model_args": {"img_size": model.img_size, "in_chans": model.in_chans},
+        "config": cfg.to_dict(),
+        "frozen_heads": frozen_heads(model),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    again = model_from_state(load_model_file(buf.getvalue(), "model.pt"))
+    assert again.cfg.variant == "vitvae" and not again.has_z_cls and again.prior is None
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(again(x, sample=False).recon, model(x, sample=False).recon)
+    # the weights do not fit the other variant
+    other = build_model(build_config({"data.image_size": 16, "model.patch_size": 2}).model, 16, 1)
+    with pytest.raises(RuntimeError):
+        other.load_state_dict(state["model"])
+
+
+def test_variant_is_a_validated_config_key():
+    from vitcae_ray.config import ConfigError
+
+    assert build_config({}).model.variant == "vitcae"
+    with pytest.raises(ConfigError, match="model.variant"):
+        build_config({"model.variant": "vae"})

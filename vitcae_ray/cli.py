@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from .checkpoints import CheckpointError
-from .config import SELECT_METRIC, Config, ConfigError, resolve
+from .config import Config, ConfigError, resolve
 from .data import DataError
 from .errors import fail
 
@@ -62,22 +62,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def summary(result, cfg: Config, wall_s: float) -> str:
-    """The lines printed when the run ends: epochs, final and best validation ELBO, where to look."""
+    """The lines printed when the run ends: epochs, final validation metrics, the best checkpoint
+    by ``train.select_metric``, where to look."""
     m = result.metrics or {}
     if "error" in m:
         return f"stopped: {m['error']}"
     lines = [f"done in {wall_s:.0f}s: {int(m.get('epoch', -1)) + 1}/{cfg.train.epochs} epochs"]
     if "val/mse" in m:
         lines.append(
-            f"  final val/elbo {m[SELECT_METRIC]:.2f}  val/mse {m['val/mse']:.5f}  "
+            f"  final val/elbo {m['val/elbo']:.2f}  val/mse {m['val/mse']:.5f}  "
             f"val/psnr {m['val/psnr']:.2f} dB"
         )
     best = getattr(result, "best_checkpoints", None) or []
     if best:
-        ckpt, bm = min(best, key=lambda cm: cm[1].get(SELECT_METRIC, float("inf")))
-        lines.append(
-            f"  best {SELECT_METRIC} {bm[SELECT_METRIC]:.2f} at epoch {int(bm['epoch']) + 1}: {ckpt.path}"
-        )
+        metric = cfg.train.select_metric
+        ckpt, bm = min(best, key=lambda cm: cm[1].get(metric, float("inf")))
+        lines.append(f"  best {metric} {bm[metric]:.6g} at epoch {int(bm['epoch']) + 1}: {ckpt.path}")
     out = cfg.train.output
     lines.append(f"  run directory {out} (tensorboard --logdir {out}/tb)")
     return "\n".join(lines)

@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-# The fixed-weight selection metric (negative ELBO, nats per image): checkpoint ranking,
-# ASHA and export compare it, since val/loss changes its weights along the curriculum.
+# The default of ``train.select_metric``: the fixed-weight negative ELBO (nats per image),
+# compared by checkpoint ranking, ASHA and export, since val/loss changes its weights along
+# the curriculum.
 SELECT_METRIC = "val/elbo"
 # The 1-based count of finished epochs every epoch reports: ASHA's time attribute.
 EPOCHS_DONE = "epochs_done"
@@ -41,6 +42,12 @@ def key(default: Any, text: str, **constraints: Any) -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = key("tiny", "size preset the other model keys start from (see Model presets)")
+    variant: str = key(
+        "vitcae",
+        "vitcae: CLS -> z_cls, prior p(z_patch | z_cls), FiLM decoder; "
+        "vitvae: the ViT-VAE baseline (patch latents, N(0, I) prior, no z_cls)",
+        choices=("vitcae", "vitvae"),
+    )
     patch_size: int = key(4, "pixels per patch side; data.image_size must be a multiple", gt=0)
     embed_dim: int = key(64, "encoder width D; a multiple of model.num_heads", gt=0)
     depth: int = key(4, "encoder blocks", gt=0)
@@ -48,14 +55,16 @@ class ModelConfig:
         4, "encoder heads per block (the heads the temperature schedule and freezing act on)", gt=0
     )
     mlp_ratio: float = key(2.0, "MLP hidden width / D")
-    z_cls_dim: int = key(8, "size of the global latent z_cls", gt=0)
+    z_cls_dim: int = key(8, "size of the global latent z_cls (none in vitvae)", gt=0)
     z_patch_dim: int = key(8, "size of the per-patch latent z_patch", gt=0)
     prior_hidden: int = key(256, "hidden width of the neural prior MLP z_cls -> p(z_patch | z_cls)", gt=0)
     dec_dim: int = key(64, "decoder width; a multiple of model.dec_heads", gt=0)
     dec_depth: int = key(2, "decoder blocks (FiLM-conditioned on z_cls)", gt=0)
     dec_heads: int = key(4, "decoder heads per block", gt=0)
     fused_attn: bool = key(True, "SDPA on the training path; false uses the manual softmax path")
-    conditional_prior: bool = key(True, "false: p(z_patch) = N(0, I) and Z~_patch = 0 (ablation)")
+    conditional_prior: bool = key(
+        True, "false: p(z_patch) = N(0, I) and Z~_patch = 0 (ablation; always so in vitvae)"
+    )
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class LossConfig:
     recon_weight: float = key(10.0, "weight of the per-image summed squared error (1 / 2 sigma^2)")
+    elbo_samples: int = key(
+        1, "K: posterior samples of the sampled val/elbo estimate (fixed-seed, analytic KL)", ge=1
+    )
     kl_cls_weight: float = key(1.0, "weight of KL(q(z_cls|x) || N(0, I))")
     kl_cls_free_bits: float = key(1.0, "nats per z_cls dimension that KL(z_cls) does not charge", ge=0)
     kl_patch_weight: float = key(1.0, "weight of KL(q(z_patch|x) || p(z_patch|z_cls))")
@@ -140,12 +152,17 @@ class TrainConfig:
         "run stops; 0 = stop at the first",
         ge=0,
     )
-    num_checkpoints: int = key(2, "best checkpoints kept by val/elbo (the latest is also kept)")
+    select_metric: str = key(
+        "val/elbo",
+        "metric (minimised) that ranks checkpoints, the run's best and the default of tune/export --metric",
+        choices=("val/elbo", "val/mse"),
+    )
+    num_checkpoints: int = key(2, "best checkpoints kept by train.select_metric (the latest is also kept)")
     log_images: bool = key(True, "reconstruction and sample grids in TensorBoard")
     num_image_samples: int = key(16, "images per grid")
     eval_every: int = key(
         5,
-        "every N epochs and the last: val/probe_acc, val/sample_score, the inpainting "
+        "every N epochs and the last: val/probe_acc, val/fid, val/kid, the inpainting "
         "and interpolation grids; 0 = never",
         ge=0,
     )

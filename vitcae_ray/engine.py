@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import Config
+from .likelihood import elbo
 from .losses import vitcae_loss
 from .model import ViTCAE, build_model
 
@@ -82,8 +83,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def decode_prior(cfg: Config) -> bool:
-    """Whether the loss needs x decoded from the prior alone (a second decoder pass)."""
-    return cfg.loss.prior_recon_weight > 0
+    """Whether the loss needs x decoded from the prior alone (a second decoder pass); never for
+    the ViT-VAE, which has no z_cls to decode a prior from."""
+    return cfg.loss.prior_recon_weight > 0 and cfg.model.variant == "vitcae"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -140,6 +142,8 @@ def train_one_epoch(
     skips_left: int = 0,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; returns metrics averaged over every rank's samples.
+    ``model(x)`` samples z_cls and then z_patch given it, so ``train/elbo`` is a one-sample
+    negative ELBO estimate (analytic KL terms) at the weights of each step.
 
     A step whose gradient norm is not finite is skipped (no optimizer step; its CLS readout
     and loss terms are dropped) while fewer than ``skips_left`` were skipped this epoch, and
@@ -197,9 +201,16 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Deterministic validation: latents at the posterior means, MMD against prior samples
-    from a fixed-seed generator. ``val/psnr`` = 10 log10(1 / val/mse) for images in [0, 1]."""
+    """Deterministic validation, every draw from a generator seeded with ``seed``:
+
+    - ``val/elbo``: the negative ELBO in nats per image estimated with ``loss.elbo_samples``
+      posterior draws and analytic KL terms (:func:`vitcae_ray.likelihood.elbo`);
+    - ``val/mse`` (and ``val/psnr`` = 10 log10(1 / val/mse) for images in [0, 1]) and the
+      other terms (``val/loss``, ``val/recon``, the KLs, ``val/discrepancy``): at the
+      posterior means, MMD against prior samples.
+    """
     model.eval()
+    inner = unwrap(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
     for x, _ in loader:
@@ -207,6 +218,9 @@ def evaluate(
         with autocast(device, amp_dtype):
             out = model(x, sample=False, decode_prior=decode_prior(cfg))
         terms = vitcae_loss(out, x, epoch, cfg.loss, generator=gen)
+        with autocast(device, amp_dtype):
+            nelbo = elbo(inner, x, cfg.loss.elbo_samples, recon_weight=cfg.loss.recon_weight, generator=gen)
+        terms["elbo"] = nelbo.mean()
         n = x.shape[0]
         sums[:-1] += torch.stack([terms[k].double() for k in TERMS]) * n
         sums[-1] += n

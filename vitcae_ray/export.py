@@ -45,6 +45,7 @@ class Choice:
     epoch: int
     value: float  # the metric at that epoch
     metrics: dict[str, Any] | None  # that epoch's line of metrics.jsonl
+    metric: str = SELECT_METRIC  # the metric it was ranked by
 
 
 def _uri_errors(fn):
@@ -240,18 +241,26 @@ def choose_checkpoint(row: dict[str, Any], experiment: str, metric: str, mode: s
         )
     sign = 1.0 if mode == "min" else -1.0
     epoch, path, value, m = min(scored, key=lambda s: (sign * s[2], -s[0]))
-    return Choice(trial, row, path, epoch, value, m)
+    return Choice(trial, row, path, epoch, value, m, metric)
 
 
 @_uri_errors
+def sweep_metric(rows: list[dict[str, Any]]) -> str:
+    """The metric the sweep ranked by, as its results table records it (older tables: the
+    default selection metric)."""
+    recorded = {r.get("select_metric") for r in rows} - {None}
+    return recorded.pop() if len(recorded) == 1 else SELECT_METRIC
+
+
 def choose(
     experiment: str,
-    metric: str = SELECT_METRIC,
+    metric: str | None = None,
     mode: str = "min",
     trial: str | None = None,
     top_k: int | None = None,
 ) -> list[Choice]:
-    """The checkpoints to export, best first, all checked before anything is written."""
+    """The checkpoints to export, best first, all checked before anything is written;
+    ``metric`` defaults to the sweep's (its ``train.select_metric`` or ``tune --metric``)."""
     if mode not in ("min", "max"):
         raise ExportError(f"--mode must be min or max, got {mode!r}")
     if top_k is not None and top_k < 1:
@@ -259,6 +268,7 @@ def choose(
     if trial is not None and top_k is not None:
         raise ExportError("--trial and --top-k exclude each other")
     rows = read_results(experiment)
+    metric = metric or sweep_metric(rows)
     ranked = rank_trials(rows, metric, mode)  # also checks the metric exists
     if trial is not None:
         chosen = [r for r in rows if r["trial_id"] == str(trial)]
@@ -360,7 +370,7 @@ def _write_dir(fs, base: str, files: dict[str, bytes]) -> None:
 def export(
     experiment: str,
     out: str,
-    metric: str = SELECT_METRIC,
+    metric: str | None = None,
     mode: str = "min",
     trial: str | None = None,
     top_k: int | None = None,
@@ -419,7 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment directory of python -m vitcae_ray.tune (local path or URI)",
     )
     p.add_argument("--out", required=True, help="model directory to write (local path or URI)")
-    p.add_argument("--metric", default=SELECT_METRIC, help=f"rank by best/METRIC (default {SELECT_METRIC})")
+    p.add_argument(
+        "--metric",
+        help="rank by best/METRIC (default: the sweep's metric, its train.select_metric unless "
+        f"tune was given --metric; {SELECT_METRIC} for tables that do not record it)",
+    )
     p.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher is better")
     p.add_argument("--trial", help="export this trial id instead of the best")
     p.add_argument("--top-k", type=int, help="export the K best trials into OUT/1 ... OUT/K")
@@ -442,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         of = f"/{epochs}" if isinstance(epochs, int) else ""
         print(
             f"trial {c.trial_id}: epoch {c.epoch + 1}{of} ({CHECKPOINT_PREFIX}{c.epoch:04d}), "
-            f"{args.metric} {c.value:.6g} -> {path}"
+            f"{c.metric} {c.value:.6g} -> {path}"
         )
     return 0
 

@@ -3,9 +3,16 @@ patch-token discrepancy. Every per-sample term is summed over its dimensions and
 over the batch, so the weights in :class:`LossConfig` are comparable across image sizes.
 
 ``loss`` is the training objective; its weights change along the curriculum, so it is not
-comparable across epochs or trials. ``elbo`` is: the negative ELBO in nats per image with
+comparable across epochs or trials. ``elbo`` is the negative ELBO in nats per image with
 weight 1 on every term, under the Gaussian decoder the reconstruction weight implies
-(sigma^2 = 1 / (2 recon_weight)). Checkpoint ranking, ASHA and export use ``val/elbo``.
+(sigma^2 = 1 / (2 recon_weight)), at the latents ``out`` holds: in training (``model(x)``
+samples z_cls, then z_patch given it) a one-sample estimate with analytic KL terms. At the
+posterior means it is no ELBO estimate; validation replaces it with
+:func:`vitcae_ray.likelihood.elbo` (``val/elbo``, what checkpoint ranking, ASHA and export
+use by default).
+
+Without z_cls (the ViT-VAE, z_cls of width 0) its KL and MMD are exactly 0, and so is the
+discrepancy term: there is no Z~_patch for the patch posterior to stay near.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ def imq_mmd(x: torch.Tensor, y: torch.Tensor, scales: tuple[float, ...]) -> torc
     1/(n(n-1)) sum_{i != j} k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)."""
     x, y = x.flatten(1).float(), y.flatten(1).float()
     n, d = x.shape
-    if n < 2:
+    if n < 2 or d == 0:  # no pair, or zero-width samples (the kernel would be 0 / 0)
         return x.new_zeros(())
     xy = torch.cat([x, y])
     d2 = torch.cdist(xy, xy).pow(2)  # (2n, 2n)
@@ -99,6 +106,8 @@ def vitcae_loss(
     )
     # on the posterior mean: the sampled z_patch would also push the posterior variance down
     disc = (out.mu_patch.float() - out.z_patch_tilde.float()).pow(2).flatten(1).sum(1).mean()
+    if out.mu_cls.shape[-1] == 0:  # ViT-VAE: no z_cls, no Z~_patch to be near
+        disc = torch.zeros_like(disc)
     if mmd_f > 0:
         # fresh posterior samples (validation decodes the means) vs prior samples:
         # z_cls vs N(0, I); patch latents vs p(z_patch | z_cls)

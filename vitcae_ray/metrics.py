@@ -1,7 +1,7 @@
-"""Image and latent metrics for the paper's tasks: PSNR/SSIM, the sample score, posterior
-means, the inpainting masks and fill, and latent interpolation. Pure functions of
-models and tensors (no Ray), shared by ``python -m vitcae_ray.evaluate`` and the trainer's
-periodic evaluation.
+"""Image and latent metrics for the paper's tasks: PSNR/SSIM, k-NN precision/recall and
+nearest-neighbour distances, posterior means, the inpainting masks and fill, and latent
+interpolation. Pure functions of models and tensors (no Ray), shared by
+``python -m vitcae_ray.evaluate`` and the trainer's periodic evaluation.
 """
 
 from __future__ import annotations
@@ -48,46 +48,37 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return s.flatten(1).mean(1)
 
 
-# --- a pixel classifier and the sample score --------------------------------------------------
+# --- generation: k-NN manifolds and memorisation -----------------------------------------------
 
 
-def _features(images: torch.Tensor, side: int = 16) -> np.ndarray:
-    """(B, C, S, S) -> (B, C * side^2): average-pooled to at most ``side`` pixels a side."""
-    x = images.float().cpu()
-    if x.shape[-1] > side:
-        x = F.adaptive_avg_pool2d(x, side)
-    return x.flatten(1).numpy()
+def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of feature sets (n, d):
+    each set's manifold is the union of balls around its points reaching their k-th nearest
+    neighbour in the set. Precision: the share of ``fake`` inside the real manifold; recall:
+    the share of ``real`` inside the fake manifold."""
+    from sklearn.neighbors import NearestNeighbors
+
+    def radii(x: np.ndarray) -> np.ndarray:  # distance to the k-th neighbour, the point itself excluded
+        return NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, -1]
+
+    def inside(points: np.ndarray, centres: np.ndarray, r: np.ndarray) -> float:
+        c, rr = torch.from_numpy(centres), torch.from_numpy(r)
+        hits = [
+            (torch.cdist(torch.from_numpy(points[i : i + 512]), c) <= rr).any(1)  # (chunk, n_c) -> (chunk,)
+            for i in range(0, len(points), 512)
+        ]
+        return float(torch.cat(hits).double().mean())
+
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
-class PixelClassifier:
-    """Logistic regression on (pooled) pixels of real training images: the classifier behind
-    the sample score. Fitted on at most ``max_images`` images."""
+def nearest_distance(images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """Per image, the Euclidean pixel distance to its nearest image in ``reference``, (n,)."""
+    from sklearn.neighbors import NearestNeighbors
 
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor | np.ndarray, seed: int = 0, max_images: int = 10000
-    ) -> None:
-        from sklearn.linear_model import LogisticRegression
-
-        labels = np.asarray(labels)
-        if len(labels) > max_images:
-            keep = np.random.default_rng(seed).choice(len(labels), max_images, replace=False)
-            images, labels = images[torch.as_tensor(keep)], labels[keep]
-        self.clf = LogisticRegression(max_iter=2000, C=1.0).fit(_features(images), labels)
-
-    def proba(self, images: torch.Tensor) -> np.ndarray:
-        """p(y | x), (B, K)."""
-        return self.clf.predict_proba(_features(images))
-
-    def accuracy(self, images: torch.Tensor, labels) -> float:
-        return float((self.clf.predict(_features(images)) == np.asarray(labels)).mean())
-
-
-def inception_style_score(proba: np.ndarray) -> float:
-    """exp(E_x KL(p(y|x) || p(y))), p(y) the mean of p(y|x) over the set: between 1 (every
-    image alike or ambiguous) and K (confident and spread evenly over the K classes)."""
-    p = np.clip(proba, 1e-12, 1.0)
-    marginal = p.mean(0, keepdims=True)
-    return float(np.exp((p * (np.log(p) - np.log(marginal))).sum(1).mean()))
+    ref = reference.flatten(1).double().numpy()
+    return NearestNeighbors(n_neighbors=1).fit(ref).kneighbors(images.flatten(1).double().numpy())[0][:, 0]
 
 
 def max_class_share(proba: np.ndarray) -> float:
@@ -170,15 +161,31 @@ def pixel_mask(mask: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     return F.interpolate(m, scale_factor=patch, mode="nearest").bool()
 
 
+def hidden_region(pm: torch.Tensor, band: int) -> torch.Tensor:
+    """The pixels an inpainting input hides: the masked pixels ``pm`` (B, 1, S, S) grown by
+    ``band`` pixels on every side (a square dilation). A resize from a smaller native image
+    spreads each source pixel over its neighbours (bilinear x4 reaches 2 pixels); hiding that
+    reach too leaves nothing of the masked content in the visible pixels."""
+    if band <= 0:
+        return pm
+    return F.max_pool2d(pm.float(), 2 * band + 1, stride=1, padding=band).bool()
+
+
+def hide(x: torch.Tensor, hidden: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``x`` with the ``hidden`` pixels replaced by ``fill`` (broadcast, e.g. the mean image)."""
+    return torch.where(hidden.to(x.device), fill.to(x.device).expand_as(x), x)
+
+
 @torch.no_grad()
-def inpaint(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def inpaint(model, x: torch.Tensor, mask: torch.Tensor, paste: torch.Tensor | None = None) -> torch.Tensor:
     """Fill the masked patches of ``x`` (B, C, S, S); ``mask`` (B, N) bool, the same number
     of masked patches in every image.
 
     The encoder sees only the visible patches (the masked ones are dropped from its tokens),
     which gives z_cls; the visible patches keep their posterior means, and the masked ones
     get Z~_patch, the mean of the prior given that z_cls. The decoded hole is pasted into
-    the input, so visible pixels are returned unchanged."""
+    the input, so visible pixels are returned unchanged; ``paste`` (B, 1, S, S) bool names
+    other pixels to take from the decoded image (default: the masked patches')."""
     device = next(model.parameters()).device
     x, mask = x.to(device), mask.to(device)
     counts = (~mask).sum(1)
@@ -187,8 +194,8 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     keep = (~mask).nonzero()[:, 1].view(x.shape[0], -1)  # (B, Nk), ascending per row
     _, mu_cls, _, mu_patch, *_ = model.forward_encoder(x, keep=keep)
     decoded = model.forward_decoder(mu_patch, mu_cls).float()
-    pm = pixel_mask(mask, model.grid, model.cfg.patch_size).to(device)
-    return torch.where(pm, decoded, x)
+    pm = pixel_mask(mask, model.grid, model.cfg.patch_size) if paste is None else paste
+    return torch.where(pm.to(device), decoded, x)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, pm: torch.Tensor) -> float:

@@ -270,7 +270,7 @@ def heatmap(values: torch.Tensor, vmax: float | None = None, cell: int = 16) -> 
 def progress_line(m: dict[str, Any], epochs: int) -> str:
     """The epoch's one line on the console."""
     evaluated = (
-        f" probe {m['val/probe_acc']:.1%} sample score {m['val/sample_score']:.2f} |"
+        f" probe {m['val/probe_acc']:.1%} FID {m['val/fid']:.1f} KID {m['val/kid']:.3f} |"
         if "val/probe_acc" in m
         else ""
     )

@@ -115,7 +115,9 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         cfg, loop_config.get("stream"), rank, world, device
     )
     local_ckpts = (
-        checkpoints.LocalCheckpoints(loop_config["storage"], t.run_name, t.num_checkpoints) if local else None
+        checkpoints.LocalCheckpoints(loop_config["storage"], t.run_name, t.num_checkpoints, t.select_metric)
+        if local
+        else None
     )
     state = _latest_state(local_ckpts, device, rank)
     probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
@@ -192,7 +194,9 @@ def _setup_rank0(w: Worker, train_set, val_set) -> None:
     if t.eval_every > 0:
         from .evaluate import EpochEvaluator
 
-        w.evaluator = EpochEvaluator(train_set, val_set, seed=t.seed, max_train=EVAL_TRAIN_ROWS)
+        w.evaluator = EpochEvaluator(
+            train_set, val_set, w.cfg.data.dataset, seed=t.seed, max_train=EVAL_TRAIN_ROWS, log=say
+        )
 
 
 def _loaders(cfg: Config, stream: dict[str, int] | None, rank: int, world: int, device):
@@ -261,7 +265,13 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     except NonFiniteLossError as e:
         # Every rank sees the same all-reduced gradient norm, so all stop here together;
         # inf metrics keep Tune's metric checks and ASHA working on the stop.
-        failed = {"error": str(e), "val/loss": math.inf, SELECT_METRIC: math.inf, **(w.fail_metrics or {})}
+        failed = {
+            "error": str(e),
+            "val/loss": math.inf,
+            SELECT_METRIC: math.inf,
+            cfg.train.select_metric: math.inf,
+            **(w.fail_metrics or {}),
+        }
         ray.train.report({"epoch": epoch, EPOCHS_DONE: epoch + 1, **failed})
         return None
     cls_attn, patch_attn = head_statistics(model, w.probe)
@@ -472,7 +482,7 @@ def _trainer(cfg: Config, datasets, storage: str, callbacks, loop_config: dict[s
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=t.num_checkpoints,
-                checkpoint_score_attribute=SELECT_METRIC,
+                checkpoint_score_attribute=t.select_metric,
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),

@@ -179,7 +179,8 @@ def results_table(
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1]
         run_dir = join(experiment, TRIALS_DIR, trial_id)
         history = _read_metrics(run_dir)
-        row: dict[str, Any] = {"trial_id": trial_id, "run_dir": run_dir}
+        # the sweep's metric: python -m vitcae_ray.export ranks by it unless given --metric
+        row: dict[str, Any] = {"trial_id": trial_id, "run_dir": run_dir, "select_metric": metric}
         row.update({k: result.config.get(k) for k in space_keys})
         row["epochs"] = len(history)
         row["status"] = (
@@ -411,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", help="data.dataset")
     p.add_argument("--data-root", help="data.root")
-    p.add_argument("--metric", default=SELECT_METRIC)
+    p.add_argument(
+        "--metric",
+        help=f"ASHA's and the results table's metric (default: the base config's train.select_metric, "
+        f"{SELECT_METRIC} unless set)",
+    )
     p.add_argument("--mode", choices=("min", "max"), default="min")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor")
@@ -448,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         # precedence: --config < the space's fixed values < flags < --set
         base = resolve(args.config, {**fixed, **{k: v for k, v in flags.items() if v is not None}}, args.set)
+        metric = args.metric or base.train.select_metric
         if base.train.num_workers < 1:
             raise ConfigError("--workers-per-trial must be >= 1 (each trial is a Ray Train run)")
         check_directory(filesystem.absolute(args.output), "--output")
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             space,
             args.output,
             args.num_samples,
-            args.metric,
+            metric,
             args.mode,
             args.grace_period,
             args.reduction_factor,
@@ -473,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConfigError, DataError, filesystem.FileSystemError) as e:
         return fail(e)
-    print(format_results(rows, list(space), args.metric))
+    print(format_results(rows, list(space), metric))
     out = filesystem.absolute(args.output)
     stopped = sum(r["status"] == "stopped" for r in rows)
     failed = [r for r in rows if r["status"] == "error"]

@@ -4,7 +4,7 @@ The quickstart (``configs/digits_tiny.yaml``) trained in-process (Ray Train's lo
 with freezing off (``freeze.enabled=false``) and with freezing on in each mode, every variant
 with the same seeds, each run in a directory of its own; the variants alternate seed by seed.
 From each run's ``metrics.jsonl``: the final ``val/mse`` and ``val/elbo``, the last
-``val/probe_acc`` and ``val/sample_score`` (epochs with the periodic evaluation),
+``val/probe_acc`` and ``val/fid`` (epochs with the periodic evaluation),
 ``flops/cumulative_saved_frac``, the frozen heads, and the wall time. Per variant: means over
 seeds and their ratio to freezing off (target: the default mode's val/mse within 3%).
 """
@@ -74,7 +74,7 @@ def _one_run(cfg: Config, output: str) -> dict:
         "val_mse": history[-1]["val/mse"],
         "val_elbo": history[-1]["val/elbo"],
         "probe_acc": _final(history, "val/probe_acc"),
-        "sample_score": _final(history, "val/sample_score"),
+        "fid": _final(history, "val/fid"),
         "flops_saved_frac": history[-1]["flops/cumulative_saved_frac"],
         "heads_frozen": history[-1]["heads/frozen"] + history[-1]["heads/newly_frozen"],
         "heads_total": history[-1]["heads/total"],
@@ -184,7 +184,7 @@ def _mean_row(
         "mse_ratio_spread": spread(ratios),
         "val_elbo": _mean([m["val_elbo"] for m in mine]),
         "probe_acc": _mean([m["probe_acc"] for m in mine]),
-        "sample_score": _mean([m["sample_score"] for m in mine]),
+        "fid": _mean([m["fid"] for m in mine]),
         "flops_saved_frac": _mean([m["flops_saved_frac"] for m in mine]),
         "heads_frozen": _mean([m["heads_frozen"] for m in mine]),
         "heads_total": mine[0]["heads_total"],
@@ -212,7 +212,7 @@ def render(rows: list[dict]) -> str:
             ("mse_ratio", "x off", opt("{:.3f}")),
             ("mse_ratio_spread", "min..max", lambda s: f"[{s['min']:.3f}, {s['max']:.3f}]"),
             ("probe_acc", "probe acc", opt("{:.1%}")),
-            ("sample_score", "sample", opt("{:.2f}")),
+            ("fid", "FID", opt("{:.1f}")),
             ("flops_saved_frac", "FLOPs saved", opt("{:.1%}")),
             ("heads_frozen", "frozen", opt("{:g}")),
             ("wall_s", "wall s", opt("{:.1f}")),

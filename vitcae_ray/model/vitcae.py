@@ -14,6 +14,11 @@ z_cls carry the image's global content instead of collapsing onto N(0, I). At ge
 time the patch latents are ``Z~_patch + temperature * sigma_p * eps``; temperature 0 decodes
 Z~_patch, and inpainting puts Z~_patch in the holes.
 
+``model.variant: vitvae`` builds the paper's ViT-VAE baseline from the same parts: the same
+encoder (CLS token and per-head temperatures included), patch latents with an N(0, I) prior,
+no z_cls, no prior MLP, no FiLM. Its z_cls is zero-width, (B, 0), so every interface (the
+encoder's 7-tuple, ``forward_decoder(z_patch, z_cls)``, the loss) stays the same for both.
+
 The latent heads and the prior run in fp32 even under autocast, and every log-variance is
 soft-bounded to (-LOGVAR_BOUND, LOGVAR_BOUND).
 """
@@ -88,7 +93,7 @@ def reparameterize(
 @dataclass
 class ViTCAEOutput:
     recon: torch.Tensor  # (B, C, S, S) in [0, 1]
-    z_cls: torch.Tensor  # (B, Zc)
+    z_cls: torch.Tensor  # (B, Zc); Zc = 0 in the ViT-VAE
     mu_cls: torch.Tensor
     logvar_cls: torch.Tensor
     z_patch: torch.Tensor  # (B, N, Zp)
@@ -106,7 +111,7 @@ class ViTCAEOutput:
 
 class ViTCAE(nn.Module):
     """Args:
-    cfg: the model section of the config (sizes, latent dims, fused attention flag).
+    cfg: the model section of the config (variant, sizes, latent dims, fused attention flag).
     img_size: input side S (a multiple of ``cfg.patch_size``).
     in_chans: image channels C.
     """
@@ -119,6 +124,9 @@ class ViTCAE(nn.Module):
         p, D = cfg.patch_size, cfg.embed_dim
         self.grid = img_size // p
         self.num_patches = N = self.grid * self.grid
+        # the ViT-VAE has no global latent: z_cls is zero-width and nothing is conditioned on it
+        self.has_z_cls = cfg.variant == "vitcae"
+        self.z_cls_dim = Zc = cfg.z_cls_dim if self.has_z_cls else 0
 
         # encoder
         self.patch_embed = nn.Conv2d(in_chans, D, kernel_size=p, stride=p)
@@ -128,30 +136,29 @@ class ViTCAE(nn.Module):
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.fused_attn) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(D)
-        self.to_z_cls = nn.Linear(D, 2 * cfg.z_cls_dim)  # -> (mu, logvar)
+        self.to_z_cls = nn.Linear(D, 2 * Zc) if Zc else None  # -> (mu, logvar)
         self.to_z_patch = nn.Linear(D, 2 * cfg.z_patch_dim)
 
         # neural prior: z_cls -> (Z~ = mu_p, logvar_p) for every patch position
         Zp = cfg.z_patch_dim
         self.prior = (
             nn.Sequential(
-                nn.Linear(cfg.z_cls_dim, cfg.prior_hidden),
+                nn.Linear(Zc, cfg.prior_hidden),
                 nn.GELU(),
                 nn.Linear(cfg.prior_hidden, cfg.prior_hidden),
                 nn.GELU(),
                 nn.Linear(cfg.prior_hidden, N * 2 * Zp),
             )
-            if cfg.conditional_prior
+            if cfg.conditional_prior and Zc
             else None
         )
 
-        # decoder: patch latents -> tokens, FiLM(z_cls) in every block -> pixels
+        # decoder: patch latents -> tokens, FiLM(z_cls) in every block (none when Zc = 0) -> pixels
         Dd = cfg.dec_dim
         self.dec_embed = nn.Linear(Zp, Dd)
         self.dec_pos_embed = nn.Parameter(torch.zeros(1, N, Dd))
         self.dec_blocks = nn.ModuleList(
-            Block(Dd, cfg.dec_heads, cfg.mlp_ratio, cfg.fused_attn, cond_dim=cfg.z_cls_dim)
-            for _ in range(cfg.dec_depth)
+            Block(Dd, cfg.dec_heads, cfg.mlp_ratio, cfg.fused_attn, cond_dim=Zc) for _ in range(cfg.dec_depth)
         )
         self.dec_norm = nn.LayerNorm(Dd)
         self.dec_pred = nn.Linear(Dd, p * p * in_chans)
@@ -186,6 +193,19 @@ class ViTCAE(nn.Module):
             t = blk(t)
         return self.norm(t)
 
+    def latent_heads(self, t: torch.Tensor):
+        """Normed tokens (B, 1 + N, D) -> mu_cls, logvar_cls (B, Zc) from the CLS token and
+        delta, logvar_patch (B, N, Zp) from the patch tokens, fp32, log-variances bounded.
+        Without z_cls (ViT-VAE) mu_cls and logvar_cls are (B, 0)."""
+        with fp32(t.device):
+            t = t.float()
+            if self.to_z_cls is None:
+                mu_cls = logvar_cls = t.new_zeros(t.shape[0], 0)
+            else:
+                mu_cls, logvar_cls = self.to_z_cls(t[:, 0]).chunk(2, dim=-1)
+            delta, logvar_patch = self.to_z_patch(t[:, 1:]).chunk(2, dim=-1)
+        return mu_cls, bound_logvar(logvar_cls), delta, bound_logvar(logvar_patch)
+
     def forward_encoder(
         self,
         x: torch.Tensor,
@@ -201,12 +221,7 @@ class ViTCAE(nn.Module):
 
         The patch posterior is a residual on the prior: mu_patch = Z~_patch(z_cls) + delta(x),
         so KL(q(z_patch|x) || p(z_patch|z_cls)) charges only what z_cls does not explain."""
-        t = self.forward_features(x, keep)
-        with fp32(t.device):
-            t = t.float()
-            mu_cls, logvar_cls = self.to_z_cls(t[:, 0]).chunk(2, dim=-1)
-            delta, logvar_patch = self.to_z_patch(t[:, 1:]).chunk(2, dim=-1)
-        logvar_cls, logvar_patch = bound_logvar(logvar_cls), bound_logvar(logvar_patch)
+        mu_cls, logvar_cls, delta, logvar_patch = self.latent_heads(self.forward_features(x, keep))
         z_cls = reparameterize(mu_cls, logvar_cls, generator) if sample else mu_cls
         prior_mu, prior_logvar = self.forward_prior(z_cls)
         if keep is not None:  # unseen patches: delta 0, the prior's variance
@@ -218,8 +233,9 @@ class ViTCAE(nn.Module):
     # --- prior ---------------------------------------------------------------------------
     def forward_prior(self, z_cls: torch.Tensor):
         """z_cls (B, Zc) -> prior_mu (= Z~_patch), prior_logvar, each (B, N, Zp), fp32.
-        With ``conditional_prior`` off (ablation) both are zero: p(z_patch) = N(0, I)."""
-        if not self.cfg.conditional_prior:
+        With ``conditional_prior`` off (ablation) or no z_cls (ViT-VAE) both are zero:
+        p(z_patch) = N(0, I)."""
+        if self.prior is None:
             zeros = z_cls.new_zeros(z_cls.shape[0], self.num_patches, self.cfg.z_patch_dim)
             return zeros.float(), zeros.float()
         with fp32(z_cls.device):
@@ -240,7 +256,8 @@ class ViTCAE(nn.Module):
 
     # --- decoder -------------------------------------------------------------------------
     def forward_decoder(self, z_patch: torch.Tensor, z_cls: torch.Tensor) -> torch.Tensor:
-        """z_patch (B, N, Zp), z_cls (B, Zc) -> image (B, C, S, S) in [0, 1]."""
+        """z_patch (B, N, Zp), z_cls (B, Zc) -> image (B, C, S, S) in [0, 1]. The ViT-VAE's
+        blocks have no FiLM and ignore its (B, 0) z_cls."""
         h = self.dec_embed(z_patch) + self.dec_pos_embed  # (B, N, Dd)
         for blk in self.dec_blocks:
             h = blk(h, z_cls)
@@ -262,14 +279,15 @@ class ViTCAE(nn.Module):
     ) -> ViTCAEOutput:
         """Encode, sample (or take the means when ``sample`` is False), and decode; with
         ``decode_prior`` also decode from p(z_patch | z_cls) alone (its mean without
-        ``sample``) into ``recon_prior``."""
+        ``sample``) into ``recon_prior``; the ViT-VAE has no z_cls to decode a prior from and
+        ignores ``decode_prior``."""
         z_cls, mu_cls, logvar_cls, mu_patch, logvar_patch, prior_mu, prior_logvar = self.forward_encoder(
             x, sample, generator
         )
         z_patch = reparameterize(mu_patch, logvar_patch, generator) if sample else mu_patch
         recon = self.forward_decoder(z_patch, z_cls)
         recon_prior = None
-        if decode_prior:  # the generative path: every patch from p(z_patch | z_cls)
+        if decode_prior and self.has_z_cls:  # the generative path: every patch from p(z_patch | z_cls)
             z_prior = reparameterize(prior_mu, prior_logvar, generator) if sample else prior_mu
             recon_prior = self.forward_decoder(z_prior, z_cls)
         return ViTCAEOutput(
@@ -290,10 +308,46 @@ class ViTCAE(nn.Module):
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> torch.Tensor:
         """z_cls ~ N(0, I) -> z_patch ~ N(Z~_patch, (temperature sigma_p)^2) -> decode:
-        (n, C, S, S)."""
+        (n, C, S, S). The ViT-VAE: z_patch ~ N(0, temperature^2 I)."""
         device = self.cls_token.device
-        z_cls = torch.randn(n, self.cfg.z_cls_dim, device=device, generator=generator)
+        z_cls = torch.randn(n, self.z_cls_dim, device=device, generator=generator)
         return self.forward_decoder(self.sample_prior(z_cls, temperature, generator), z_cls)
+
+    def latent_groups(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """One draw from the posterior for :mod:`vitcae_ray.likelihood`: (x_hat (B, C, S, S),
+        [(z, q_mu, q_logvar, p_mu, p_logvar) per latent group, in the generative order]).
+        z_cls ~ q(z_cls|x) first (prior N(0, I)); then z_patch ~ q(z_patch | x, z_cls), whose
+        mean and prior p(z_patch | z_cls) are taken at that sample. The ViT-VAE has the patch
+        group alone."""
+        out = self(x, sample=True, generator=generator)
+        groups = [(out.z_patch, out.mu_patch, out.logvar_patch, out.prior_mu, out.prior_logvar)]
+        if self.has_z_cls:
+            zeros = torch.zeros_like(out.mu_cls)
+            groups.insert(0, (out.z_cls, out.mu_cls, out.logvar_cls, zeros, zeros))
+        return out.recon, groups
+
+    @torch.no_grad()
+    def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The vectors a linear probe reads, at the posterior means, fp32: ViTCAE
+        ``{"z_cls": mu_cls (B, Zc)}``; ViT-VAE ``{"cls_feature": the encoder's final normed
+        CLS token (B, D), "patch_mean": the patch posterior means averaged over positions
+        (B, Zp)}``."""
+        was_training = self.training
+        self.eval()
+        try:
+            t = self.forward_features(x)  # (B, 1 + N, D)
+            mu_cls, _, delta, _ = self.latent_heads(t)
+        finally:
+            self.train(was_training)
+        if self.has_z_cls:
+            return {"z_cls": mu_cls}
+        # the prior mean is 0 here, so the patch posterior mean is delta itself
+        return {"cls_feature": t[:, 0].float(), "patch_mean": delta.mean(1)}
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        """The probe's default vector, (B, d): ViTCAE z_cls's posterior mean, ViT-VAE the
+        encoder's final normed CLS token."""
+        return self.representations(x)["z_cls" if self.has_z_cls else "cls_feature"]
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
