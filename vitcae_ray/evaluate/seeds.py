@@ -114,15 +114,9 @@ def _ms(values: list[float], fmt: str) -> str:
 
 
 def _fmt(key: str) -> str:
-    return (
-        "{:.1%}"
-        if "probe" in key or "share" in key
-        else "{:.5f}"
-        if key == "recon/mse"
-        else "{:.4f}"
-        if "kid" in key
-        else "{:.2f}"
-    )
+    if "probe" in key or "share" in key:
+        return "{:.1%}"
+    return {"recon/mse": "{:.5f}", "sample/kid": "{:.3f}"}.get(key, "{:.2f}")
 
 
 def results_table(results: dict[str, list[dict]]) -> list[str]:
@@ -193,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         if not seeds or any(v not in VARIANTS for v in variants):
             raise EvalError(
-                f"--seeds {args.seeds!r} / --variants {args.variants!r}: pass seeds and {', '.join(VARIANTS)}"
+                f"--seeds {args.seeds!r} / --variants {args.variants!r}: pass integers and "
+                f"variants from {', '.join(VARIANTS)}"
             )
         if args.doc and not Path(args.doc).is_file():
             raise EvalError(f"--doc {args.doc!r} not found: pass an existing Markdown file")
@@ -212,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 *results_table(results),
                 "",
-                "Epoch each candidate selection metric picks:",
+                "The epoch (1-based) each candidate selection metric picks, with that epoch's "
+                "val/mse and val/fid:",
                 "",
                 *selection_table(histories),
             ]
