@@ -1,8 +1,9 @@
 """What every result stands beside: methods that train nothing, and image sets that a metric
 must rank below real data.
 
-- inpainting: the mean training image, and biharmonic fill
-  (``skimage.restoration.inpaint_biharmonic``) of the hidden pixels from the visible ones;
+- inpainting: biharmonic fill (``skimage.restoration.inpaint_biharmonic``) of the hidden
+  pixels from the visible ones (the mean-image fill is the hidden input itself,
+  ``metrics.hide``);
 - probe: PCA-k of the pixels and the raw pixels (the representations, not the classifier);
 - generation sanity rows: class-mean prototypes, copies of 16 training images, and Gaussian
   noise with the training pixels' mean and spread.
@@ -12,11 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def mean_fill(x: torch.Tensor, hidden: torch.Tensor, mean_image: torch.Tensor) -> torch.Tensor:
-    """The hidden pixels of ``x`` (B, C, S, S) set to the mean training image (1, C, S, S)."""
-    return torch.where(hidden, mean_image.expand_as(x), x)
 
 
 def biharmonic_fill(x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

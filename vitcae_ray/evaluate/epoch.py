@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import metrics as M
 from .features import feature_net
 from .generation import draw_samples, fid_kid
 from .interp import task_interp
@@ -60,7 +61,7 @@ class EpochEvaluator:
     def __call__(self, model, device) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """-> (metrics, {name: grid image (C, H, W)}); ``model`` is the unwrapped model."""
         from ..outputs import grid_image
-        from .inpaint import fills, masked_inputs
+        from .inpaint import masked_inputs
 
         was_training = model.training
         model.eval()
@@ -70,7 +71,7 @@ class EpochEvaluator:
         k = min(8, len(self.xv))
         x, mean_image = self.xv[:k], self.xtr.mean(0, keepdim=True)
         mask, _, hidden, seen = masked_inputs(model, x, mean_image, "center25", self.seed)
-        filled = fills(model, seen, mask, hidden, mean_image)["model"]
+        filled = M.inpaint(model, seen, mask, paste=hidden).cpu()
         _, strips, steps = task_interp(model, self.xv, self.yv, self.seed, pairs=2)
         model.train(was_training)
         grey = torch.where(hidden, torch.full_like(x, 0.5), x)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import metrics as M
-from .baselines import biharmonic_fill, mean_fill
+from .baselines import biharmonic_fill
 
 METHODS = ("model", "mean_fill", "biharmonic")
 
@@ -33,7 +33,7 @@ def masked_inputs(model, xv: torch.Tensor, mean_image: torch.Tensor, name: str, 
 
 
 @torch.no_grad()
-def fills(model, seen, mask, hidden, mean_image, batch: int = 256) -> dict[str, torch.Tensor]:
+def fills(model, seen, mask, hidden, batch: int = 256) -> dict[str, torch.Tensor]:
     """Each method's completion of ``seen`` (the hidden pixels replaced, the rest kept)."""
     filled = [
         M.inpaint(model, seen[i : i + batch], mask[i : i + batch], paste=hidden[i : i + batch]).cpu()
@@ -41,7 +41,7 @@ def fills(model, seen, mask, hidden, mean_image, batch: int = 256) -> dict[str, 
     ]
     return {
         "model": torch.cat(filled),
-        "mean_fill": mean_fill(seen, hidden, mean_image),
+        "mean_fill": seen,  # the hidden pixels already hold the mean training image
         "biharmonic": biharmonic_fill(seen, hidden),
     }
 
@@ -55,7 +55,7 @@ def task_inpaint(model, xtr, xv, seed: int, show: int = 8):
     k = min(show, len(xv))
     for name in M.MASKS:
         mask, pm, hidden, seen = masked_inputs(model, xv, mean_image, name, seed)
-        done = fills(model, seen, mask, hidden, mean_image)
+        done = fills(model, seen, mask, hidden)
         for method, filled in done.items():
             out[f"inpaint/{name}/psnr_{method}"] = M.psnr(M.masked_mse(filled, xv, pm))
         grey = torch.where(hidden[:k], torch.full_like(xv[:k], 0.5), xv[:k])
