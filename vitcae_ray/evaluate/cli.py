@@ -54,12 +54,8 @@ class Context:
     def __init__(self, model, cfg, data, device, seed, iwae_k, features, fid_weights, feature_cache, log):
         self.model, self.cfg, self.device, self.seed, self.log = model, cfg, device, seed, log
         self.xtr, self.ytr, self.xv, self.yv = data
-        self.iwae_k, self.features, self.fid_weights, self.feature_cache = (
-            iwae_k,
-            features,
-            fid_weights,
-            feature_cache,
-        )
+        self.iwae_k, self.features = iwae_k, features
+        self.fid_weights, self.feature_cache = fid_weights, feature_cache
 
     def run(self, task: str):
         if task == "recon":

@@ -10,25 +10,17 @@ from .features import feature_net
 from .generation import draw_samples, fid_kid
 from .interp import task_interp
 from .loading import stack_split
+from .probe import linear_probe, representations
 
 
-@torch.no_grad()
 def holdout_probe(model, xtr, ytr, xv, yv) -> float:
-    """Validation accuracy of a standardised logistic regression fitted on the training
-    split's ``representation(x)``: the cheap per-epoch probe (``evaluate`` cross-validates)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    device = next(model.parameters()).device
+    """Validation accuracy of :func:`~.probe.linear_probe` fitted on the training split's
+    ``representation(x)``: the cheap per-epoch probe (``evaluate`` cross-validates)."""
 
     def rep(x: torch.Tensor) -> np.ndarray:
-        return torch.cat(
-            [model.representation(x[i : i + 256].to(device)).float().cpu() for i in range(0, len(x), 256)]
-        ).numpy()
+        return next(iter(representations(model, x).values()))  # representation(x)'s vector
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(rep(xtr), ytr)
-    return float((clf.predict(rep(xv)) == yv).mean())
+    return float((linear_probe().fit(rep(xtr), ytr).predict(rep(xv)) == yv).mean())
 
 
 class EpochEvaluator:

@@ -20,22 +20,26 @@ from .baselines import pca_pixels
 MAX_IMAGES = 10_000
 
 
-def cross_validated(features: np.ndarray, y: np.ndarray, folds: int, seed: int, transform=None):
-    """(mean accuracy, std over folds, out-of-fold predictions) of a standardised logistic
-    regression, after ``transform`` (fitted per fold) when given."""
+def linear_probe(transform=None):
+    """Standardised logistic regression (scikit-learn), after ``transform`` when given."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    steps = ([transform] if transform is not None else []) + [
-        StandardScaler(),
-        LogisticRegression(max_iter=3000),
-    ]
+    steps = [transform] if transform is not None else []
+    return make_pipeline(*steps, StandardScaler(), LogisticRegression(max_iter=3000))
+
+
+def cross_validated(features: np.ndarray, y: np.ndarray, folds: int, seed: int, transform=None):
+    """(mean accuracy, std over folds, out-of-fold predictions) of :func:`linear_probe`,
+    ``transform`` fitted per fold when given."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+
     pred = np.empty_like(y)
     accs = []
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, y):
-        clf = make_pipeline(*steps).fit(features[tr], y[tr])
+        clf = linear_probe(clone(transform) if transform is not None else None).fit(features[tr], y[tr])
         pred[te] = clf.predict(features[te])
         accs.append(float((pred[te] == y[te]).mean()))
     return float(np.mean(accs)), float(np.std(accs)), pred
