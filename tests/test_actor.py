@@ -10,11 +10,17 @@ from vitcae_ray import checkpoints
 from vitcae_ray.config import FreezeConfig, TemperatureConfig
 from vitcae_ray.convergence import HeadController, HeadDecision
 
-ARGS = (2, 2, 3, TemperatureConfig(), FreezeConfig(drift_threshold=10.0, patience=1, kappa_window=1), 1)
+ARGS = (2, 2, 3, TemperatureConfig(), FreezeConfig(drift_ratio=1e6, patience=1, kappa_window=1), 1)
 
 
 def _stats(rng):
-    return rng.random((2, 2, 9)), np.ones((2, 2, 9, 9))
+    """(cls, patch, cls_halves, block_maps): every argument the trainer sends."""
+    return (
+        rng.random((2, 2, 9)),
+        np.ones((2, 2, 9, 9)),
+        rng.random((2, 2, 2, 9)) + 0.1,
+        rng.random((3, 2, 10, 4)),
+    )
 
 
 def test_actor_by_name_serves_the_controllers_decisions_and_state(ray_session, tmp_path):
@@ -30,9 +36,9 @@ def test_actor_by_name_serves_the_controllers_decisions_and_state(ray_session, t
     rng = np.random.default_rng(0)
     try:
         for epoch in range(3):
-            cls, patch = _stats(rng)
-            remote = HeadDecision.from_dict(ray.get(actor.update.remote(epoch, cls, patch)))
-            assert remote.to_dict() == local.update(epoch, cls, patch).to_dict()
+            stats = _stats(rng)
+            remote = HeadDecision.from_dict(ray.get(actor.update.remote(epoch, *stats)))
+            assert remote.to_dict() == local.update(epoch, *stats).to_dict()
         # a worker finds the same actor by name and reads the same decision
         found = get_actor(name)
         assert ray.get(found.decision.remote(2)) == local.decision(2).to_dict()

@@ -47,10 +47,10 @@ def test_compiled_steps_match_eager_and_compile_once_per_frozen_set(cfg):
     for frozen in ([[], []], [[0], [0, 1]]):
         torch.manual_seed(0)
         eager = build_model(cfg.model, 16, 1)
-        apply_frozen(eager, frozen, "weights", out_proj=True)
+        apply_frozen(eager, frozen)
         compiled = build_model(cfg.model, 16, 1)
         compiled.load_state_dict(eager.state_dict())
-        apply_frozen(compiled, frozen, "weights", out_proj=True)
+        apply_frozen(compiled, frozen)
         torch._dynamo.reset()
         graphs = counters["stats"]["unique_graphs"]
         want_loss, want_readout = _steps(cfg, eager, eager, 4)
@@ -69,7 +69,7 @@ def test_training_with_compile_freezes_mid_run(tmp_path, tiny_config):
         "freeze.min_epoch": 1,
         "freeze.patience": 1,
         "freeze.kappa_window": 1,
-        "freeze.drift_threshold": 2.0,
+        "freeze.drift_ratio": 1e6,
         "freeze.max_frozen_frac": 0.5,
     }
     cfg = build_config(

@@ -103,7 +103,15 @@ def test_values_are_converted_where_the_type_allows(item, value):
         ("optim.lr=nan", "config key 'optim.lr' must be > 0, got nan"),
         ("data.channels=2", "config key 'data.channels' must be 0, 1 or 3, got 2"),
         ("data.channels=true", "config key 'data.channels' expects int, got True"),
-        ("freeze.mode=sideways", "config key 'freeze.mode' must be weights or detach, got 'sideways'"),
+        (
+            "freeze.mode=detach",
+            "config key 'freeze.mode' was removed (a frozen head always runs its forward without "
+            "autograd; see docs/freezing.md): drop it",
+        ),
+        (
+            "freeze.drift_threshold=0.1",
+            "config key 'freeze.drift_threshold' was renamed: use 'freeze.drift_ratio'",
+        ),
         ("loss.mmd_scales=[]", "config key 'loss.mmd_scales' must be non-empty, each > 0, got []"),
         (
             "loss.mmd_scales=[1, 0]",

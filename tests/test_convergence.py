@@ -17,6 +17,7 @@ from vitcae_ray.convergence import (
     kappa,
     kappa_heads,
     patch_coords,
+    relative_change,
 )
 
 # --- diagnostics -----------------------------------------------------------------------------
@@ -98,13 +99,20 @@ def test_kappa_of_uniform_attention_and_small_windows():
 # --- controller ------------------------------------------------------------------------------
 
 L, H, G = 2, 2, 3  # layers, heads, patch grid (N = 9)
-ALPHA, THRESHOLD = 2.0, 0.01
+ALPHA, RATIO = 2.0, 1.0
+T, D = G * G + 1, 4  # tokens and width of the block outputs
+_EVEN = np.random.default_rng(7).random((L, H, G * G)) + 0.5
+HALVES = np.stack([_EVEN, _EVEN + 0.1 * np.random.default_rng(8).random((L, H, G * G))])  # even, odd
+FLOOR = drift_w1_heads(HALVES[0], HALVES[1], G)  # the noise floor of every epoch in the script
+THRESHOLD = RATIO * FLOOR  # (L, H) drift threshold
 
 
 def _script(n: int, seed: int = 0, kappa_change_at: int | None = None):
-    """Epoch statistics where head (0, 0) stabilises from epoch 2 on (drift ~1e-4, below the
-    threshold, from epoch 3 on) while every other head keeps moving. From ``kappa_change_at``
-    on, head (0, 0)'s patch attention has 3 blocks instead of 2."""
+    """Epoch statistics ``(cls, patch, cls_halves, block_maps)`` where head (0, 0) stabilises
+    from epoch 2 on (drift ~1e-4, below its threshold, from epoch 3 on) while every other head
+    keeps moving; the noise floor is FLOOR throughout. From ``kappa_change_at`` on, head
+    (0, 0)'s patch attention has 3 blocks instead of 2. The block outputs change a lot
+    between epochs (no block converges)."""
     rng = np.random.default_rng(seed)
     base = rng.random(G * G) + 0.5
     two, three = _blocks(2, G * G, rng), _blocks(3, G * G, rng)
@@ -116,19 +124,20 @@ def _script(n: int, seed: int = 0, kappa_change_at: int | None = None):
         patch = np.broadcast_to(two, (L, H, G * G, G * G)).copy()
         if kappa_change_at is not None and epoch >= kappa_change_at:
             patch[0, 0] = three
-        out.append((cls, patch))
+        whole = rng.random((L, T, D)) + 1.0
+        out.append((cls, patch, HALVES, np.stack([whole, whole * 1.001, whole * 0.999])))
     return out
 
 
 def _controller(min_epoch: int = 3, temperature: dict | None = None, **freeze) -> HeadController:
-    fz = FreezeConfig(**{"drift_threshold": THRESHOLD, "patience": 2, "kappa_window": 2, **freeze})
+    fz = FreezeConfig(**{"drift_ratio": RATIO, "patience": 2, "kappa_window": 2, **freeze})
     return HeadController(
         L, H, G, TemperatureConfig(**{"alpha": ALPHA, **(temperature or {})}), fz, min_epoch
     )
 
 
 def _run(c: HeadController, data) -> list[HeadDecision]:
-    return [c.update(e, cls, patch) for e, (cls, patch) in enumerate(data)]
+    return [c.update(e, *stats) for e, stats in enumerate(data)]
 
 
 def _others(d: HeadDecision) -> list[bool]:
@@ -138,12 +147,18 @@ def _others(d: HeadDecision) -> list[bool]:
 def test_the_script_has_the_drifts_the_rule_reasons_about():
     ds = _run(_controller(), _script(8))
     assert math.isnan(ds[0].drift[0][0]) and ds[0].mean_drift is None
-    assert all(d.drift[0][0] >= THRESHOLD for d in ds[1:3])
-    assert all(0 < d.drift[0][0] < THRESHOLD for d in ds[3:])
+    assert all(d.drift[0][0] >= THRESHOLD[0, 0] for d in ds[1:3])
+    assert all(0 < d.drift[0][0] < THRESHOLD[0, 0] for d in ds[3:])
     assert all(
-        d.drift[l][h] >= THRESHOLD for d in ds[1:] for l in range(L) for h in range(H) if (l, h) != (0, 0)
+        d.drift[l][h] >= THRESHOLD[l, h]
+        for d in ds[1:]
+        for l in range(L)
+        for h in range(H)
+        if (l, h) != (0, 0)
     )
     assert all(d.kappa == [[2, 2], [2, 2]] for d in ds)
+    assert all(np.allclose(d.floor, FLOOR) for d in ds) and 1e-3 < FLOOR.min()
+    assert all(d.frozen_blocks == 0 for d in ds)
 
 
 @pytest.mark.parametrize("min_epoch, expected", [(3, 4), (0, 4), (6, 6)])
@@ -165,8 +180,25 @@ def test_kappa_must_hold_one_value_over_its_window():
     assert [d.frozen_epoch[0][0] for d in ds][-1] == 5 and not ds[4].frozen[0][0]
     # without patch attention kappa is unavailable (-1) and nothing can freeze
     c = _controller()
-    ds = [c.update(e, cls, None) for e, (cls, _) in enumerate(_script(7))]
+    ds = [c.update(e, cls, None, halves) for e, (cls, _, halves, _) in enumerate(_script(7))]
     assert ds[-1].kappa == [[-1, -1], [-1, -1]] and ds[-1].num_frozen == 0
+    # without the readout's halves the noise floor is unknown and nothing can freeze
+    c = _controller()
+    ds = [c.update(e, cls, patch) for e, (cls, patch, _, _) in enumerate(_script(7))]
+    assert np.isnan(ds[-1].floor).all() and ds[-1].num_frozen == 0
+
+
+def test_the_threshold_is_relative_to_the_noise_floor():
+    # a larger floor makes the same drifts converged; a smaller one keeps (0, 0) training
+    data = _script(8)
+    wide = [(c, p, np.stack([HALVES[0], HALVES[0] + 3 * (HALVES[1] - HALVES[0])]), b) for c, p, _, b in data]
+    ds = _run(_controller(), wide)
+    assert (np.array(ds[-1].floor) > FLOOR).all() and ds[-1].num_frozen >= 1
+    narrow = [
+        (c, p, np.stack([HALVES[0], HALVES[0] + 1e-4 * (HALVES[1] - HALVES[0])]), b) for c, p, _, b in data
+    ]
+    assert _run(_controller(), narrow)[-1].num_frozen == 0
+    assert _run(_controller(drift_ratio=1e-4), data)[-1].num_frozen == 0
 
 
 def test_tau_factors_follow_the_drift_and_stay_fixed_once_frozen():
@@ -183,11 +215,11 @@ def test_tau_factors_follow_the_drift_and_stay_fixed_once_frozen():
     assert ds[4].drift[0][0] != ds[3].drift[0][0]
     assert [d.tau_factor[0][0] for d in ds[4:]] == [ds[3].tau_factor[0][0]] * 3
     # frozen stays frozen (with its factor) when the head's attention moves again
-    cls, patch = data[0]
+    cls, patch, halves, blocks = data[0]
     cls = cls.copy()
     cls[0, 0] = np.linspace(1, 9, G * G)
-    d7 = c.update(7, cls, patch)
-    assert d7.drift[0][0] > 10 * THRESHOLD and d7.frozen[0][0] and d7.frozen_epoch[0][0] == 4
+    d7 = c.update(7, cls, patch, halves, blocks)
+    assert d7.drift[0][0] > 10 * THRESHOLD[0, 0] and d7.frozen[0][0] and d7.frozen_epoch[0][0] == 4
     assert d7.tau_factor[0][0] == ds[3].tau_factor[0][0]
 
 
@@ -210,13 +242,14 @@ def test_per_layer_cap_freezes_the_lowest_drift_heads_first():
             [0.5, 0.05, 0.2],
         ]
     )  # layer 1: head 1 drifts least
-    data = [(base + amp[..., None] * rng.random((2, 3, G * G)), None) for _ in range(6)]
+    data = [base + amp[..., None] * rng.random((2, 3, G * G)) for _ in range(6)]
     patch = np.broadcast_to(np.ones((G * G, G * G)), (2, 3, G * G, G * G))
+    halves = np.stack([base, base[..., ::-1]])
 
     def run(frac: float) -> list[HeadDecision]:
-        fz = FreezeConfig(drift_threshold=10.0, patience=2, kappa_window=2, max_frozen_frac=frac)
+        fz = FreezeConfig(drift_ratio=1e3, patience=2, kappa_window=2, max_frozen_frac=frac)
         c = HeadController(2, 3, G, TemperatureConfig(alpha=ALPHA), fz, min_epoch=3)
-        return [c.update(e, cls, patch) for e, (cls, _) in enumerate(data)]
+        return [c.update(e, cls, patch, halves) for e, cls in enumerate(data)]
 
     ds = run(0.5)  # floor(0.5 * 3) = 1 head per layer; every head qualifies at epoch 3
     assert ds[3].newly_frozen == [(0, 1), (1, 1)]
@@ -278,6 +311,50 @@ def test_state_round_trips_through_json_and_a_checkpoint(tmp_path):
     assert empty.last_epoch is None and empty.update(2, *data[2]).epoch == 2
     with pytest.raises(ValueError, match="cannot load"):
         HeadController(3, H, G, TemperatureConfig(), FreezeConfig(), 3).load_state_dict(state)
+
+
+def _block_script(n: int, settle: list[int]):
+    """Statistics in which every head is still (drift 0, floor FLOOR) from epoch 0, and block
+    l's output stops changing from epoch ``settle[l]`` on (its floor: 1% of its size)."""
+    rng = np.random.default_rng(5)
+    cls = rng.random((L, H, G * G)) + 0.5
+    patch = np.broadcast_to(_blocks(2, G * G, rng), (L, H, G * G, G * G))
+    fixed = rng.random((L, T, D)) + 1.0
+    out = []
+    for epoch in range(n):
+        whole = np.stack([fixed[l] if epoch >= settle[l] else rng.random((T, D)) + 1.0 for l in range(L)])
+        out.append((cls, patch, HALVES, np.stack([whole, whole * 1.01, whole * 0.99])))
+    return out
+
+
+def test_the_frozen_prefix_grows_from_the_bottom_when_a_block_converges():
+    # heads freeze at epoch 2 (patience 2 from epoch 1, the first with a drift); block 0's
+    # output settles at epoch 4 (changes 0 at 5 and 6), block 1's at 2
+    ds = _run(_controller(min_epoch=0), _block_script(9, settle=[4, 2]))
+    assert ds[2].num_frozen == L * H
+    assert ds[3].block_change[1] == 0 and ds[3].block_floor[1] == pytest.approx(0.02 / 1.0, rel=1e-6)
+    # block 1 has converged at epoch 4, but waits for block 0: both join at 6
+    assert [d.frozen_blocks for d in ds] == [0, 0, 0, 0, 0, 0, 2, 2, 2]
+    assert ds[-1].block_frozen_epoch == [6, 6]
+    ds = _run(_controller(min_epoch=0), _block_script(9, settle=[2, 5]))
+    assert [d.frozen_blocks for d in ds] == [0, 0, 0, 0, 1, 1, 1, 2, 2]
+    assert ds[-1].block_frozen_epoch == [4, 7]
+    # without freeze.blocks (or without the block statistics) no block freezes
+    assert _run(_controller(min_epoch=0, blocks=False), _block_script(9, [2, 2]))[-1].frozen_blocks == 0
+    c = _controller(min_epoch=0)
+    assert [c.update(e, *s[:3]) for e, s in enumerate(_block_script(9, [2, 2]))][-1].frozen_blocks == 0
+    # a block whose heads are not all frozen stays trained: patience 9 keeps the heads training
+    assert _run(_controller(min_epoch=0, patience=9), _block_script(9, [2, 2]))[-1].frozen_blocks == 0
+
+
+def test_relative_change_matches_numpy_and_handles_zero():
+    a, b = np.arange(12.0).reshape(2, 6), np.arange(12.0).reshape(2, 6) + 1
+    assert relative_change(a, b).tolist() == pytest.approx(
+        [np.linalg.norm(b[i] - a[i]) / np.linalg.norm(b[i]) for i in range(2)]
+    )
+    assert relative_change(np.zeros((1, 3)), np.zeros((1, 3))).tolist() == [0.0]
+    with pytest.raises(ValueError):
+        relative_change(a, b[:1])
 
 
 def test_decision_dict_round_trip():

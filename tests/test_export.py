@@ -36,10 +36,10 @@ SMALL = {
     "freeze.min_epoch": 1,
     "freeze.patience": 1,
     "freeze.kappa_window": 1,
-    "freeze.drift_threshold": 2.0,
+    "freeze.drift_ratio": 1e6,
     "freeze.max_frozen_frac": 0.5,
 }
-TRIALS = {"a": {"optim.lr": 3e-3, "freeze.mode": "weights"}, "b": {"optim.lr": 5e-4, "freeze.mode": "detach"}}
+TRIALS = {"a": {"optim.lr": 3e-3, "freeze.blocks": True}, "b": {"optim.lr": 5e-4, "freeze.blocks": False}}
 METRICS = ("val/elbo", "val/loss", "val/mse", "val/psnr", "train/loss", "heads/frozen")
 FILES = {"model.pt", "config.yaml", "hparams.json", "metrics.json", "frozen_heads.json"}
 
@@ -173,9 +173,12 @@ def test_trial_flag_and_uris_take_the_best_surviving_checkpoint(exp, tmp_path, c
     assert f"checkpoint_epoch_{epoch:04d}" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epoch"] == epoch and metrics == history[epoch]
-    assert json.loads((out / "hparams.json").read_text())["freeze.mode"] == "detach"
+    assert json.loads((out / "hparams.json").read_text())["freeze.blocks"] is False
     model = vitcae_ray.load_pretrained(f"file://{out}")
-    assert all(a.freeze_mode == "detach" for a in model.attention_layers)
+    frozen = json.loads((out / "frozen_heads.json").read_text())
+    assert [a.frozen_heads for a in model.attention_layers] == frozen[
+        "frozen_heads"
+    ] and model.frozen_blocks == 0
     assert _reevaluate(out, model)["val/elbo"] == pytest.approx(metrics["val/elbo"], rel=1e-4)
 
 

@@ -108,7 +108,7 @@ def _spread_worker(rank: int, port: int, small: dict, results) -> None:
     if rank == 1:
         with torch.no_grad():
             model.cls_token.sub_(1e-3)
-        apply_frozen(model, [[0], []], "weights")
+        apply_frozen(model, [[0], []])
     results[("frozen", rank)] = rank_spread(model, 2)
     dist.destroy_process_group()
 

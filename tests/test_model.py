@@ -59,7 +59,8 @@ def test_fused_and_manual_attention_agree_with_temperatures():
     torch.manual_seed(0)
     attn = Attention(32, 4, fused=True)
     with torch.no_grad():
-        attn.tau_active.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
+        for head, tau in zip(attn.heads, [0.5, 1.0, 2.0, 3.0]):
+            head.tau.fill_(tau)
         attn.tau_factor.copy_(torch.tensor([1.0, 0.7, 1.0, 0.4]))
     x = torch.randn(3, 17, 32)
     fused = attn(x)
@@ -69,7 +70,8 @@ def test_fused_and_manual_attention_agree_with_temperatures():
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 17))
     # the temperature really changes the attention: tau = 1 everywhere gives other weights
     with torch.no_grad():
-        attn.tau_active.fill_(1.0)
+        for head in attn.heads:
+            head.tau.fill_(1.0)
         attn.tau_factor.fill_(1.0)
     _, plain = attn(x, return_attn=True)
     assert not torch.allclose(plain, weights, atol=1e-3)
@@ -92,7 +94,8 @@ def test_cls_readout_equals_the_diagnostic_attention_cls_row_without_the_factor(
     model = _model("tiny", 32, 1)
     for a in model.attention_layers:
         with torch.no_grad():
-            a.tau_active.uniform_(0.5, 2.0)
+            for head in a.heads:
+                head.tau.uniform_(0.5, 2.0)
             a.tau_factor.uniform_(0.2, 0.9)  # the scheduler's factor: left out of the diagnostics
     x = torch.rand(5, 1, 32, 32)
     model.set_readout(True)
@@ -152,7 +155,7 @@ def test_vitvae_has_no_global_latent_prior_mlp_or_film():
     assert [n for n in names if n.startswith(encoder)] == [
         n for n, _ in ref.named_parameters() if n.startswith(encoder)
     ]
-    assert all(a.tau_active.numel() == cfg.model.num_heads for a in model.attention_layers)
+    assert all(a.tau.numel() == len(a.heads) == cfg.model.num_heads for a in model.attention_layers)
 
 
 def test_vitvae_forward_shapes_loss_and_every_param_gets_a_gradient():

@@ -64,14 +64,16 @@ def training_state(
     """Everything needed to rebuild the model alone (config + ``model_args``; the weights are
     the full per-head layout) or to resume, the head controller's whole state included."""
     from .freezing import frozen_heads
+    from .optim import optimizer_state
 
     return {
         "heads": heads,
         "frozen_heads": frozen_heads(model),
+        "frozen_blocks": model.frozen_blocks,
         "head_rows": head_rows,
         "model": model.state_dict(),
         "model_args": {"img_size": model.img_size, "in_chans": model.in_chans},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state(model, optimizer),
         "lr_scheduler": lr_schedule.state_dict(),
         "epoch": epoch,
         "config": cfg.to_dict(),
@@ -189,8 +191,7 @@ def model_from_state(state: dict[str, Any]) -> ViTCAE:
     apply_frozen(
         model,
         state.get("frozen_heads") or [[] for _ in range(cfg.model.depth)],
-        cfg.freeze.mode,
-        out_proj=cfg.freeze.out_proj,
+        state.get("frozen_blocks", 0),
     )
     model.load_state_dict(state["model"])
     return model

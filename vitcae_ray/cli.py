@@ -73,6 +73,12 @@ def summary(result, cfg: Config, wall_s: float) -> str:
             f"  final val/elbo {m['val/elbo']:.2f}  val/mse {m['val/mse']:.5f}  "
             f"val/psnr {m['val/psnr']:.2f} dB"
         )
+    if "flops/cumulative_saved_frac" in m:
+        frozen = m.get("heads/frozen", 0) + m.get("heads/newly_frozen", 0)
+        lines.append(
+            f"  freezing: {frozen}/{m.get('heads/total', 0)} heads frozen; FLOPs saved "
+            f"{100 * m['flops/cumulative_saved_frac']:.1f}% against the same run without freezing"
+        )
     best = getattr(result, "best_checkpoints", None) or []
     if best:
         metric = cfg.train.select_metric

@@ -177,19 +177,27 @@ class TemperatureConfig:
 @dataclass(frozen=True)
 class FreezeConfig:
     enabled: bool = key(True, "false never freezes a head (ablation)")
-    mode: str = key(
-        "weights",
-        "weights: exact gradients; detach: cut frozen heads from autograd",
-        choices=("weights", "detach"),
-    )
-    out_proj: bool = key(False, "also freeze the frozen heads' columns of the attention output projection")
-    drift_threshold: float = key(
-        0.002, "drift_w1 below this counts as converged (grid units in [0, 1])", ge=0
+    drift_ratio: float = key(
+        2.0,
+        "a head has converged while its drift_w1 stays below drift_ratio x its noise floor "
+        "(the W1 between the epoch's even- and odd-sample readouts, same weights)",
+        ge=0,
     )
     patience: int = key(3, "epochs the drift must stay below the threshold", ge=1)
     kappa_window: int = key(3, "epochs over which kappa must not change", ge=1)
     min_epoch: int = key(-1, "no freezing before this epoch; -1 = loss.kl_warmup_epochs")
     max_frozen_frac: float = key(1.0, "cap on the fraction of a layer's heads that may freeze", ge=0, le=1)
+    blocks: bool = key(
+        True,
+        "freeze whole encoder blocks from the bottom (run under no_grad) once every head of "
+        "the block is frozen and its output has converged by freeze.block_ratio",
+    )
+    block_ratio: float = key(
+        1.0,
+        "a block's output has converged while its change between epochs on the probe images "
+        "stays below block_ratio x its noise floor (the difference between the probe's halves)",
+        ge=0,
+    )
     probe_size: int = key(64, "fixed validation images for the patch->patch attention (kappa)", ge=1)
     kappa_top_k: int = key(8, "eigenvalue magnitudes examined for the cluster-count gap", ge=1)
 
@@ -229,7 +237,15 @@ _PRESET_USES = {"tiny": "fast CPU runs on 32x32 images", "small": "about ViT-S w
 
 # Keys that were renamed: an old one is an error naming the new one.
 RENAMED_SECTIONS = {"scheduler": "temperature"}
-RENAMED_KEYS = {"loss.warmup_epochs": "loss.kl_warmup_epochs"}
+RENAMED_KEYS = {
+    "loss.warmup_epochs": "loss.kl_warmup_epochs",
+    "freeze.drift_threshold": "freeze.drift_ratio",
+}
+# Keys that were removed: an old one is an error saying why and what to do.
+REMOVED_KEYS = {
+    "freeze.mode": "a frozen head always runs its forward without autograd; see docs/freezing.md",
+    "freeze.out_proj": "the attention output projection always trains",
+}
 
 
 def to_dict(obj: Any) -> Any:
@@ -268,6 +284,8 @@ def _by_section(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"config key '{dotted}' was renamed: use '{new}'")
         if dotted in RENAMED_KEYS:
             raise ConfigError(f"config key '{dotted}' was renamed: use '{RENAMED_KEYS[dotted]}'")
+        if dotted in REMOVED_KEYS:
+            raise ConfigError(f"config key '{dotted}' was removed ({REMOVED_KEYS[dotted]}): drop it")
         if name not in sections or not field_name:
             raise ConfigError(f"unknown config key '{dotted}': sections are {', '.join(sections)}")
         hints = typing.get_type_hints(sections[name])
@@ -510,6 +528,9 @@ def reference_markdown() -> str:
         "`--set loss.mmd_scales=[0.5,1,2]`).",
         "An unknown key or a bad value stops with a one-line error naming the key (exit code 2).",
         f"Renamed keys (an old key is an error naming the new one): {', '.join(renamed)}.",
+        "Removed keys (an error saying why): "
+        + ", ".join(f"`{old}` ({why})" for old, why in REMOVED_KEYS.items())
+        + ".",
     ]
     for name, cls in _sections().items():
         lines += ["", f"## `{name}`", "", "| key | default | accepts | meaning |", "|---|---|---|---|"]

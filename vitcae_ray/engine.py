@@ -9,6 +9,7 @@ import math
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -100,26 +101,60 @@ def _reduce_sums(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+@dataclass
+class HeadStatistics:
+    """An epoch's statistics for the convergence controller, summed over every rank; the
+    arguments of ``HeadController.update`` after the epoch, in :meth:`args`' order."""
+
+    cls: torch.Tensor  # (L, H, N) mean CLS->patch attention over every training image
+    patch: torch.Tensor  # (L, H, N, N) mean patch->patch attention on the probe images
+    cls_halves: torch.Tensor  # (2, L, H, N) the readout over the even- and odd-indexed samples
+    block_maps: torch.Tensor | None  # (3, L, 1 + N, D) block outputs on the probe: all, even, odd
+    # half; None when a half of the probe is empty (no floor to measure)
+
+    def args(self) -> tuple:
+        return tuple(
+            None if t is None else t.numpy() for t in (self.cls, self.patch, self.cls_halves, self.block_maps)
+        )
+
+
 @torch.no_grad()
-def head_statistics(model, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def head_statistics(model, probe: torch.Tensor, probe_odd: torch.Tensor) -> HeadStatistics:
     """The epoch's statistics for the convergence controller, summed over every rank:
 
     - mean CLS->patch attention per (layer, head), (L, H, N): the readout accumulated during
-      the epoch's training steps, over every training image, renormalised over the patches;
-    - mean patch->patch attention per (layer, head), (L, H, N, N), on this rank's share of
-      the fixed probe images (for kappa).
+      the epoch's training steps, over every training image, renormalised over the patches,
+      and the same over the even- and the odd-indexed samples of each batch (the noise floor);
+    - on this rank's share of the fixed probe images (``probe_odd`` marks the probe's odd
+      half): the mean patch->patch attention per (layer, head), (L, H, N, N), for kappa, and
+      each encoder block's mean output over the whole probe and over each half.
     Call after a training epoch run with ``model.set_readout(True)``.
     """
     cls_sum, _ = model.cls_attention()  # (L, H, 1 + N); means come from renormalising sums
+    cls_odd = model.cls_attention_odd()
     L, H, T = cls_sum.shape
-    maps = model.attention_maps(probe) if len(probe) else cls_sum.new_zeros(L, H, T, T)
-    flat = _reduce_sums(torch.cat([cls_sum.double().flatten(), maps.double().flatten()]))
-    n_cls = L * H * T
-    cls = flat[:n_cls].view(L, H, T)[:, :, 1:]
-    patch = flat[n_cls:].view(L, H, T, T)[:, :, 1:, 1:]
-    cls = cls / cls.sum(-1, keepdim=True)
-    patch = patch / patch.sum(-1, keepdim=True)
-    return cls.float().cpu(), patch.float().cpu()
+    if len(probe):
+        maps, blocks = model.probe_pass(probe, probe_odd)
+    else:
+        maps = cls_sum.new_zeros(L, H, T, T)
+        blocks = cls_sum.new_zeros(2, L, T, model.cfg.embed_dim)
+    counts = torch.stack([(~probe_odd).sum(), probe_odd.sum()]).to(cls_sum.device)
+    parts = [cls_sum, cls_odd, maps, blocks, counts]
+    flat = _reduce_sums(torch.cat([p.double().flatten() for p in parts]))
+    cls_sum, cls_odd, maps, blocks, counts = (
+        v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in parts]), parts)
+    )
+    halves = torch.stack([cls_sum - cls_odd, cls_odd])[..., 1:]
+    cls, patch = cls_sum[:, :, 1:], maps[:, :, 1:, 1:]
+    means = torch.cat([blocks.sum(0, keepdim=True), blocks]) / torch.cat(
+        [counts.sum(0, True), counts]
+    ).clamp_min(1).view(3, 1, 1, 1)
+    return HeadStatistics(
+        (cls / cls.sum(-1, keepdim=True)).float().cpu(),
+        (patch / patch.sum(-1, keepdim=True)).float().cpu(),
+        halves.float().cpu(),
+        means.float().cpu() if bool((counts > 0).all()) else None,
+    )
 
 
 def _as_metrics(prefix: str, sums: torch.Tensor) -> dict[str, float]:

@@ -342,6 +342,7 @@ def model_files(choice: Choice) -> dict[str, bytes]:
             "model_args": dict(state["model_args"]),
             "config": state["config"],
             "frozen_heads": frozen,
+            "frozen_blocks": model.frozen_blocks,
             "epoch": choice.epoch,
         },
         buf,
@@ -354,7 +355,9 @@ def model_files(choice: Choice) -> dict[str, bytes]:
         "config.yaml": dump_yaml(build_config(state["config"])).encode(),
         "hparams.json": js(hparams(choice.row)),
         "metrics.json": js(metrics),
-        "frozen_heads.json": js(frozen_info(state, frozen, choice.epoch)),
+        "frozen_heads.json": js(
+            {**frozen_info(state, frozen, choice.epoch), "frozen_blocks": model.frozen_blocks}
+        ),
         checkpoints.MODEL_FILE: buf.getvalue(),
     }
 

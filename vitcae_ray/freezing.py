@@ -1,10 +1,12 @@
 """Applying head-convergence decisions to a model and its optimizer, and measuring what
 freezing saves.
 
-Freezing re-groups each layer's heads and replaces its grouped attention parameters with new
-views (see ``model/attention.py``), so the optimizer is rebuilt around the surviving
-parameters, carrying their AdamW state (re-ordered, cut to the heads that stay trainable),
-and DDP is re-wrapped on every rank. :func:`apply_decision` does all of it in one call.
+Freezing sets ``requires_grad=False`` on the frozen heads' own parameters (each head has
+its own, see ``model/attention.py``) and, for a frozen prefix of whole encoder blocks, on
+those blocks and the embedding below them (``ViTCAE.set_frozen_blocks``). The optimizer is
+rebuilt around the parameters that still train, each keeping its AdamW state (the same
+parameter objects), and DDP is re-wrapped on every rank, so the frozen gradients leave the
+all-reduce. :func:`apply_decision` does all of it in one call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from .convergence import HeadDecision
 from .engine import decode_prior
 from .losses import curriculum, vitcae_loss
 from .model import ViTCAE
-from .model.attention import GROUPED
 from .optim import build_lr_schedule, build_optimizer
 
 
@@ -63,66 +64,33 @@ def set_tau_factors(model: ViTCAE, factors: Sequence[Sequence[float]]) -> None:
         attn.tau_factor.copy_(torch.tensor(row, dtype=attn.tau_factor.dtype))
 
 
-def apply_frozen(
-    model: ViTCAE,
-    frozen: Sequence[Sequence[int]],
-    mode: str,
-    optimizer: torch.optim.Optimizer | None = None,
-    out_proj: bool = False,
-) -> dict[int, dict[str, torch.Tensor]]:
-    """Freeze ``frozen[l]`` heads of each encoder layer whose frozen set (or mode) changed;
-    with ``out_proj`` also their columns of the output projection.
-
-    Returns ``{id(new_param): state}`` for the new grouped parameters, with the old
-    optimizer state re-ordered to the new group order and cut to the heads that stay
-    trainable (empty without an optimizer; a head that becomes trainable again starts
-    fresh, so its parameter gets no carried state).
-    """
-    carried: dict[int, dict[str, torch.Tensor]] = {}
+def apply_frozen(model: ViTCAE, frozen: Sequence[Sequence[int]], frozen_blocks: int = 0) -> bool:
+    """Freeze ``frozen[l]`` heads of each encoder layer (the others train) and the bottom
+    ``frozen_blocks`` encoder blocks whole. Parameters keep their identity; only their
+    ``requires_grad`` changes. Returns whether anything changed."""
+    changed = frozen_blocks != model.frozen_blocks
     for attn, heads in zip(model.attention_layers, frozen):
         heads = sorted(heads)
-        if (heads, mode, out_proj) == (attn.frozen_heads, attn.freeze_mode, attn.out_proj_frozen):
-            continue
-        old = {name: (getattr(attn, f"{name}_active"), attn.heads_in(name)) for name in GROUPED}
-        attn.set_frozen(heads, mode, out_proj)
-        if optimizer is None:
-            continue
-        for name, (old_param, old_heads) in old.items():
-            state, new_heads = optimizer.state.get(old_param), attn.heads_in(name)
-            if not state or not new_heads or not set(new_heads) <= set(old_heads):
-                continue
-            keep = torch.tensor([old_heads.index(h) for h in new_heads], dtype=torch.long)
-            new_state = {}
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape == old_param.shape:
-                    per_head = v.view(len(old_heads), -1, *v.shape[1:])
-                    v = per_head.index_select(0, keep.to(v.device)).reshape(-1, *v.shape[1:])
-                new_state[k] = v
-            carried[id(getattr(attn, f"{name}_active"))] = new_state
-    return carried
+        if heads != attn.frozen_heads:
+            attn.set_frozen(heads)
+            changed = True
+    model.set_frozen_blocks(frozen_blocks)
+    return changed
 
 
 def rebuild_optimizer(
-    model: ViTCAE,
-    optimizer: torch.optim.Optimizer,
-    lr_sched,
-    cfg: Config,
-    steps_per_epoch: int,
-    carried: dict[int, dict[str, torch.Tensor]],
+    model: ViTCAE, optimizer: torch.optim.Optimizer, lr_sched, cfg: Config, steps_per_epoch: int
 ):
-    """A new AdamW over the model's trainable parameters, with every surviving parameter's
-    state (unchanged parameters keep theirs, re-grouped heads get ``carried``), the same
-    learning rates, and an LR schedule continuing at the same step."""
+    """A new AdamW over the model's trainable parameters, each keeping its state, with the
+    same learning rates and an LR schedule continuing at the same step."""
     old_state = {
         id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"] if p in optimizer.state
     }
     new_opt = build_optimizer(model, cfg.optim)
-    for g_new, g_old in zip(new_opt.param_groups, optimizer.param_groups):
-        g_new["lr"] = g_old["lr"]
-        for p in g_new["params"]:
-            state = carried.get(id(p)) or old_state.get(id(p))
-            if state:
-                new_opt.state[p] = state
+    for g in new_opt.param_groups:
+        for p in g["params"]:
+            if id(p) in old_state:
+                new_opt.state[p] = old_state[id(p)]
     new_sched = build_lr_schedule(new_opt, cfg.optim, cfg.train.epochs, steps_per_epoch)
     new_sched.load_state_dict(lr_sched.state_dict())
     for g_new, g_old in zip(new_opt.param_groups, optimizer.param_groups):
@@ -168,27 +136,28 @@ def step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config, readout: bo
 
 
 def unfrozen_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config) -> dict[bool, int]:
-    """The baseline: :func:`step_flops_by_phase` for a copy of ``model`` with no head frozen
-    and no convergence readout (training without the scheduler)."""
+    """The baseline: :func:`step_flops_by_phase` for a copy of ``model`` with nothing frozen,
+    the readout on: the same run without freezing, which runs the scheduler all the same."""
     baseline = copy.deepcopy(model)
-    apply_frozen(baseline, [[] for _ in baseline.attention_layers], "weights")
-    return step_flops_by_phase(baseline, x, cfg, readout=False)
+    apply_frozen(baseline, [[] for _ in baseline.attention_layers], 0)
+    return step_flops_by_phase(baseline, x, cfg, readout=True)
 
 
 def probe_flops(model: ViTCAE, probe: torch.Tensor) -> int:
-    """FLOPs of the epoch's probe pass (the patch->patch attention maps behind kappa)."""
+    """FLOPs of the epoch's probe pass (attention maps and block outputs; its cost does not
+    depend on what is frozen)."""
     if not len(probe):
         return 0
     with flop_counter() as counter:
-        model.attention_maps(probe)
+        model.probe_pass(probe)
     return int(counter.get_total_flops())
 
 
 class FlopAccount:
     """What training costs in FLOPs, counted once on the unwrapped model (FLOPs do not depend
     on the data): one step in each loss phase as it runs now (``step``, recounted when the
-    frozen set changes), the same step with no head frozen and no readout (``unfrozen``, the
-    baseline), and the epoch's probe pass."""
+    frozen set changes), the same step with nothing frozen (``unfrozen``: the run without
+    freezing, readout included, the baseline), and the epoch's probe pass (in both)."""
 
     def __init__(self, model: ViTCAE, x: torch.Tensor, cfg: Config, probe: torch.Tensor) -> None:
         self.x, self.cfg = x, cfg
@@ -205,7 +174,7 @@ class FlopAccount:
         phase = mmd_active(epoch, self.cfg)
         trained = self.step[phase]
         spent = steps * trained + self.probe
-        unfrozen = steps * self.unfrozen[phase]
+        unfrozen = steps * self.unfrozen[phase] + self.probe
         seen = [m for m in history if "flops/epoch_unfrozen" in m]
         total_spent = spent + sum(m["flops/epoch"] for m in seen)
         total_unfrozen = unfrozen + sum(m["flops/epoch_unfrozen"] for m in seen)
@@ -240,19 +209,18 @@ def apply_decision(
     trainee: Trainee, decision: HeadDecision, cfg: Config, steps_per_epoch: int, world: int
 ) -> float:
     """Apply an epoch's decision, on every rank at the same point: the temperature factors,
-    then (if the frozen set changed) the frozen heads, the optimizer rebuild, the FLOP recount
-    and the re-wrap. Returns :func:`rank_spread`, measured before the re-wrap (DDP's
-    construction copies rank 0's weights to every rank, which would hide a difference)."""
+    then (if the frozen set changed) the frozen heads and blocks, the optimizer rebuild, the
+    FLOP recount and the re-wrap. Returns :func:`rank_spread`, measured before the re-wrap
+    (DDP's construction copies rank 0's weights to every rank, which would hide a
+    difference)."""
     model = trainee.model
     set_tau_factors(model, decision.tau_factor)
-    changed = decision.frozen_heads != frozen_heads(model)
+    changed = (decision.frozen_heads, decision.frozen_blocks) != (frozen_heads(model), model.frozen_blocks)
     if changed:
-        trainee.wrapped = None  # DDP's reducer holds the old parameters
-        carried = apply_frozen(
-            model, decision.frozen_heads, cfg.freeze.mode, trainee.optimizer, out_proj=cfg.freeze.out_proj
-        )
+        trainee.wrapped = None  # DDP's reducer holds the old set of trainable parameters
+        apply_frozen(model, decision.frozen_heads, decision.frozen_blocks)
         trainee.optimizer, trainee.lr_schedule = rebuild_optimizer(
-            model, trainee.optimizer, trainee.lr_schedule, cfg, steps_per_epoch, carried
+            model, trainee.optimizer, trainee.lr_schedule, cfg, steps_per_epoch
         )
     spread = rank_spread(model, world)
     if changed:
@@ -271,7 +239,7 @@ def rank_spread(model: ViTCAE, world: int) -> float:
     with torch.no_grad():
         checksum = sum(p.double().sum() for p in model.parameters()).item()
     # hashes of int tuples are the same in every process
-    signature = float(hash(tuple(map(tuple, frozen_heads(model)))) % 2**52)
+    signature = float(hash((model.frozen_blocks, *map(tuple, frozen_heads(model)))) % 2**52)
     local = torch.tensor([checksum, signature], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         local = local.cuda()

@@ -197,11 +197,13 @@ HEADS_SCHEMA_FIELDS = (
     ("layer", "int64"),
     ("head", "int64"),
     ("drift_w1", "float64"),
+    ("drift_floor", "float64"),  # the drift's noise floor (freeze.drift_ratio is relative to it)
     ("kappa", "int64"),
     ("tau_effective", "float64"),
     ("tau_factor", "float64"),
     ("frozen", "bool_"),
     ("frozen_epoch", "int64"),
+    ("block_frozen_epoch", "int64"),  # the epoch the head's whole block froze (no_grad prefix)
 )
 
 
@@ -213,17 +215,20 @@ def head_rows(model: ViTCAE, decision: HeadDecision, factors_used: list[list[flo
         tau = attn.tau.tolist()
         for head in range(attn.num_heads):
             drift, factor = decision.drift[layer][head], factors_used[layer][head]
+            floor = decision.floor[layer][head]
             rows.append(
                 {
                     "epoch": decision.epoch,
                     "layer": layer,
                     "head": head,
                     "drift_w1": None if drift is None or math.isnan(drift) else float(drift),
+                    "drift_floor": None if math.isnan(floor) else float(floor),
                     "kappa": int(decision.kappa[layer][head]),
                     "tau_effective": tau[head] * factor,
                     "tau_factor": factor,
                     "frozen": bool(decision.frozen[layer][head]),
                     "frozen_epoch": decision.frozen_epoch[layer][head],
+                    "block_frozen_epoch": decision.block_frozen_epoch[layer],
                 }
             )
     return rows

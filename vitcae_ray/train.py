@@ -39,7 +39,7 @@ from .engine import (
     wrap_model,
 )
 from .freezing import FlopAccount, Trainee, apply_decision, apply_frozen, frozen_heads, grad_elements
-from .optim import build_lr_schedule, build_optimizer
+from .optim import build_lr_schedule, build_optimizer, load_optimizer_state
 from .outputs import (
     CONFIG_FILE,
     RunDir,
@@ -69,6 +69,7 @@ class Worker:
     val_loader: Any
     trainee: Trainee
     probe: torch.Tensor
+    probe_odd: torch.Tensor  # which of this rank's probe images are in the probe's odd half
     start_epoch: int
     history: list[dict[str, Any]]
     head_rows: list[dict[str, Any]]
@@ -121,6 +122,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     )
     state = _latest_state(local_ckpts, device, rank)
     probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
+    probe_odd = (torch.arange(len(probe)) % 2 == 1)[rank::world].to(device)
     probe = probe[rank::world].to(device)
     w = Worker(
         cfg,
@@ -132,6 +134,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         val_loader,
         _trainee(cfg, state, channels, len(train_loader), probe, device),
         probe,
+        probe_odd,
         start_epoch=0 if state is None else state["epoch"] + 1,
         history=[] if state is None else state["history"],
         head_rows=[] if state is None else state.get("head_rows", []),
@@ -166,12 +169,12 @@ def _trainee(cfg: Config, state: dict | None, channels: int, steps_per_epoch: in
     t = cfg.train
     model = init_model(cfg, channels, device)
     if state is not None:  # the frozen set first, so the optimizer is built around the trainable rest
-        apply_frozen(model, state["frozen_heads"], cfg.freeze.mode, out_proj=cfg.freeze.out_proj)
+        apply_frozen(model, state["frozen_heads"], state["frozen_blocks"])
     optimizer = build_optimizer(model, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, t.epochs, steps_per_epoch)
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
     flop_x = torch.zeros(t.batch_size, channels, cfg.data.image_size, cfg.data.image_size, device=device)
     wrap = functools.partial(wrap_model, prepare=ray.train.torch.prepare_model, compile_model=t.compile)
@@ -257,7 +260,9 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     cfg, tr, model = w.cfg, w.trainee, w.trainee.model
     seed_everything(cfg.train.seed, epoch, w.rank)
     set_epoch(w.train_loader, epoch)
+    start = time.perf_counter()
     frozen_before = sum(len(f) for f in frozen_heads(model))
+    blocks_before = model.frozen_blocks
     elements = grad_elements(model)
     factors_used = [a.tau_factor.tolist() for a in model.attention_layers]
     try:
@@ -274,27 +279,41 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
         }
         ray.train.report({"epoch": epoch, EPOCHS_DONE: epoch + 1, **failed})
         return None
-    cls_attn, patch_attn = head_statistics(model, w.probe)
-    decision = w.heads.update(epoch, cls_attn.numpy(), patch_attn.numpy()) if w.rank == 0 else None
+    steps_s = metrics["time/epoch_s"]
+    stats = head_statistics(model, w.probe, w.probe_odd)
+    decision = w.heads.update(epoch, *stats.args()) if w.rank == 0 else None
     decision = share_decision(decision, w.world)
     w.head_rows.extend(head_rows(model, decision, factors_used))
     flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history)
+    applied = time.perf_counter()
     spread = apply_decision(tr, decision, cfg, len(w.train_loader), w.world)
+    applied = time.perf_counter() - applied
     # validation sees the model exactly as the checkpoint stores it
     metrics.update(evaluate(tr.wrapped, w.val_loader, epoch, cfg, w.device, w.amp_dtype, seed=cfg.train.seed))
     return {
         "epoch": epoch,
         EPOCHS_DONE: epoch + 1,
         **metrics,
+        # the whole epoch: steps, the scheduler's statistics and decision, validation
+        "time/epoch_s": time.perf_counter() - start,
+        "time/train_steps_s": steps_s,
+        "time/freeze_apply_s": applied,
         "heads/frozen": frozen_before,
         "heads/total": cfg.model.depth * cfg.model.num_heads,
         "heads/newly_frozen": len(decision.newly_frozen),
+        "blocks/frozen": blocks_before,
         **flops,
         "freeze/mean_drift": decision.mean_drift,
+        "freeze/mean_floor": _nanmean(decision.floor),
         "comm/grad_elements": elements,
-        "time/step_s": metrics["time/epoch_s"] / max(len(w.train_loader), 1),
+        "time/step_s": steps_s / max(len(w.train_loader), 1),
         "ddp/rank_spread": spread,
     }
+
+
+def _nanmean(grid: list[list[float]]) -> float | None:
+    values = [v for row in grid for v in row if not math.isnan(v)]
+    return sum(values) / len(values) if values else None
 
 
 def _train_steps(w: Worker, epoch: int) -> dict[str, Any]:

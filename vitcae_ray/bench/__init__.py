@@ -1,22 +1,26 @@
 """``python -m vitcae_ray.bench SUITE``: the project's benchmarks.
 
-Each suite measures its variants side by side in one process (interleaved rounds, medians
-and their spread). Suites:
+Each suite measures its variants side by side, interleaved (rounds in one process, medians
+and their spread; run: seed by seed, each run a subprocess). Suites:
   freeze     training-step time and FLOPs with 25-100% of the encoder's heads frozen, per mode
   overhead   what the convergence machinery (CLS readout, probe, controller, actor) costs an epoch
   attention  encoder forward+backward throughput against timm's VisionTransformer
   ray        a one-worker TorchTrainer epoch against the same epoch in-process, and where the gap goes
-  quality    the quickstart trained with freezing off and in each mode: final val/mse, probe, FLOPs
+  run        the freezing benchmark: the quickstart trained through python -m vitcae_ray.train
+             with freezing on and off, paired by seed (LONG 60 and SHORT 30 epochs), its
+             selected checkpoint evaluated (probe, FID, KID); the targets, met or not (over an
+             hour on 2 cores: --resume-existing continues an interrupted one)
   all        every suite above, one after the other
 
 The table goes to stdout, progress to stderr; ``--json OUT`` also writes
-``{"suite", "machine", "rows"}``. ``--quick`` shrinks every suite to seconds (CI).
+``{"suite", "machine", "rows"}``. ``--quick`` shrinks every suite to seconds, run to minutes (CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -35,7 +39,7 @@ SUITES = {
     "overhead": "overhead",
     "attention": "attention",
     "ray": "ray_epoch",
-    "quality": "quality",
+    "run": "run",
 }
 
 # The model and images every suite uses in --quick mode (explicit --set items still win), on
@@ -55,6 +59,22 @@ QUICK_SETS = {
 }
 QUICK_THREADS = 1
 
+# the suite options a flag may set (a suite's DEFAULTS name those it takes), and the counts
+OPTIONS = (
+    "rounds",
+    "steps",
+    "batch_size",
+    "epochs",
+    "seeds",
+    "long_epochs",
+    "short_epochs",
+    "only",
+    "output",
+    "resume_existing",
+    "doc",
+)
+COUNTS = ("rounds", "steps", "batch_size", "epochs", "seeds", "long_epochs", "short_epochs")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (from main)
@@ -73,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         help="YAML preset (default: the suite's; the quickstart "
-        "configs/digits_tiny.yaml for overhead, ray, quality)",
+        "configs/digits_tiny.yaml for overhead, ray; the built-in defaults, which are the "
+        "quickstart, for run)",
     )
     p.add_argument("--preset", help="model.preset: tiny, small")
     p.add_argument(
@@ -94,16 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
         "training steps per epoch (overhead; default the whole epoch)",
     )
     p.add_argument("--batch-size", type=int, help="images per step")
-    p.add_argument("--epochs", type=int, help="epochs per run (ray, quality)")
-    p.add_argument("--seeds", type=int, help="seeds per variant (quality; default 3)")
+    p.add_argument("--epochs", type=int, help="epochs per run (ray)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1, each arm per seed (run; default 3)")
+    p.add_argument("--long-epochs", type=int, help="epochs of the LONG configuration (run; default 60)")
+    p.add_argument("--short-epochs", type=int, help="epochs of the SHORT configuration (run; default 30)")
+    p.add_argument("--only", help="run one configuration: long or short (run; default both)")
     p.add_argument(
         "--output",
-        help="directory for the runs (ray, quality; default a temporary directory, removed afterwards)",
+        help="directory for the runs (ray: default a temporary directory, removed afterwards; "
+        "run: default a new temporary directory, kept and printed)",
     )
     p.add_argument(
-        "--variants",
-        help="comma-separated variants to run (quality: off, weights, "
-        "detach, weights+out_proj; default all; off is always run, as the baseline)",
+        "--resume-existing",
+        action="store_true",
+        default=None,
+        help="skip the runs of --output that are complete and evaluated, continue the rest (run)",
+    )
+    p.add_argument(
+        "--doc",
+        metavar="PATH",
+        help="also write the table into PATH between its <!-- bench-run:start --> and "
+        "<!-- bench-run:end --> lines (run)",
     )
     return p
 
@@ -118,7 +150,7 @@ def options(args: argparse.Namespace, mod, strict: bool = True) -> SimpleNamespa
     opts = dict(mod.DEFAULTS)
     if args.quick:
         opts.update(mod.QUICK)
-    for key in ("rounds", "steps", "batch_size", "epochs", "seeds", "output", "variants"):
+    for key in OPTIONS:
         value = getattr(args, key)
         flag = f"--{key.replace('_', '-')}"
         if value is None:
@@ -129,22 +161,35 @@ def options(args: argparse.Namespace, mod, strict: bool = True) -> SimpleNamespa
             continue
         if key == "output" and not strict:  # all: a directory of its own for each suite
             value = os.path.join(value, mod.NAME)
-        elif key not in ("output", "variants") and value < 1:
+        elif key in COUNTS and value < 1:
             raise BenchError(f"{flag} must be >= 1, got {value}")
         opts[key] = value
     device = torch.device("cuda" if args.gpu else "cpu")
-    return SimpleNamespace(**opts, quick=args.quick, device=device)
+    return SimpleNamespace(**opts, quick=args.quick, device=device, config_argv=config_argv(args, mod))
 
 
-def config_for(args: argparse.Namespace, mod):
+def config_flags(args: argparse.Namespace, mod) -> dict[str, Any]:
+    """The config keys the bench sets: the --quick sizes, the suite's --quick settings, --preset."""
     flags: dict[str, Any] = dict(QUICK_SETS) if args.quick else {}
     flags.update(getattr(mod, "QUICK_SETS", {}) if args.quick else {})
     if args.preset is not None:
         flags["model.preset"] = args.preset
-    return resolve(args.config or mod.DEFAULT_CONFIG, flags, args.set)
+    return flags
 
 
-def run_suite(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def config_for(args: argparse.Namespace, mod):
+    return resolve(args.config or mod.DEFAULT_CONFIG, config_flags(args, mod), args.set)
+
+
+def config_argv(args: argparse.Namespace, mod) -> list[str]:
+    """The same config as arguments of ``python -m vitcae_ray.train`` (the run suite trains
+    through it): ``--config`` when one was given, then ``--set`` items in precedence order."""
+    argv = ["--config", args.config] if args.config else []
+    items = [f"{k}={json.dumps(v)}" for k, v in config_flags(args, mod).items()] + list(args.set)
+    return argv + [x for item in items for x in ("--set", item)]
+
+
+def run_suite(name: str, args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
     mod = suite_module(name)
     opts = options(args, mod, strict=args.suite != "all")
     cfg = config_for(args, mod)
@@ -158,6 +203,8 @@ def run_suite(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.set_num_threads(threads)
     print(f"{name}: {mod.SUMMARY}")
     print(mod.render(rows) + "\n", flush=True)
+    if getattr(opts, "doc", None):
+        mod.write_doc(opts.doc, rows, argv)
     return rows
 
 
@@ -177,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                 mod.check(cfg, opts)
         rows: list[dict[str, Any]] = []
         for name in names:
-            suite_rows = run_suite(name, args)
+            suite_rows = run_suite(name, args, argv)
             rows += [{"suite": name, **r} for r in suite_rows] if args.suite == "all" else suite_rows
     except (BenchError, ConfigError, DataError) as e:
-        return fail(e)
+        return fail(e, getattr(e, "code", 2))
     if args.json:
         write_json(args.json, args.suite, rows, argv)
     return 0

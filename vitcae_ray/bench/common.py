@@ -29,7 +29,9 @@ from ..filesystem import atomic_write
 
 
 class BenchError(ValueError):
-    """Bad input to a suite; the message is one line."""
+    """Bad input to a suite; the message is one line, ``code`` the command's exit code."""
+
+    code = 2
 
 
 def progress(msg: str) -> None:
@@ -105,9 +107,10 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 
 
 def ratio_stats(values: Sequence[float], base: Sequence[float]) -> tuple[float, dict[str, float]]:
-    """``median(values) / median(base)`` and the spread of the per-round ratios."""
+    """The median of the per-round ratios ``values[r] / base[r]`` and their spread (what the
+    tables label them: a ratio of two medians would pair rounds that ran apart)."""
     per_round = [a / b for a, b in zip(values, base)]
-    return statistics.median(values) / statistics.median(base), spread(per_round)
+    return statistics.median(per_round), spread(per_round)
 
 
 def fmt_spread(s: dict[str, float], digits: int = 3) -> str:
@@ -174,16 +177,20 @@ def write_json(path: str, suite: str, rows: list[dict[str, Any]], argv: Sequence
 Column = tuple[str, str, Callable[[Any], str]]  # (row key, header, formatter)
 
 
-def table(rows: list[dict[str, Any]], columns: Sequence[Column]) -> str:
-    """A fixed-width text table of ``rows``; a missing value prints as ``-``."""
+def table(rows: list[dict[str, Any]], columns: Sequence[Column], left: Sequence[str] = ()) -> str:
+    """A fixed-width text table of ``rows``; a missing value prints as ``-``. The first column
+    and the columns whose row key is in ``left`` are left-aligned, the others right-aligned."""
     cells = [[h for _, h, _ in columns]]
     for r in rows:
         cells.append(["-" if r.get(k) is None else f(r[k]) for k, _, f in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lefts = [i == 0 or k in left for i, (k, _, _) in enumerate(columns)]
     lines = []
     for j, row in enumerate(cells):
         lines.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            "  ".join(
+                c.ljust(w) if is_left else c.rjust(w) for c, w, is_left in zip(row, widths, lefts)
+            ).rstrip()
         )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))

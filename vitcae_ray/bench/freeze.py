@@ -1,12 +1,13 @@
-"""freeze: what head freezing saves per training step.
+"""freeze: what freezing saves per training step.
 
-Variants: no head frozen, then 25/50/75/100% of every encoder layer's heads frozen in each mode
-(``weights``, ``detach``), each with and without the output projection's frozen-head columns
-frozen (``out_proj``). For each, the step's FLOPs (counted as executed, by
-:func:`vitcae_ray.freezing.flop_counter`), the gradient elements DDP would all-reduce, and the
-time of full training steps (zero_grad, forward under bf16 autocast on GPUs, loss, backward,
-AdamW step), interleaved round by round; ``time_ratio`` is the median step time over the
-unfrozen one's.
+Variants: nothing frozen, then 25/50/75/100% of every encoder layer's heads frozen (a frozen
+head runs its forward without autograd), then every head frozen with a frozen prefix of 1..L
+whole encoder blocks (run under ``no_grad``, the embedding with them). For each, the step's
+FLOPs (counted as executed, by :func:`vitcae_ray.freezing.flop_counter`), the gradient
+elements DDP would all-reduce, and the time of full training steps (zero_grad, forward under
+bf16 autocast on GPUs, loss, backward, AdamW step), interleaved round by round with a device
+sync around each timing; ``time_ratio`` is the median of the per-round ratios to the unfrozen
+step, with their range.
 """
 
 from __future__ import annotations
@@ -25,20 +26,17 @@ from ..optim import build_optimizer
 from .common import device_sync, fmt_spread, interleave, num, ratio_stats, table, timed
 
 NAME = "freeze"
-SUMMARY = "training step with frozen heads vs no head frozen (ratios: lower is cheaper)"
+SUMMARY = "training step with frozen heads and blocks vs nothing frozen (ratios: lower is cheaper)"
 DEFAULT_CONFIG = None  # the built-in defaults: the quickstart's tiny model
 DEFAULTS = {"rounds": 7, "steps": 5, "batch_size": 64}
 QUICK = {"rounds": 1, "steps": 1, "batch_size": 8}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-MODES = ("weights", "detach")
 WARMUP_STEPS = 2
 
 
-def variants() -> list[tuple[str, bool, float]]:
-    """(mode, out_proj, frozen fraction); the unfrozen baseline first."""
-    return [("none", False, 0.0)] + [
-        (mode, out_proj, frac) for mode in MODES for out_proj in (False, True) for frac in FRACTIONS
-    ]
+def variants(depth: int) -> list[tuple[float, int]]:
+    """(frozen fraction of each layer's heads, frozen blocks); the unfrozen baseline first."""
+    return [(0.0, 0)] + [(frac, 0) for frac in FRACTIONS] + [(1.0, k) for k in range(1, depth + 1)]
 
 
 def frozen_sets(num_layers: int, num_heads: int, frac: float) -> list[list[int]]:
@@ -82,16 +80,14 @@ def _runs(cfg: Config, x: torch.Tensor, epoch: int, device: torch.device) -> lis
     heads frozen), its optimizer, its step's FLOPs on ``x`` and its gradient elements."""
     size, chans = x.shape[-1], x.shape[1]
     runs = []
-    for mode, out_proj, frac in variants():
+    for frac, blocks in variants(cfg.model.depth):
         torch.manual_seed(0)
         model = build_model(cfg.model, size, chans).to(device)
         heads = frozen_sets(cfg.model.depth, cfg.model.num_heads, frac)
-        if frac:
-            apply_frozen(model, heads, mode, out_proj=out_proj)
+        apply_frozen(model, heads, blocks)
         runs.append(
             SimpleNamespace(
-                mode=mode,
-                out_proj=out_proj,
+                blocks=blocks,
                 frac=frac,
                 heads=len(heads[0]),
                 model=model,
@@ -114,9 +110,8 @@ def _row(
     """Variant ``r``'s row from its per-round step times ``t``, against the unfrozen ``base``."""
     ratio, spread = ratio_stats(t, base_t)
     return {
-        "mode": r.mode,
-        "out_proj": r.out_proj,
         "frozen_frac": r.frac,
+        "frozen_blocks": r.blocks,
         "frozen_heads_per_layer": r.heads,
         "num_heads": cfg.model.num_heads,
         "step_ms": 1e3 * statistics.median(t),
@@ -137,11 +132,10 @@ def render(rows: list[dict]) -> str:
     return table(
         rows,
         [
-            ("mode", "mode", str),
-            ("out_proj", "out_proj", lambda v: "yes" if v else "no"),
-            ("frozen_frac", "frozen", lambda v: f"{v:.0%}"),
+            ("frozen_frac", "heads frozen", lambda v: f"{v:.0%}"),
+            ("frozen_blocks", "blocks frozen", str),
             ("step_ms", "step ms", num(2)),
-            ("time_ratio", "time x", num(3)),
+            ("time_ratio", "time x (median of rounds)", num(3)),
             ("time_spread", "time x min..max", fmt_spread),
             ("flops", "GFLOP", lambda v: f"{v / 1e9:.3f}"),
             ("flop_ratio", "FLOP x", num(3)),

@@ -6,7 +6,10 @@ of a run does for the head controller: the CLS readout on during the epoch
 (``model.set_readout(True)``), the probe pass (:func:`vitcae_ray.engine.head_statistics`), the
 all-reduce of those statistics (here in a one-process gloo group: no network), the
 controller's update (W1 drift, kappa, decision) and the round trip to the run's Ray actor
-(``update``, through the trainer's own client). Decisions are computed, not
+(``update``, through the trainer's own client), and what one change of the frozen set
+costs (``freeze_change``, on a scratch copy: freezing a head and a block, the optimizer
+rebuild, the FLOP recount and the DDP re-wrap; it runs only in epochs whose decision changes
+the frozen set, so counting it every epoch is an upper bound). Decisions are computed, not
 applied, so both copies train the same network. Each part is reported as a fraction of the
 plain epoch's time (target: all together at most 3%). The readout is timed where it runs (each
 attention layer's accumulation in the forward pass); ``epoch_difference``, the two epochs'
@@ -16,6 +19,7 @@ difference, is the same cost as the epoch clock sees it, with the machine's nois
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
 import statistics
@@ -32,7 +36,7 @@ from ..data import build_datasets
 from ..engine import head_statistics, train_one_epoch
 from ..model import build_model
 from ..optim import build_lr_schedule, build_optimizer
-from .common import pct, progress, quartiles, round_orders, spread, start_ray, table
+from .common import device_sync, pct, progress, quartiles, round_orders, spread, start_ray, table
 
 NAME = "overhead"
 SUMMARY = "convergence machinery per epoch, as a fraction of a plain epoch (target: total <= 3%)"
@@ -40,7 +44,7 @@ DEFAULT_CONFIG = "configs/digits_tiny.yaml"
 DEFAULTS = {"rounds": 5, "steps": None, "batch_size": None}
 QUICK = {"rounds": 1, "steps": 4, "batch_size": 16}
 TARGET = 0.03
-PARTS = ("readout", "probe", "all_reduce", "controller", "actor_round_trip")
+PARTS = ("readout", "probe", "all_reduce", "controller", "actor_round_trip", "freeze_change")
 # rows: the plain epoch, each part, their total, and the readout seen by the epoch clock
 
 
@@ -112,7 +116,9 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
         probe=probe.to(device),
         amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
         epoch_loss=cfg.loss.kl_warmup_epochs + cfg.loss.ramp_epochs,  # the full loss, MMD included
-        readout_s=_time_readout(machinery.model),
+        readout_s=_time_readout(machinery.model, device_sync(device)),
+        probe_odd=torch.arange(len(probe), device=device) % 2 == 1,
+        scratch=None,
         local=None,
         remote=None,
     )
@@ -151,17 +157,20 @@ def _variant(
     )  # per round
 
 
-def _time_readout(model) -> list[float]:
-    """Time every attention layer's readout accumulation; returns the one-element list that
-    sums it over an epoch's forward passes (reset it before each epoch)."""
+def _time_readout(model, sync) -> list[float]:
+    """Time every attention layer's readout accumulation, with a device sync on each side;
+    returns the one-element list that sums it over an epoch's forward passes (reset it before
+    each epoch)."""
     readout_s = [0.0]
 
     def timed_record(record):
         def call(*args, **kwargs):
+            sync()
             t0 = time.perf_counter()
             try:
                 return record(*args, **kwargs)
             finally:
+                sync()
                 readout_s[0] += time.perf_counter() - t0
 
         return call
@@ -188,6 +197,36 @@ def _heads_clients(cfg: Config):
         yield local, remote
     finally:
         ray.kill(actor)
+
+
+def _time_freeze_change(bench: SimpleNamespace, v: SimpleNamespace, epoch: int) -> float:
+    """One change of the frozen set on a scratch copy of ``v``'s model, as the trainer
+    applies it: the heads and the block prefix, the optimizer rebuild, the FLOP recount and
+    the DDP re-wrap. Each round toggles between nothing frozen and layer 0 frozen whole."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..freezing import FlopAccount, apply_frozen, rebuild_optimizer
+
+    if bench.scratch is None:
+        model = copy.deepcopy(v.model)
+        opt = build_optimizer(model, bench.cfg.optim)
+        sched = build_lr_schedule(opt, bench.cfg.optim, 2, v.steps)
+        x = torch.zeros(2, *bench.probe.shape[1:], device=bench.device)
+        bench.scratch = SimpleNamespace(
+            model=model, opt=opt, sched=sched, flops=FlopAccount(model, x, bench.cfg, bench.probe)
+        )
+    s, layers = bench.scratch, bench.cfg.model.depth
+    on = epoch % 2 == 1
+    heads = [list(range(bench.cfg.model.num_heads)) if on and l == 0 else [] for l in range(layers)]
+    sync = device_sync(bench.device)
+    sync()
+    t0 = time.perf_counter()
+    apply_frozen(s.model, heads, int(on))
+    s.opt, s.sched = rebuild_optimizer(s.model, s.opt, s.sched, bench.cfg, v.steps)
+    s.flops.recount(s.model)
+    DistributedDataParallel(s.model)
+    sync()
+    return time.perf_counter() - t0
 
 
 def _measure_rounds(
@@ -225,16 +264,20 @@ def _measure(bench: SimpleNamespace, v: SimpleNamespace, epoch: int) -> None:
     v.times["epoch"].append(t1 - t0)
     if not machinery:
         return
-    cls, patch = head_statistics(v.model, bench.probe)
+    stats = head_statistics(v.model, bench.probe, bench.probe_odd)
     t2 = time.perf_counter()
-    flat = torch.cat([cls.double().flatten(), patch.double().flatten()])
+    flat = torch.cat(
+        [t.double().flatten() for t in (stats.cls, stats.patch, stats.cls_halves, stats.block_maps)]
+    )
     dist.all_reduce(flat)  # what head_statistics does across ranks
     t3 = time.perf_counter()
-    bench.local.update(epoch, cls.numpy(), patch.numpy())
+    bench.local.update(epoch, *stats.args())
     t4 = time.perf_counter()
-    bench.remote.update(epoch, cls.numpy(), patch.numpy())
+    bench.remote.update(epoch, *stats.args())
     t5 = time.perf_counter()
+    change = _time_freeze_change(bench, v, epoch)
     for part, t in (
+        ("freeze_change", change),
         ("readout", bench.readout_s[0]),
         ("probe", t2 - t1),
         ("all_reduce", t3 - t2),
@@ -259,6 +302,7 @@ def _rows(
         "all_reduce": m["all_reduce"],
         "controller": m["controller"],
         "actor_round_trip": [a - c for a, c in zip(m["actor_round_trip"], m["controller"])],
+        "freeze_change": m["freeze_change"],  # as if every epoch changed the frozen set
     }
     per_round["total"] = [sum(vals) for vals in zip(*per_round.values())]
     # the readout as the epoch clock sees it: the two epochs' difference (noisier)

@@ -2,7 +2,15 @@
 temperature factors and freeze decisions, and (``actor.py``, the only Ray import) its actor."""
 
 from .controller import HeadController, HeadDecision, controller_args
-from .diagnostics import drift_w1, drift_w1_heads, grid_cost, kappa, kappa_heads, patch_coords
+from .diagnostics import (
+    drift_w1,
+    drift_w1_heads,
+    grid_cost,
+    kappa,
+    kappa_heads,
+    patch_coords,
+    relative_change,
+)
 
 __all__ = [
     "HeadController",
@@ -14,4 +22,5 @@ __all__ = [
     "kappa",
     "kappa_heads",
     "patch_coords",
+    "relative_change",
 ]

@@ -47,8 +47,9 @@ class HeadConvergenceActor:
             self._loaded = True
         return self._controller
 
-    def update(self, epoch: int, cls_attn: np.ndarray, patch_attn: np.ndarray | None) -> dict:
-        return self._ready().update(epoch, cls_attn, patch_attn).to_dict()
+    def update(self, epoch: int, *stats: np.ndarray | None) -> dict:
+        """``stats``: :meth:`HeadController.update`'s statistics, in its order."""
+        return self._ready().update(epoch, *stats).to_dict()
 
     def decision(self, epoch: int) -> dict:
         return self._ready().decision(epoch).to_dict()
@@ -105,9 +106,10 @@ class HeadsClient:
             return getattr(self.local, method)(*args)
         return ray.get(getattr(self.actor, method).remote(*args))
 
-    def update(self, epoch: int, cls_attn: np.ndarray, patch_attn: np.ndarray | None) -> HeadDecision:
-        self._last_update = (epoch, cls_attn, patch_attn)
-        d = self._call("update", epoch, cls_attn, patch_attn)
+    def update(self, epoch: int, *stats: np.ndarray | None) -> HeadDecision:
+        """``stats``: :meth:`HeadController.update`'s statistics, in its order."""
+        self._last_update = (epoch, *stats)
+        d = self._call("update", epoch, *stats)
         return d if isinstance(d, HeadDecision) else HeadDecision.from_dict(d)
 
     def state_dict(self) -> dict:

@@ -11,11 +11,20 @@ epochs never shows up as drift; see ``Attention.diagnostic_attention``):
 - factor   f^(t+1) = 1 / (1 + alpha * d^(t)) for heads not frozen at t (1 when d^(t) is NaN);
   a frozen head keeps f^(t_freeze), the factor it used in its freeze epoch; with the temperature schedule
   disabled f = 1 everywhere. The decision for epoch t carries f^(t+1), applied from t + 1 on.
+- floor    n^(t) = W1(p_even^(t), p_odd^(t)): the same readout over the even- and the odd-indexed
+  samples of every batch, two readouts of the same weights on different images: the size of a
+  drift that measurement noise alone produces (NaN when the halves are not given);
 - freeze   (freezing enabled) head (l, h) freezes at t when t >= min_epoch,
-  d^(s) < drift_threshold for every s in t-patience+1..t (all defined), and kappa^(s) takes a
-  single value (all available) over s in t-kappa_window+1..t. Frozen heads stay frozen. At most
-  floor(max_frozen_frac * H) heads of a layer are frozen; when more qualify, those with the
+  d^(s) < drift_ratio * n^(s) for every s in t-patience+1..t (all defined), and kappa^(s) takes
+  a single value (all available) over s in t-kappa_window+1..t. Frozen heads stay frozen. At
+  most floor(max_frozen_frac * H) heads of a layer are frozen; when more qualify, those with the
   smallest mean drift over the patience window freeze first (ties: lower head index).
+- blocks   (freeze.blocks) with M_l^(t) block l's output on the probe images averaged over
+  the images ((T, D) per block) and M_l,a / M_l,b the same over the probe's two halves:
+  change c_l^(t) = ||M_l^(t) - M_l^(t-1)|| / ||M_l^(t)||, floor m_l^(t) = ||M_l,a - M_l,b|| /
+  ||M_l^(t)||. The frozen prefix k (blocks 0..k-1, with the patch embedding) grows by block
+  k at t when every head of block k is frozen and c_k^(s) < block_ratio * m_k^(s) for every s
+  in the patience window; it never shrinks. The trainer runs the prefix under no_grad.
 """
 
 from __future__ import annotations
@@ -27,11 +36,19 @@ from typing import Any
 import numpy as np
 
 from ..config import Config, FreezeConfig, TemperatureConfig
-from .diagnostics import drift_w1_heads, kappa_heads
+from .diagnostics import drift_w1_heads, kappa_heads, relative_change
 
 __all__ = ["HeadController", "HeadDecision", "controller_args"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+
+def _json(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def _float(v: float | None) -> float:
+    return math.nan if v is None else float(v)
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,13 @@ class HeadDecision:
     drift: list[list[float]]  # d^(epoch); NaN where undefined (the first epoch)
     kappa: list[list[int]]  # kappa^(epoch); -1 where unavailable
     newly_frozen: list[tuple[int, int]] = field(default_factory=list)  # (layer, head), sorted
+    floor: list[list[float]] = field(
+        default_factory=list
+    )  # n^(epoch), the drift's noise floor; NaN if unknown
+    block_change: list[float] = field(default_factory=list)  # c_l^(epoch); NaN where undefined
+    block_floor: list[float] = field(default_factory=list)  # m_l^(epoch); NaN where unknown
+    frozen_blocks: int = 0  # the frozen prefix: encoder blocks 0..frozen_blocks-1
+    block_frozen_epoch: list[int | None] = field(default_factory=list)  # per block; None while trained
 
     @property
     def num_frozen(self) -> int:
@@ -75,6 +99,11 @@ class HeadDecision:
             "drift": [[None if math.isnan(v) else v for v in row] for row in self.drift],
             "kappa": [list(row) for row in self.kappa],
             "newly_frozen": [[l, h] for l, h in self.newly_frozen],
+            "floor": [[_json(v) for v in row] for row in self.floor],
+            "block_change": [_json(v) for v in self.block_change],
+            "block_floor": [_json(v) for v in self.block_floor],
+            "frozen_blocks": self.frozen_blocks,
+            "block_frozen_epoch": list(self.block_frozen_epoch),
         }
 
     @classmethod
@@ -88,6 +117,11 @@ class HeadDecision:
             drift=[[math.nan if v is None else float(v) for v in row] for row in d["drift"]],
             kappa=[[int(v) for v in row] for row in d["kappa"]],
             newly_frozen=[(int(l), int(h)) for l, h in d["newly_frozen"]],
+            floor=[[_float(v) for v in row] for row in d["floor"]],
+            block_change=[_float(v) for v in d["block_change"]],
+            block_floor=[_float(v) for v in d["block_floor"]],
+            frozen_blocks=int(d["frozen_blocks"]),
+            block_frozen_epoch=[None if v is None else int(v) for v in d["block_frozen_epoch"]],
         )
 
 
@@ -124,6 +158,7 @@ class HeadController:
         self.replay_window = replay_window
         self._decisions: dict[int, HeadDecision] = {}
         self._cls: dict[int, np.ndarray] = {}  # epoch -> normalised (L, H, N) CLS->patch attention
+        self._blocks: dict[int, np.ndarray] = {}  # epoch -> (L, F) block outputs on the probe
 
     @property
     def last_epoch(self) -> int | None:
@@ -135,17 +170,30 @@ class HeadController:
             raise KeyError(f"no head decision recorded for epoch {epoch}")
         return self._decisions[epoch]
 
-    def update(self, epoch: int, cls_attn: np.ndarray, patch_attn: np.ndarray | None) -> HeadDecision:
+    def update(
+        self,
+        epoch: int,
+        cls_attn: np.ndarray,
+        patch_attn: np.ndarray | None,
+        cls_halves: np.ndarray | None = None,
+        block_maps: np.ndarray | None = None,
+    ) -> HeadDecision:
         """Record epoch ``epoch``'s statistics and return its decision.
 
         ``cls_attn`` (L, H, N): the epoch's mean CLS->patch attention per head (renormalised over
         N here). ``patch_attn`` (L, H, N, N): the probe batch's mean patch->patch attention, or
         None: kappa is then unavailable (-1) and, as the kappa condition cannot hold, no head
-        freezes for the next ``kappa_window`` epochs. A failed update changes nothing.
+        freezes for the next ``kappa_window`` epochs. ``cls_halves`` (2, L, H, N): the readout
+        over the even- and the odd-indexed samples (the drift's noise floor; without it no
+        head freezes). ``block_maps`` (3, L, ...): each encoder block's output on the probe
+        images averaged over the images, then over the probe's two halves (without it no
+        block freezes). A failed update changes nothing.
         """
         epoch = int(epoch)
         cls = self._check_cls(cls_attn)
         kap = self._check_kappa(patch_attn)
+        floor = self._check_floor(cls_halves)
+        blocks, block_floor = self._check_blocks(block_maps)
         history = {e: d for e, d in self._decisions.items() if e < epoch}
         prev = history.get(epoch - 1)
         if history and prev is None:
@@ -162,12 +210,25 @@ class HeadController:
             if prev is not None
             else np.full((L, H), np.nan)
         )
+        before = self._blocks.get(epoch - 1) if prev is not None else None
+        change = (
+            relative_change(before, blocks)
+            if before is not None and blocks is not None
+            else np.full(L, np.nan)
+        )
 
         frozen = [list(r) for r in prev.frozen] if prev else [[False] * H for _ in range(L)]
         frozen_epoch = [list(r) for r in prev.frozen_epoch] if prev else [[None] * H for _ in range(L)]
-        newly = self._to_freeze(epoch, history, frozen, drift, kap) if self.freeze.enabled else []
+        newly = self._to_freeze(epoch, history, frozen, drift, floor, kap) if self.freeze.enabled else []
         for l, h in newly:
             frozen[l][h], frozen_epoch[l][h] = True, epoch
+        prefix = prev.frozen_blocks if prev else 0
+        block_epoch = list(prev.block_frozen_epoch) if prev else [None] * L
+        if self.freeze.enabled and self.freeze.blocks:
+            for l in range(prefix, L):
+                if not self._block_converged(epoch, history, l, frozen, change, block_floor):
+                    break
+                prefix, block_epoch[l] = l + 1, epoch
 
         in_use = prev.tau_factor if prev else [[1.0] * H for _ in range(L)]
         tau = [[1.0] * H for _ in range(L)]
@@ -186,12 +247,63 @@ class HeadController:
             drift=drift.tolist(),
             kappa=kap.tolist(),
             newly_frozen=newly,
+            floor=floor.tolist(),
+            block_change=change.tolist(),
+            block_floor=block_floor.tolist(),
+            frozen_blocks=prefix,
+            block_frozen_epoch=block_epoch,
         )
 
         self._decisions = {**history, epoch: decision}
-        self._cls = {e: v for e, v in self._cls.items() if epoch - self.replay_window <= e < epoch}
+        keep = range(epoch - self.replay_window, epoch)
+        self._cls = {e: v for e, v in self._cls.items() if e in keep}
         self._cls[epoch] = cls
+        self._blocks = {e: v for e, v in self._blocks.items() if e in keep}
+        if blocks is not None:
+            self._blocks[epoch] = blocks
         return decision
+
+    def _check_floor(self, cls_halves: np.ndarray | None) -> np.ndarray:
+        """(2, L, H, N) half readouts -> (L, H) noise floor W1(even, odd); NaN without them."""
+        L, H = self.num_layers, self.num_heads
+        if cls_halves is None:
+            return np.full((L, H), np.nan)
+        halves = np.asarray(cls_halves, dtype=np.float64)
+        if halves.shape != (2, L, H, self.grid**2):
+            raise ValueError(f"cls_halves has shape {halves.shape}, expected {(2, L, H, self.grid**2)}")
+        return drift_w1_heads(self._check_cls(halves[0]), self._check_cls(halves[1]), self.grid)
+
+    def _check_blocks(self, block_maps: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """(3, L, ...) probe block outputs -> ((L, F) the whole probe's, (L,) floor m_l)."""
+        L = self.num_layers
+        if block_maps is None:
+            return None, np.full(L, np.nan)
+        maps = np.asarray(block_maps, dtype=np.float64)
+        if maps.ndim < 3 or maps.shape[:2] != (3, L) or not np.isfinite(maps).all():
+            raise ValueError(f"block_maps must be a finite (3, {L}, ...) array, got shape {maps.shape}")
+        # float32, as the state stores them, so a restored controller decides exactly alike
+        whole, a, b = (m.reshape(L, -1).astype(np.float32).astype(np.float64) for m in maps)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return whole, np.linalg.norm(a - b, axis=1) / np.linalg.norm(whole, axis=1)
+
+    def _block_converged(
+        self,
+        epoch: int,
+        history: dict[int, HeadDecision],
+        layer: int,
+        frozen: list[list[bool]],
+        change: np.ndarray,
+        block_floor: np.ndarray,
+    ) -> bool:
+        """Whether block ``layer`` may join the frozen prefix at ``epoch`` (module doc)."""
+        if epoch < self.min_epoch or not all(frozen[layer]):
+            return False
+        past = range(epoch - self.freeze.patience + 1, epoch)
+        if any(e not in history for e in past):
+            return False
+        changes = [history[e].block_change[layer] for e in past] + [float(change[layer])]
+        floors = [history[e].block_floor[layer] for e in past] + [float(block_floor[layer])]
+        return all(c < self.freeze.block_ratio * f for c, f in zip(changes, floors))  # NaN: False
 
     def _check_cls(self, cls_attn: np.ndarray) -> np.ndarray:
         """(L, H, N) attention -> per-head distributions over the N patches."""
@@ -221,6 +333,7 @@ class HeadController:
         history: dict[int, HeadDecision],
         frozen: list[list[bool]],
         drift: np.ndarray,
+        floor: np.ndarray,
         kap: np.ndarray,
     ) -> list[tuple[int, int]]:
         """Heads that newly satisfy the freeze rule at ``epoch``, within the per-layer cap."""
@@ -236,10 +349,11 @@ class HeadController:
             return np.array([getattr(history[e], key) for e in past] + [now.tolist()], dtype=np.float64)
 
         drifts = window(fz.patience, drift, "drift")
+        floors = window(fz.patience, floor, "floor")
         kappas = window(fz.kappa_window, kap, "kappa")
-        if drifts is None or kappas is None:
+        if drifts is None or floors is None or kappas is None:
             return []
-        converged = (drifts < fz.drift_threshold).all(0)  # NaN compares False
+        converged = (drifts < fz.drift_ratio * floors).all(0)  # NaN compares False
         stable = (kappas == kappas[0]).all(0) & (kappas[0] >= 0)
         mean_drift = drifts.mean(0)
         cap = math.floor(fz.max_frozen_frac * self.num_heads)
@@ -265,6 +379,7 @@ class HeadController:
             "grid": self.grid,
             "decisions": [self._decisions[e].to_dict() for e in sorted(self._decisions)],
             "cls": {str(e): self._cls[e].tolist() for e in sorted(self._cls)},
+            "blocks": {str(e): self._blocks[e].astype(np.float32).tolist() for e in sorted(self._blocks)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -275,6 +390,11 @@ class HeadController:
             raise ValueError(
                 f"head state for (layers, heads, grid) = {saved} cannot load into a controller for {shape}"
             )
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"head state version {state.get('version')} is not {STATE_VERSION}: it was written "
+                "by an older vitcae_ray; start the run afresh"
+            )
         decisions = {int(d["epoch"]): HeadDecision.from_dict(d) for d in state["decisions"]}
         if decisions and sorted(decisions) != list(range(min(decisions), max(decisions) + 1)):
             raise ValueError("head state has non-contiguous epochs")
@@ -282,11 +402,14 @@ class HeadController:
         n = self.grid**2
         if any(v.shape != (self.num_layers, self.num_heads, n) for v in cls.values()):
             raise ValueError("head state holds CLS attention of the wrong shape")
+        blocks = {int(e): np.array(v, dtype=np.float64) for e, v in state["blocks"].items()}
         last = max(decisions) if decisions else None
+
+        def window(d: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+            return {e: v for e, v in d.items() if last is not None and last - self.replay_window <= e <= last}
+
         self._decisions = decisions
-        self._cls = {
-            e: v for e, v in cls.items() if last is not None and last - self.replay_window <= e <= last
-        }
+        self._cls, self._blocks = window(cls), window(blocks)
 
 
 def controller_args(cfg: Config) -> tuple:

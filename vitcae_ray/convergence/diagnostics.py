@@ -21,7 +21,15 @@ import numpy as np
 import ot
 import scipy.linalg
 
-__all__ = ["drift_w1", "drift_w1_heads", "grid_cost", "kappa", "kappa_heads", "patch_coords"]
+__all__ = [
+    "drift_w1",
+    "drift_w1_heads",
+    "grid_cost",
+    "kappa",
+    "kappa_heads",
+    "patch_coords",
+    "relative_change",
+]
 
 
 def patch_coords(grid: int) -> np.ndarray:
@@ -93,3 +101,16 @@ def kappa_heads(attn: np.ndarray, top_k: int) -> np.ndarray:
     return np.array([[kappa(attn[l, h], top_k) for h in range(H)] for l in range(L)], dtype=np.int64).reshape(
         L, H
     )
+
+
+def relative_change(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """r_l = ||cur_l - prev_l||_F / ||cur_l||_F for (L, ...) arrays; returns an (L,) float64
+    array (inf where ``cur_l`` is all zero and differs from ``prev_l``, 0 where both are)."""
+    prev, cur = np.asarray(prev, dtype=np.float64), np.asarray(cur, dtype=np.float64)
+    if prev.shape != cur.shape or prev.ndim < 1:
+        raise ValueError(f"expected two (L, ...) arrays of one shape, got {prev.shape} and {cur.shape}")
+    L = cur.shape[0]
+    diff = np.linalg.norm((cur - prev).reshape(L, -1), axis=1)
+    norm = np.linalg.norm(cur.reshape(L, -1), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(diff == 0, 0.0, diff / norm)

@@ -25,6 +25,7 @@ soft-bounded to (-LOGVAR_BOUND, LOGVAR_BOUND).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -136,6 +137,7 @@ class ViTCAE(nn.Module):
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.fused_attn) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(D)
+        self.frozen_blocks = 0  # blocks 0..k-1 (and the embedding) frozen, run under no_grad
         self.to_z_cls = nn.Linear(D, 2 * Zc) if Zc else None  # -> (mu, logvar)
         self.to_z_patch = nn.Linear(D, 2 * cfg.z_patch_dim)
 
@@ -179,17 +181,47 @@ class ViTCAE(nn.Module):
         """The encoder's attention modules, layer l at index l (the scheduler's heads)."""
         return [blk.attn for blk in self.blocks]
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The parameters below encoder block 0: they freeze with the first frozen block."""
+        return [*self.patch_embed.parameters(), self.cls_token, self.pos_embed]
+
+    def set_frozen_blocks(self, k: int) -> None:
+        """Freeze the encoder's bottom ``k`` blocks whole (attention, MLP, norms) with the
+        embedding below them, and train the rest (their heads as ``Attention.set_frozen``
+        left them): :meth:`forward_features` runs that prefix under ``no_grad``, so the
+        backward stops above it. Rebuild the optimizer and re-wrap DDP afterwards."""
+        if not 0 <= k <= len(self.blocks):
+            raise ValueError(f"frozen blocks must be in 0..{len(self.blocks)}, got {k}")
+        for p in self.embedding_parameters():
+            p.requires_grad_(k == 0)
+        for i, blk in enumerate(self.blocks):
+            for name, p in blk.named_parameters():
+                if not name.startswith("attn.heads."):  # the heads follow their own frozen set
+                    p.requires_grad_(i >= k)
+            if i < k:
+                blk.attn.set_frozen(list(range(blk.attn.num_heads)))
+        self.frozen_blocks = k
+
     # --- encoder -------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, S, S) -> normed tokens (B, 1 + N, D), CLS first; with ``keep`` (B, Nk)
-        patch indices only those patches are encoded: (B, 1 + Nk, D)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, S, S) -> tokens (B, 1 + N, D) with positions, CLS first."""
         t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)  # (B, 1+N, D)
-        t = t + self.pos_embed
-        if keep is not None:  # CLS and the kept patches, positions embedded before the drop
-            idx = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)
-            t = t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, 1+Nk, D)
-        for blk in self.blocks:
+        return t + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, S, S) -> normed tokens (B, 1 + N, D), CLS first; with ``keep`` (B, Nk)
+        patch indices only those patches are encoded: (B, 1 + Nk, D). The frozen prefix
+        (``frozen_blocks``) runs under ``no_grad``."""
+        k = self.frozen_blocks
+        with torch.no_grad() if k else contextlib.nullcontext():
+            t = self.embed(x)
+            if keep is not None:  # CLS and the kept patches, positions embedded before the drop
+                idx = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)
+                t = t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, 1+Nk, D)
+            for blk in self.blocks[:k]:
+                t = blk(t)
+        for blk in self.blocks[k:]:
             t = blk(t)
         return self.norm(t)
 
@@ -354,13 +386,23 @@ class ViTCAE(nn.Module):
         """Encoder attention weights summed over the batch, (L, H, 1 + N, 1 + N), each layer's
         with its learned temperatures alone (the scheduler's factor left out, as in the CLS
         readout): what the convergence diagnostics measure."""
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed
-        maps = []
+        return self.probe_pass(x)[0]
+
+    @torch.no_grad()
+    def probe_pass(
+        self, x: torch.Tensor, odd: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The convergence scheduler's pass over the probe images: :meth:`attention_maps`, and
+        each encoder block's output summed over the images of each half, (2, L, 1 + N, D):
+        the even half (``odd`` False, all images when ``odd`` is None) first."""
+        t = self.embed(x)
+        odd = torch.zeros(len(x), dtype=torch.bool, device=x.device) if odd is None else odd
+        maps, outs = [], []
         for blk in self.blocks:
             maps.append(blk.attn.diagnostic_attention(blk.norm1(t)).sum(0))  # (H, T, T)
             t = blk(t)
-        return torch.stack(maps)
+            outs.append(torch.stack([t[~odd].float().sum(0), t[odd].float().sum(0)]))  # (2, T, D)
+        return torch.stack(maps), torch.stack(outs, dim=1)
 
     def set_readout(self, on: bool) -> None:
         """Start (resetting the sums) or stop the encoder's CLS attention readout."""
@@ -369,14 +411,18 @@ class ViTCAE(nn.Module):
             if on:
                 attn.reset_readout()
 
-    def readout_state(self) -> list[torch.Tensor | None]:
+    def readout_state(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """The readout sums as they stand (each step replaces them, never edits them in place),
         for :meth:`restore_readout` to drop a skipped step's share."""
-        return [a.cls_attn_sum for a in self.attention_layers]
+        return [(a.cls_attn_sum, a.cls_attn_odd) for a in self.attention_layers]
 
-    def restore_readout(self, state: list[torch.Tensor | None]) -> None:
-        for attn, s in zip(self.attention_layers, state):
-            attn.cls_attn_sum = s
+    def restore_readout(self, state: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
+        for attn, (total, odd) in zip(self.attention_layers, state):
+            attn.cls_attn_sum, attn.cls_attn_odd = total, odd
+
+    def cls_attention_odd(self) -> torch.Tensor:
+        """The readout over the odd-indexed samples of each batch alone, (L, H, 1 + N)."""
+        return torch.stack([a.cls_attn_odd for a in self.attention_layers])
 
     def cls_attention(self) -> tuple[torch.Tensor, int]:
         """Accumulated CLS->token attention, (L, H, 1 + N) summed over samples, and the count."""
