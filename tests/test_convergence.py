@@ -186,6 +186,11 @@ def test_kappa_must_hold_one_value_over_its_window():
     c = _controller()
     ds = [c.update(e, cls, patch) for e, (cls, patch, _, _) in enumerate(_script(7))]
     assert np.isnan(ds[-1].floor).all() and ds[-1].num_frozen == 0
+    # batches of one sample leave the odd half empty: no floor, no freeze, no error
+    c = _controller()
+    empty = np.stack([HALVES[0], np.zeros_like(HALVES[1])])
+    ds = [c.update(e, cls, patch, empty) for e, (cls, patch, _, _) in enumerate(_script(7))]
+    assert np.isnan(ds[-1].floor).all() and ds[-1].num_frozen == 0
 
 
 def test_the_threshold_is_relative_to_the_noise_floor():

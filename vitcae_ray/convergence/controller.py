@@ -62,9 +62,8 @@ class HeadDecision:
     drift: list[list[float]]  # d^(epoch); NaN where undefined (the first epoch)
     kappa: list[list[int]]  # kappa^(epoch); -1 where unavailable
     newly_frozen: list[tuple[int, int]] = field(default_factory=list)  # (layer, head), sorted
-    floor: list[list[float]] = field(
-        default_factory=list
-    )  # n^(epoch), the drift's noise floor; NaN if unknown
+    # n^(epoch), the drift's noise floor; NaN if unknown
+    floor: list[list[float]] = field(default_factory=list)
     block_change: list[float] = field(default_factory=list)  # c_l^(epoch); NaN where undefined
     block_floor: list[float] = field(default_factory=list)  # m_l^(epoch); NaN where unknown
     frozen_blocks: int = 0  # the frozen prefix: encoder blocks 0..frozen_blocks-1
@@ -184,10 +183,10 @@ class HeadController:
         N here). ``patch_attn`` (L, H, N, N): the probe batch's mean patch->patch attention, or
         None: kappa is then unavailable (-1) and, as the kappa condition cannot hold, no head
         freezes for the next ``kappa_window`` epochs. ``cls_halves`` (2, L, H, N): the readout
-        over the even- and the odd-indexed samples (the drift's noise floor; without it no
-        head freezes). ``block_maps`` (3, L, ...): each encoder block's output on the probe
-        images averaged over the images, then over the probe's two halves (without it no
-        block freezes). A failed update changes nothing.
+        over the even- and the odd-indexed samples (the drift's noise floor; without it, or
+        with an empty half, no head freezes). ``block_maps`` (3, L, ...): each encoder
+        block's output on the probe images averaged over the images, then over the probe's
+        two halves (without it no block freezes). A failed update changes nothing.
         """
         epoch = int(epoch)
         cls = self._check_cls(cls_attn)
@@ -271,6 +270,8 @@ class HeadController:
         halves = np.asarray(cls_halves, dtype=np.float64)
         if halves.shape != (2, L, H, self.grid**2):
             raise ValueError(f"cls_halves has shape {halves.shape}, expected {(2, L, H, self.grid**2)}")
+        if not (halves.sum(-1) > 0).all():  # a half with no samples (batches of one): no floor
+            return np.full((L, H), np.nan)
         return drift_w1_heads(self._check_cls(halves[0]), self._check_cls(halves[1]), self.grid)
 
     def _check_blocks(self, block_maps: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
