@@ -287,6 +287,37 @@ def test_run_table_labels_every_statistic_and_says_met_or_not(tmp_path):
     assert "5+1/16" in text  # the on arm's frozen heads in the per-run table
 
 
+def test_the_drift_control_compares_the_epochs_before_the_first_freeze():
+    from vitcae_ray.bench.run import drift_control, render, summarize
+
+    # the on arm froze a head from its third epoch: epochs 1-2 did the same work in both arms
+    on = {"steps_s": [2.2, 2.2, 1.0, 1.0], "first_freeze_epoch": 2}
+    off = {"steps_s": [2.0, 2.0, 2.0, 2.0]}
+    assert drift_control(on, off) == (2, pytest.approx(1.1))
+    assert drift_control({**on, "first_freeze_epoch": None}, off) == (4, pytest.approx(6.4 / 8.0))
+    assert drift_control({**on, "first_freeze_epoch": 0}, off) == (0, None)  # nothing to compare
+    assert drift_control({**on, "steps_s": [None, 2.2, 1.0, 1.0]}, off) == (2, None)
+    assert drift_control({}, off) == (0, None)  # records without timings
+    # in the table, beside the training time
+    good_on, good_off = _good_runs()
+    good_on = [{**r, **on} for r in good_on]
+    good_off = [{**r, **off} for r in good_off]
+    rows = summarize("long", 60, [0, 1, 2], _pairs(good_on, good_off))
+    assert next(r for r in rows if r["figure"] == "train_s")["drift_control"] == [(2, pytest.approx(1.1))] * 3
+    runs = [
+        {
+            "kind": "run",
+            "config": "long",
+            "seed": seed,
+            "arm": arm,
+            "selected_epoch": None,
+            "heads_frozen": None,
+        }
+        for seed, arm in _pairs(good_on, good_off)
+    ]
+    assert "seed 0 1.100 (epochs 1-2), seed 1 1.100 (epochs 1-2)" in render(runs + rows)
+
+
 def test_run_reads_the_last_record_per_epoch_and_selects_by_the_run_metric(tmp_path):
     from vitcae_ray.bench.run import read_history, select_metric_of, training_record
 
@@ -320,6 +351,7 @@ def test_run_reads_the_last_record_per_epoch_and_selects_by_the_run_metric(tmp_p
     assert r["flops_saved_frac"] == pytest.approx(0.3)
     assert (r["heads_frozen"], r["heads_newly_frozen"], r["heads_total"]) == (3, 1, 8)
     assert r["blocks_frozen"] is None  # absent from these records
+    assert r["first_freeze_epoch"] == 3 and r["steps_s"] == [None] * 4  # no step timings here
     assert training_record(history, "val/mse")["selected_epoch"] == 3
 
     run_dir = tmp_path / "run"

@@ -37,6 +37,12 @@ def _pin(text, package):
     return found[0]
 
 
+@pytest.mark.parametrize("name", ["aws.yaml", "local.yaml"])
+def test_ray_up_copies_no_environment_output_or_cache(name):
+    excluded = set(_load(name)["rsync_exclude"])
+    assert {".git", ".venv", "venv/", "runs/", "**/__pycache__", ".pytest_cache", ".ruff_cache"} <= excluded
+
+
 def test_image_matches_ray_and_python_and_setup_installs_the_project():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     py = f"py{sys.version_info.major}{sys.version_info.minor}"

@@ -337,7 +337,9 @@ def test_the_frozen_prefix_grows_from_the_bottom_when_a_block_converges():
     # output settles at epoch 4 (changes 0 at 5 and 6), block 1's at 2
     ds = _run(_controller(min_epoch=0), _block_script(9, settle=[4, 2]))
     assert ds[2].num_frozen == L * H
-    assert ds[3].block_change[1] == 0 and ds[3].block_floor[1] == pytest.approx(0.02 / 1.0, rel=1e-6)
+    # the change spans the patience window (2): block 1 (settled at 2) reads 0 from epoch 4 on
+    assert ds[3].block_change[1] > 0 and ds[4].block_change[1] == 0
+    assert ds[3].block_floor[1] == pytest.approx(0.02 / 1.0, rel=1e-6)
     # block 1 has converged at epoch 4, but waits for block 0: both join at 6
     assert [d.frozen_blocks for d in ds] == [0, 0, 0, 0, 0, 0, 2, 2, 2]
     assert ds[-1].block_frozen_epoch == [6, 6]
@@ -350,6 +352,69 @@ def test_the_frozen_prefix_grows_from_the_bottom_when_a_block_converges():
     assert [c.update(e, *s[:3]) for e, s in enumerate(_block_script(9, [2, 2]))][-1].frozen_blocks == 0
     # a block whose heads are not all frozen stays trained: patience 9 keeps the heads training
     assert _run(_controller(min_epoch=0, patience=9), _block_script(9, [2, 2]))[-1].frozen_blocks == 0
+
+
+def test_a_steady_drift_under_the_floor_each_epoch_still_keeps_a_block_training():
+    # block outputs 1% apart between the probe's halves (floor 0.02 relative); each epoch
+    # moves them by 0.6 of the floor. Moving back and forth, the window's change is 0 and the
+    # blocks freeze; moving steadily one way, it is 1.2x the floor and they keep training.
+    base = _block_script(9, settle=[0, 0])
+    fixed = base[0][3][0]
+    step = 0.6 * 0.02 * np.linalg.norm(fixed.reshape(L, -1), axis=1)[:, None, None]
+    unit = np.ones((T, D)) / np.sqrt(T * D)
+
+    def script(sign):
+        out = []
+        for e, (cls, patch, halves, _) in enumerate(base):
+            whole = fixed + sign(e) * step * unit
+            out.append((cls, patch, halves, np.stack([whole, whole * 1.01, whole * 0.99])))
+        return out
+
+    jitter = _run(_controller(min_epoch=0), script(lambda e: e % 2))
+    assert jitter[-1].frozen_blocks == L
+    steady = _run(_controller(min_epoch=0), script(lambda e: e))
+    assert steady[-1].frozen_blocks == 0
+    assert all(1.0 < d.block_change[0] / d.block_floor[0] < 1.3 for d in steady[2:])
+
+
+def _lagging(script, moving: list[tuple[int, int]], seed: int = 11):
+    """``script`` with the heads in ``moving`` drifting far above their floor every epoch."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for cls, patch, halves, blocks in script:
+        cls = cls.copy()
+        for l, h in moving:
+            cls[l, h] = rng.random(G * G) + 0.2
+        out.append((cls, patch, halves, blocks))
+    return out
+
+
+def test_a_converged_block_freezes_with_its_lagging_heads_once_enough_heads_are_frozen():
+    # head (l, 1) of each block never settles; head (l, 0) freezes at 2; the outputs settle at 2
+    script = _lagging(_block_script(9, settle=[2, 2]), moving=[(0, 1), (1, 1)])
+    every = _run(_controller(min_epoch=0, block_min_heads=1.0), script)
+    assert every[-1].frozen == [[True, False], [True, False]] and every[-1].frozen_blocks == 0
+    ds = _run(_controller(min_epoch=0, block_min_heads=0.5), script)  # 1 of 2 heads suffices
+    assert [d.frozen_blocks for d in ds] == [0, 0, 0, 0, 2, 2, 2, 2, 2]
+    # the lagging heads freeze with their block, keep the factor they had, and are reported
+    assert ds[4].frozen == [[True, True], [True, True]]
+    assert ds[4].frozen_epoch == [[2, 4], [2, 4]] and ds[4].newly_frozen == [(0, 1), (1, 1)]
+    assert ds[5].tau_factor == ds[4].tau_factor and ds[5].newly_frozen == []
+    assert (
+        ds[4].tau_factor[0][1] == ds[3].tau_factor[0][1] == pytest.approx(1 / (1 + ALPHA * ds[3].drift[0][1]))
+    )
+    # the prefix still grows from the bottom: block 1 has a lagging head, block 0 none frozen
+    none0 = _lagging(_block_script(9, settle=[2, 2]), moving=[(0, 0), (0, 1), (1, 1)])
+    assert _run(_controller(min_epoch=0, block_min_heads=0.5), none0)[-1].frozen_blocks == 0
+    # with a cap below every head of a layer, no block freezes
+    capped = _run(_controller(min_epoch=0, block_min_heads=0.5, max_frozen_frac=0.5), script)
+    assert capped[-1].frozen_blocks == 0 and capped[-1].num_frozen == 2
+    # a restored controller decides alike after a block freeze with lagging heads
+    c = _controller(min_epoch=0, block_min_heads=0.5)
+    _run(c, script[:5])
+    fresh = _controller(min_epoch=0, block_min_heads=0.5)
+    fresh.load_state_dict(c.state_dict())
+    assert [fresh.update(e, *script[e]).to_dict() for e in (5, 6)] == [d.to_dict() for d in ds[5:7]]
 
 
 def test_relative_change_matches_numpy_and_handles_zero():

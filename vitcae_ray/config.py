@@ -189,13 +189,21 @@ class FreezeConfig:
     max_frozen_frac: float = key(1.0, "cap on the fraction of a layer's heads that may freeze", ge=0, le=1)
     blocks: bool = key(
         True,
-        "freeze whole encoder blocks from the bottom (run under no_grad) once every head of "
-        "the block is frozen and its output has converged by freeze.block_ratio",
+        "freeze whole encoder blocks from the bottom (run under no_grad) once "
+        "freeze.block_min_heads of the block's heads are frozen and its output has converged "
+        "by freeze.block_ratio; its other heads freeze with it",
+    )
+    block_min_heads: float = key(
+        0.5,
+        "fraction of a block's heads that must be frozen before the block may freeze whole (1.0: every head)",
+        ge=0,
+        le=1,
     )
     block_ratio: float = key(
-        1.0,
-        "a block's output has converged while its change between epochs on the probe images "
-        "stays below block_ratio x its noise floor (the difference between the probe's halves)",
+        0.5,
+        "a block's output has converged when its change over the last freeze.patience epochs "
+        "on the probe images is below block_ratio x its noise floor (the difference between "
+        "the probe's halves)",
         ge=0,
     )
     probe_size: int = key(64, "fixed validation images for the patch->patch attention (kappa)", ge=1)

@@ -145,6 +145,12 @@ def training_record(history: list[dict[str, Any]], select_metric: str) -> dict[s
         "heads_newly_frozen": last.get("heads/newly_frozen"),
         "heads_total": last.get("heads/total"),
         "blocks_frozen": last.get("blocks/frozen"),
+        # the machine-drift control: training-step seconds per epoch, and the first epoch
+        # that trained with a head frozen (before it both arms do the same work)
+        "steps_s": [_finite(m.get("time/train_steps_s")) for m in history],
+        "first_freeze_epoch": next(
+            (i for i, m in enumerate(history) if (m.get("heads/frozen") or 0) > 0), None
+        ),
     }
 
 
@@ -269,6 +275,18 @@ def honest_row(on: list[dict], off: list[dict]) -> dict[str, Any]:
     }
 
 
+def drift_control(on: dict, off: dict) -> tuple[int, float | None]:
+    """(n, on/off training-step seconds over the first n epochs): n the epochs the on arm
+    trained before its first frozen head, where both arms do the same work, so the ratio
+    measures the machine, not freezing (1.00 on a steady machine); None without timings."""
+    a, b = on.get("steps_s") or [], off.get("steps_s") or []
+    first = on.get("first_freeze_epoch")
+    n = min(len(a), len(b)) if first is None else min(first, len(a), len(b))
+    if n == 0 or any(v is None for v in a[:n] + b[:n]) or sum(b[:n]) <= 0:
+        return n, None
+    return n, sum(a[:n]) / sum(b[:n])
+
+
 def summarize(config: str, epochs: int, seeds: list[int], runs: dict[tuple[int, str], dict]) -> list[dict]:
     """The target rows of one configuration from its runs, ``(seed, arm) -> record``."""
     on = [runs[s, "on"] for s in seeds]
@@ -287,6 +305,7 @@ def summarize(config: str, epochs: int, seeds: list[int], runs: dict[tuple[int, 
         "on_wall": total(on, "wall_s"),
         "off_wall": total(off, "wall_s"),
     }
+    time_row["drift_control"] = [drift_control(a, b) for a, b in zip(on, off)]
     common = {"config": config, "epochs": epochs, "seeds": len(seeds)}
     return [{**common, **r} for r in rows]
 
@@ -602,11 +621,20 @@ def render(rows: list[dict]) -> str:
             "FLOPs saving, claimed (the on arm's last flops/cumulative_saved_frac) vs measured "
             f"(1 - on/off FLOPs): {pairs}"
         )
-        s = next(r for r in targets if r["figure"] == "train_s")["sum_s"]
+        time_row = next(r for r in targets if r["figure"] == "train_s")
+        s = time_row["sum_s"]
         lines.append(
             f"seconds summed over seeds, on / off: training (sum of time/epoch_s) "
             f"{_fmt(s['on_train'], '.1f')} / {_fmt(s['off_train'], '.1f')}; the whole command, "
             f"start-up included {_fmt(s['on_wall'], '.1f')} / {_fmt(s['off_wall'], '.1f')}"
+        )
+        control = ", ".join(
+            f"seed {s} -" if c is None else f"seed {s} {c:.3f} (epochs 1-{n})"
+            for s, (n, c) in zip(seeds, time_row["drift_control"])
+        )
+        lines.append(
+            "machine drift, on / off training-step time over the epochs before the on arm's "
+            f"first frozen head (the same work in both arms; 1.000 on a steady machine): {control}"
         )
         met = sum(r["met"] is True for r in targets)
         lines.append(f"{config.upper()} targets met: {met}/{len(targets)}")

@@ -21,10 +21,15 @@ epochs never shows up as drift; see ``Attention.diagnostic_attention``):
   smallest mean drift over the patience window freeze first (ties: lower head index).
 - blocks   (freeze.blocks) with M_l^(t) block l's output on the probe images averaged over
   the images ((T, D) per block) and M_l,a / M_l,b the same over the probe's two halves:
-  change c_l^(t) = ||M_l^(t) - M_l^(t-1)|| / ||M_l^(t)||, floor m_l^(t) = ||M_l,a - M_l,b|| /
-  ||M_l^(t)||. The frozen prefix k (blocks 0..k-1, with the patch embedding) grows by block
-  k at t when every head of block k is frozen and c_k^(s) < block_ratio * m_k^(s) for every s
-  in the patience window; it never shrinks. The trainer runs the prefix under no_grad.
+  change over the patience window c_l^(t) = ||M_l^(t) - M_l^(t-patience)|| / ||M_l^(t)|| (a
+  slow, steady drift adds up over the window where a per-epoch change would hide it), floor
+  m_l^(t) = ||M_l,a - M_l,b|| / ||M_l^(t)||. The frozen prefix k (blocks 0..k-1, with the
+  patch embedding) grows by block k at t when at least ceil(block_min_heads * H) heads of
+  block k are frozen (counting those frozen at t) and c_k^(t) < block_ratio * m_k^(t); the
+  block's other heads freeze with it at t (a head's attention may still wander while the
+  block's output, what the blocks above and the latents read, has stopped moving). No block
+  freezes when max_frozen_frac caps a layer below H heads. The prefix never shrinks. The
+  trainer runs the prefix under no_grad.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class HeadDecision:
     newly_frozen: list[tuple[int, int]] = field(default_factory=list)  # (layer, head), sorted
     # n^(epoch), the drift's noise floor; NaN if unknown
     floor: list[list[float]] = field(default_factory=list)
-    block_change: list[float] = field(default_factory=list)  # c_l^(epoch); NaN where undefined
+    block_change: list[float] = field(default_factory=list)  # c_l^(epoch) over patience; NaN: undefined
     block_floor: list[float] = field(default_factory=list)  # m_l^(epoch); NaN where unknown
     frozen_blocks: int = 0  # the frozen prefix: encoder blocks 0..frozen_blocks-1
     block_frozen_epoch: list[int | None] = field(default_factory=list)  # per block; None while trained
@@ -209,7 +214,7 @@ class HeadController:
             if prev is not None
             else np.full((L, H), np.nan)
         )
-        before = self._blocks.get(epoch - 1) if prev is not None else None
+        before = self._blocks.get(epoch - self.freeze.patience) if prev is not None else None
         change = (
             relative_change(before, blocks)
             if before is not None and blocks is not None
@@ -225,9 +230,14 @@ class HeadController:
         block_epoch = list(prev.block_frozen_epoch) if prev else [None] * L
         if self.freeze.enabled and self.freeze.blocks:
             for l in range(prefix, L):
-                if not self._block_converged(epoch, history, l, frozen, change, block_floor):
+                if not self._block_converged(epoch, l, frozen, change, block_floor):
                     break
                 prefix, block_epoch[l] = l + 1, epoch
+                for h in range(H):
+                    if not frozen[l][h]:
+                        frozen[l][h], frozen_epoch[l][h] = True, epoch
+                        newly.append((l, h))
+        newly.sort()
 
         in_use = prev.tau_factor if prev else [[1.0] * H for _ in range(L)]
         tau = [[1.0] * H for _ in range(L)]
@@ -257,6 +267,7 @@ class HeadController:
         keep = range(epoch - self.replay_window, epoch)
         self._cls = {e: v for e, v in self._cls.items() if e in keep}
         self._cls[epoch] = cls
+        keep = range(epoch - self.replay_window - self.freeze.patience, epoch)
         self._blocks = {e: v for e, v in self._blocks.items() if e in keep}
         if blocks is not None:
             self._blocks[epoch] = blocks
@@ -290,21 +301,18 @@ class HeadController:
     def _block_converged(
         self,
         epoch: int,
-        history: dict[int, HeadDecision],
         layer: int,
         frozen: list[list[bool]],
         change: np.ndarray,
         block_floor: np.ndarray,
     ) -> bool:
         """Whether block ``layer`` may join the frozen prefix at ``epoch`` (module doc)."""
-        if epoch < self.min_epoch or not all(frozen[layer]):
+        H = self.num_heads
+        if epoch < self.min_epoch or math.floor(self.freeze.max_frozen_frac * H) < H:
             return False
-        past = range(epoch - self.freeze.patience + 1, epoch)
-        if any(e not in history for e in past):
+        if sum(frozen[layer]) < math.ceil(self.freeze.block_min_heads * H - 1e-9):
             return False
-        changes = [history[e].block_change[layer] for e in past] + [float(change[layer])]
-        floors = [history[e].block_floor[layer] for e in past] + [float(block_floor[layer])]
-        return all(c < self.freeze.block_ratio * f for c, f in zip(changes, floors))  # NaN: False
+        return bool(change[layer] < self.freeze.block_ratio * block_floor[layer])  # NaN: False
 
     def _check_cls(self, cls_attn: np.ndarray) -> np.ndarray:
         """(L, H, N) attention -> per-head distributions over the N patches."""
@@ -406,11 +414,12 @@ class HeadController:
         blocks = {int(e): np.array(v, dtype=np.float64) for e, v in state["blocks"].items()}
         last = max(decisions) if decisions else None
 
-        def window(d: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-            return {e: v for e, v in d.items() if last is not None and last - self.replay_window <= e <= last}
+        def window(d: dict[int, np.ndarray], span: int) -> dict[int, np.ndarray]:
+            return {e: v for e, v in d.items() if last is not None and last - span <= e <= last}
 
         self._decisions = decisions
-        self._cls, self._blocks = window(cls), window(blocks)
+        self._cls = window(cls, self.replay_window)
+        self._blocks = window(blocks, self.replay_window + self.freeze.patience)
 
 
 def controller_args(cfg: Config) -> tuple:
