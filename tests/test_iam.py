@@ -389,36 +389,22 @@ def test_parameters_match_aws_yaml():
     assert params["SubnetIds"]["Type"] == "List<AWS::EC2::Subnet::Id>"
 
 
-def test_statements_follow_the_policy_grammar(policy):
-    assert grammar_problems(policy) == []
+# every rule of the policy: what it enforces -> the checker that finds its problems
+RULES = {
+    "grammar": grammar_problems,
+    "create_tags_only_at_launch_or_on_the_clusters_instances_without_the_name_tag": create_tags_problems,
+    "stop_start_terminate_only_the_clusters_instances": lifecycle_problems,
+    "run_instances_only_the_configured_types_subnets_and_own_security_group": run_instances_problems,
+    "pass_role_only_the_worker_role_to_ec2": pass_role_problems,
+    "no_wildcard_actions": wildcard_problems,
+    "any_resource_only_for_read_only_calls": any_resource_problems,
+    "worker_only_the_bucket_and_the_image": worker_problems,
+}
 
 
-def test_create_tags_only_at_launch_or_on_the_clusters_instances_without_the_name_tag(policy):
-    assert create_tags_problems(policy) == []
-
-
-def test_stop_start_terminate_only_the_clusters_instances(policy):
-    assert lifecycle_problems(policy) == []
-
-
-def test_run_instances_only_the_configured_types_subnets_and_own_security_group(policy):
-    assert run_instances_problems(policy) == []
-
-
-def test_pass_role_only_the_worker_role_to_ec2(policy):
-    assert pass_role_problems(policy) == []
-
-
-def test_no_wildcard_actions(policy):
-    assert wildcard_problems(policy) == []
-
-
-def test_any_resource_only_for_read_only_calls(policy):
-    assert any_resource_problems(policy) == []
-
-
-def test_worker_only_the_bucket_and_the_image(policy):
-    assert worker_problems(policy) == []
+@pytest.mark.parametrize("rule", RULES)
+def test_the_template_follows_the_rule(policy, rule):
+    assert RULES[rule](policy) == []
 
 
 # --- broken copies: every checker can fail ---------------------------------------------------
