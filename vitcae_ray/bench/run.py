@@ -15,6 +15,8 @@ From each run's ``metrics.jsonl``: training FLOPs (the sum of ``flops/epoch``), 
 samples' FID and KID. Per configuration, paired by seed (on / off): the mean of the per-seed
 ratios (FLOPs, val/mse, FID, KID), the median of the per-seed time ratios, the mean per-seed
 probe difference in points; beside each, the off arm's seed-to-seed spread; and the targets.
+Beside the time, a machine-drift control: per seed, the on / off training-step time over the
+epochs before the on arm's first frozen head, where both arms do the same work.
 """
 
 from __future__ import annotations
@@ -629,8 +631,8 @@ def render(rows: list[dict]) -> str:
             f"start-up included {_fmt(s['on_wall'], '.1f')} / {_fmt(s['off_wall'], '.1f')}"
         )
         control = ", ".join(
-            f"seed {s} -" if c is None else f"seed {s} {c:.3f} (epochs 1-{n})"
-            for s, (n, c) in zip(seeds, time_row["drift_control"])
+            f"seed {seed} -" if c is None else f"seed {seed} {c:.3f} (epochs 1-{n})"
+            for seed, (n, c) in zip(seeds, time_row["drift_control"])
         )
         lines.append(
             "machine drift, on / off training-step time over the epochs before the on arm's "
