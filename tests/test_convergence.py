@@ -437,3 +437,6 @@ def test_decision_dict_round_trip():
     assert first.to_dict()["drift"] == [[None, None], [None, None]]
     assert math.isnan(first.drift[1][1])
     assert d.mean_drift == pytest.approx(float(np.mean(d.drift)))
+    assert d.mean_floor == pytest.approx(float(np.mean(FLOOR)))
+    no_halves = _controller().update(0, *_script(1)[0][:2])  # no readout halves: floor unknown
+    assert math.isnan(no_halves.floor[0][0]) and no_halves.mean_floor is None

@@ -304,16 +304,11 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
         "blocks/frozen": blocks_before,
         **flops,
         "freeze/mean_drift": decision.mean_drift,
-        "freeze/mean_floor": _nanmean(decision.floor),
+        "freeze/mean_floor": decision.mean_floor,
         "comm/grad_elements": elements,
         "time/step_s": steps_s / max(len(w.train_loader), 1),
         "ddp/rank_spread": spread,
     }
-
-
-def _nanmean(grid: list[list[float]]) -> float | None:
-    values = [v for row in grid for v in row if not math.isnan(v)]
-    return sum(values) / len(values) if values else None
 
 
 def _train_steps(w: Worker, epoch: int) -> dict[str, Any]:

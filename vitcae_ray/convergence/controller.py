@@ -52,6 +52,12 @@ def _json(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _defined_mean(grid: list[list[float]]) -> float | None:
+    """Mean of a per-head grid's non-NaN values; None when there are none."""
+    d = np.array(grid, dtype=np.float64)
+    return None if d.size == 0 or np.isnan(d).all() else float(np.nanmean(d))
+
+
 def _float(v: float | None) -> float:
     return math.nan if v is None else float(v)
 
@@ -90,8 +96,12 @@ class HeadDecision:
     @property
     def mean_drift(self) -> float | None:
         """Mean of the defined drifts over all heads; None when none is defined."""
-        d = np.array(self.drift, dtype=np.float64)
-        return None if d.size == 0 or np.isnan(d).all() else float(np.nanmean(d))
+        return _defined_mean(self.drift)
+
+    @property
+    def mean_floor(self) -> float | None:
+        """Mean of the known noise floors over all heads; None when none is known."""
+        return _defined_mean(self.floor)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-safe types: NaN drifts become None, (layer, head) tuples become lists."""
