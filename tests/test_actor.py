@@ -5,12 +5,20 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from vitcae_ray import checkpoints
 from vitcae_ray.config import FreezeConfig, TemperatureConfig
 from vitcae_ray.convergence import HeadController, HeadDecision
 
-ARGS = (2, 2, 3, TemperatureConfig(), FreezeConfig(drift_ratio=1e6, patience=1, kappa_window=1), 1)
+ARGS = (
+    2,
+    2,
+    3,
+    TemperatureConfig(),
+    FreezeConfig(drift_ratio=1e6, patience=1, kappa_window=1, bottom_up=False),
+    1,
+)
 
 
 def _stats(rng):
@@ -99,3 +107,30 @@ def test_a_killed_actor_comes_back_with_the_latest_checkpoints_state(ray_session
         assert new_pid != pid
     finally:
         ray.kill(actor)
+
+
+def test_a_client_whose_actor_does_not_answer_stops_with_one_line(ray_session, monkeypatch):
+    """An actor that never answers (its node lost, a restart stuck) stops rank 0 after
+    ``CALL_TIMEOUT_S`` with one line, instead of hanging the run."""
+    import ray
+
+    from vitcae_ray.convergence import actor as heads_actor
+
+    @ray.remote(num_cpus=0)
+    class Stuck:
+        def update(self, *args):
+            time.sleep(60)
+
+    name = "heads-stuck-test"
+    stuck = Stuck.options(name=name, namespace=heads_actor.NAMESPACE).remote()
+    monkeypatch.setattr(heads_actor, "CALL_TIMEOUT_S", 1.0)
+    try:
+        client = heads_actor.HeadsClient(name, ARGS)
+        start = time.monotonic()
+        with pytest.raises(
+            RuntimeError, match=r"^the head-convergence actor did not answer update within 1s"
+        ) as e:
+            client.update(0, *_stats(np.random.default_rng(0)))
+        assert time.monotonic() - start < 30 and "\n" not in str(e.value)
+    finally:
+        ray.kill(stuck)

@@ -48,17 +48,22 @@ def test_freeze_suite_has_every_fraction_and_block_prefix(tmp_path):
 
     rows = _bench(tmp_path, "freeze")
     depth = 2  # --quick's model
-    got = [(r["frozen_frac"], r["frozen_blocks"]) for r in rows]
-    assert got == [(0.0, 0)] + [(f, 0) for f in FRACTIONS] + [(1.0, k) for k in range(1, depth + 1)]
+    got = [(r["frozen_frac"], r["frozen_blocks"], r["prefix_cached"]) for r in rows]
+    prefixes = [(1.0, k, cached) for cached in (False, True) for k in range(1, depth + 1)]
+    assert got == [(0.0, 0, False)] + [(f, 0, False) for f in FRACTIONS] + prefixes
     for r in rows:
         _positive(r, "step_ms", "time_ratio", "flop_ratio", "flops", "grad_elements")
         _spread(r["time_spread"])
     assert rows[0]["time_ratio"] == rows[0]["flop_ratio"] == 1.0
     # counted FLOPs and gradient elements (not timings) fall with every head and block frozen
-    flops = [r["flops"] for r in rows]
-    grads = [r["grad_elements"] for r in rows]
+    plain, cached = rows[:-depth], rows[-depth:]
+    flops = [r["flops"] for r in plain]
+    grads = [r["grad_elements"] for r in plain]
     assert flops == sorted(flops, reverse=True) and len(set(flops)) == len(flops)
     assert grads == sorted(grads, reverse=True) and len(set(grads)) == len(grads)
+    # the cache takes the prefix's forward away, and nothing of the gradients
+    for r, c in zip(plain[-depth:], cached):
+        assert c["flops"] < r["flops"] and c["grad_elements"] == r["grad_elements"]
 
 
 def test_attention_suite_compares_the_same_encoder_with_timm(tmp_path):

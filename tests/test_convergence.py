@@ -130,7 +130,10 @@ def _script(n: int, seed: int = 0, kappa_change_at: int | None = None):
 
 
 def _controller(min_epoch: int = 3, temperature: dict | None = None, **freeze) -> HeadController:
-    fz = FreezeConfig(**{"drift_ratio": RATIO, "patience": 2, "kappa_window": 2, **freeze})
+    """The rules at work in every layer at once: ``bottom_up`` off unless a test turns it on."""
+    fz = FreezeConfig(
+        **{"drift_ratio": RATIO, "patience": 2, "kappa_window": 2, "bottom_up": False, **freeze}
+    )
     return HeadController(
         L, H, G, TemperatureConfig(**{"alpha": ALPHA, **(temperature or {})}), fz, min_epoch
     )
@@ -252,7 +255,7 @@ def test_per_layer_cap_freezes_the_lowest_drift_heads_first():
     halves = np.stack([base, base[..., ::-1]])
 
     def run(frac: float) -> list[HeadDecision]:
-        fz = FreezeConfig(drift_ratio=1e3, patience=2, kappa_window=2, max_frozen_frac=frac)
+        fz = FreezeConfig(drift_ratio=1e3, patience=2, kappa_window=2, max_frozen_frac=frac, bottom_up=False)
         c = HeadController(2, 3, G, TemperatureConfig(alpha=ALPHA), fz, min_epoch=3)
         return [c.update(e, cls, patch, halves) for e, cls in enumerate(data)]
 
@@ -352,6 +355,28 @@ def test_the_frozen_prefix_grows_from_the_bottom_when_a_block_converges():
     assert [c.update(e, *s[:3]) for e, s in enumerate(_block_script(9, [2, 2]))][-1].frozen_blocks == 0
     # a block whose heads are not all frozen stays trained: patience 9 keeps the heads training
     assert _run(_controller(min_epoch=0, patience=9), _block_script(9, [2, 2]))[-1].frozen_blocks == 0
+
+
+def test_bottom_up_freezes_heads_only_in_the_lowest_block_still_trained():
+    # every head is still from epoch 0: without bottom_up all four freeze at epoch 2
+    free = _run(_controller(min_epoch=0), _block_script(9, [6, 0]))
+    assert [d.num_frozen for d in free[:3]] == [0, 0, 4]
+    # with it, block 1's heads wait for block 0 (settled at 6, frozen at 8 once its
+    # change over the window reads 0) and are still training at the end
+    ds = _run(_controller(min_epoch=0, bottom_up=True), _block_script(9, [6, 0]))
+    assert [d.num_frozen for d in ds] == [0, 0, 2, 2, 2, 2, 2, 2, 2]
+    assert [d.frozen_blocks for d in ds] == [0, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert ds[-1].frozen == [[True, True], [False, False]]
+    # both blocks settled: one block an epoch, and a full prefix leaves no block above it
+    ds = _run(_controller(min_epoch=0, bottom_up=True), _block_script(9, [0, 0]))
+    assert [d.frozen_blocks for d in ds] == [0, 0, 1, 2, 2, 2, 2, 2, 2]
+    assert [d.num_frozen for d in ds] == [0, 0, 2, 4, 4, 4, 4, 4, 4]
+    # without freeze.blocks, or with a cap below H heads, the prefix never grows: bottom_up
+    # does not hold the heads back
+    plain = _run(_controller(min_epoch=0, bottom_up=True, blocks=False), _block_script(9, [0, 0]))
+    assert plain[-1].num_frozen == 4 and plain[-1].frozen_blocks == 0
+    capped = _run(_controller(min_epoch=0, bottom_up=True, max_frozen_frac=0.5), _block_script(9, [0, 0]))
+    assert capped[-1].frozen == [[True, False], [True, False]] and capped[-1].frozen_blocks == 0
 
 
 def test_a_steady_drift_under_the_floor_each_epoch_still_keeps_a_block_training():

@@ -194,11 +194,17 @@ def test_to_parquet_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ref_train, ref_val, _ = build_datasets(DataConfig(image_size=16))
     train, val, channels = build_datasets(DataConfig(dataset="parquet", root=str(out), image_size=16))
     assert channels == 1
-    for ref, got in ((ref_train, train), (ref_val, val)):
+    # the train rows in the order --shuffle-seed 0 fixes, the val rows in theirs
+    order = torch.randperm(len(ref_train), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(order, torch.arange(len(order)))
+    for ref_images, ref_targets, got in (
+        (ref_train.images[order], ref_train.targets[order], train),
+        (ref_val.images, ref_val.targets, val),
+    ):
         x, y = _all(got)
-        assert x.shape == ref.images.shape
-        assert float((x - ref.images).abs().max()) <= 1 / 255 + 1e-6
-        assert y == ref.targets.tolist()
+        assert x.shape == ref_images.shape
+        assert float((x - ref_images).abs().max()) <= 1 / 255 + 1e-6
+        assert y == ref_targets.tolist()
 
     # Existing output is not overwritten without --overwrite; with it the run succeeds again.
     assert to_parquet_main(args) == 2
@@ -206,6 +212,30 @@ def test_to_parquet_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert to_parquet_main(args + ["--overwrite", "--channels", "3"]) == 0
     train3, _, channels3 = build_datasets(DataConfig(dataset="parquet", root=str(out), image_size=16))
     assert channels3 == 3 and tuple(train3[0][0].shape) == (3, 16, 16)
+
+
+def test_to_parquet_mixes_the_classes_of_a_class_ordered_source(tmp_path: Path) -> None:
+    """An ImageFolder lists its images class by class; each written train shard mixes them."""
+    root = tmp_path / "folder"
+    for c, name in enumerate(("ant", "bee", "cat")):
+        for i in range(10):
+            _png(root / "train" / name / f"{i}.png", (8, 8), "L", 10 * c + i)
+            _png(root / "val" / name / f"{i}.png", (8, 8), "L", 10 * c + i)
+    out = tmp_path / "pq"
+    args = ["--dataset", "imagefolder", "--data-root", str(root), "--image-size", "8", "--out", str(out)]
+    assert to_parquet_main([*args, "--shard-size", "10"]) == 0
+    shards = [pq.read_table(p).column("label").to_pylist() for p in sorted((out / "train").iterdir())]
+    assert len(shards) == 3 and sorted(sum(shards, [])) == [0] * 10 + [1] * 10 + [2] * 10
+    assert all(len(set(labels)) > 1 for labels in shards)
+    # the same seed writes the same order; another seed another
+    assert to_parquet_main([*args, "--shard-size", "10", "--overwrite"]) == 0
+    again = [pq.read_table(p).column("label").to_pylist() for p in sorted((out / "train").iterdir())]
+    assert again == shards
+    assert to_parquet_main([*args, "--shard-size", "10", "--overwrite", "--shuffle-seed", "1"]) == 0
+    other = [pq.read_table(p).column("label").to_pylist() for p in sorted((out / "train").iterdir())]
+    assert other != shards
+    # val keeps the source's order
+    assert pq.read_table(out / "val").column("label").to_pylist() == [0] * 10 + [1] * 10 + [2] * 10
 
 
 def test_to_parquet_cli_bad_dataset(tmp_path: Path) -> None:
@@ -299,3 +329,26 @@ def test_torchvision_missing_root(tmp_path: Path, name: str) -> None:
         build_datasets(DataConfig(dataset=name, root=str(tmp_path), download=False))
     assert "\n" not in str(info.value)
     assert not any(tmp_path.iterdir())  # nothing was downloaded or created
+
+
+def test_parquet_rows_come_from_the_footers_alone(tmp_path: Path) -> None:
+    """The streamed split's row count reads the footers: it holds where the data pages are
+    unreadable, and matches a full read where they are not."""
+    from vitcae_ray.data.files import parquet_rows, resolve
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i, n in enumerate((5, 7)):
+        table = pa.table({"image": [bytes([i]) * 4000] * n, "label": list(range(n))})
+        pq.write_table(table, folder / f"part-{i:05d}.parquet", compression="none")
+    fs, path = resolve(str(folder))
+    assert parquet_rows(fs, path, "train") == 12 == pq.read_table(folder).num_rows
+    part = folder / "part-00001.parquet"
+    raw = bytearray(part.read_bytes())
+    raw[4:64] = b"\xff" * 60  # the first data page's header; the footer intact
+    part.write_bytes(bytes(raw))
+    with pytest.raises(Exception):  # noqa: B017 - whatever pyarrow raises on a broken page
+        pq.read_table(folder).column("image").to_pylist()
+    assert parquet_rows(fs, path, "train") == 12
+    with pytest.raises(DataError, match=r"^dataset 'parquet': cannot read 'nowhere'"):
+        parquet_rows(fs, str(tmp_path / "missing"), "nowhere")

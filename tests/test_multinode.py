@@ -23,12 +23,15 @@ import pytest
 import yaml
 
 from vitcae_ray import filesystem
+from vitcae_ray.data.to_parquet import main as to_parquet
 from vitcae_ray.filesystem import join
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STANDIN = "gpu_standin"  # what each simulated GPU node has instead of a GPU
+# the `ray` of this interpreter's environment, whether or not its bin is on PATH
+RAY = str(Path(sys.executable).with_name("ray"))
 WORKER_NODES = 2
 FAKE_KEYS = {"use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True}
 
@@ -92,6 +95,7 @@ class Watcher(threading.Thread):
     def __init__(self, dashboard: str) -> None:
         super().__init__(daemon=True)
         self.dashboard, self.samples, self.stop = dashboard, [], threading.Event()
+        self.errors: list[str] = []  # what the state API raised (shown if no sample came)
 
     def run(self) -> None:
         from ray.util.state import list_actors, list_nodes
@@ -101,7 +105,8 @@ class Watcher(threading.Thread):
             try:
                 nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
                 actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
-            except Exception:  # noqa: BLE001 - the dashboard is busy; poll again
+            except Exception as e:  # noqa: BLE001 - the dashboard is busy; poll again
+                self.errors.append(f"{type(e).__name__}: {str(e)[:200]}")
                 time.sleep(1)
                 continue
             head = next(n.node_id for n in nodes if n.is_head_node)
@@ -119,19 +124,29 @@ class Watcher(threading.Thread):
             time.sleep(4)
 
 
-@pytest.fixture
-def fake_cluster(tmp_path, monkeypatch):
+@pytest.fixture(params=["v1", "v2"])
+def fake_cluster(request, tmp_path, monkeypatch):
+    """The simulated cluster, once with each autoscaler (v2: ``RAY_enable_autoscaler_v2``)."""
     aws = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
     config = tmp_path / "fake.yaml"
     config.write_text(yaml.safe_dump(fake_cluster_config(aws)))
     head = aws["available_node_types"][aws["head_node_type"]]["resources"]
     dashboard = _free_port()
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    # no token authentication on this loopback-only cluster: the job CLI, the state API of
+    # this process (whose Ray was imported before any variable could be set) and the nodes
+    # the fake provider launches all talk to it without one
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "RAY_AUTH_MODE": "disabled",
+        **({"RAY_enable_autoscaler_v2": "1"} if request.param == "v2" else {}),
+    }
+    subprocess.run([RAY, "stop", "--force"], capture_output=True)
     # the fake provider's nodes join the head at Ray's default GCS port, 6379
     subprocess.run(
         [
-            "ray",
+            RAY,
             "start",
             "--head",
             "--port=6379",
@@ -146,12 +161,9 @@ def fake_cluster(tmp_path, monkeypatch):
         capture_output=True,
         timeout=180,
     )
-    # a local `ray start` uses token authentication (the default for local clusters since Ray
-    # 2.59); the job CLI and the state API send the token only in token mode. (Set for the
-    # clients only: the fake provider's node launches stall with it.)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     yield f"http://127.0.0.1:{dashboard}"
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.mark.timeout(2400)
@@ -160,20 +172,22 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
     cmd = readme_sweep_command()
     tune = cmd[cmd.index("--") + 1 :]
     assert tune[:3] == ["python", "-m", "vitcae_ray.tune"] and "--address" in tune
-    # this machine's stand-ins: a resource for the GPU, the embedded digits for the Parquet
-    # data (Ray Data streaming three simulated nodes' worth of work on 2 cores took 250 s an
-    # epoch; tests/test_s3.py streams Parquet from S3 on one node), a tiny model, few epochs
+    # the README's Parquet on S3, streamed to the workers by Ray Data: the digits at 16x16
+    data = s3("cluster-digits-16")
+    assert to_parquet(["--dataset", "digits", "--image-size", "16", "--out", data]) == 0
+    # this machine's stand-ins: a resource for the GPU, a tiny model, few epochs
     swap = {
         "--num-samples": "3",
         "--max-epochs": "2",
         "--config": "digits_tiny",
         "--space": "small",
-        "--dataset": "digits",
+        "--data-root": data,
         "--output": exp,
+        "--max-concurrent-trials": str(WORKER_NODES),  # aws.yaml's max_workers, capped here
     }
     args = [swap.get(tune[i - 1], a) for i, a in enumerate(tune)]
     args[args.index("--gpu")] = f"--set=train.worker_resource={GPU_STANDIN}"
-    del args[args.index("--data-root") : args.index("--data-root") + 2]
+    assert args[args.index("--dataset") + 1] == "parquet"
     args += [
         "--set=data.image_size=16",
         "--set=train.batch_size=32",
@@ -181,6 +195,7 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
         "--set=train.eval_every=0",
     ]
     submit = cmd[: cmd.index("--")]
+    submit[0] = RAY
     submit[submit.index("--address") + 1] = fake_cluster
 
     # a local --output is refused up front: the nodes the autoscaler adds could not see it
@@ -220,7 +235,8 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     samples = watcher.samples
-    assert samples and not samples[0]["workers"], "the cluster must start with no worker nodes"
+    assert samples, f"the state API never answered: {watcher.errors[-3:]}"
+    assert not samples[0]["workers"], "the cluster must start with no worker nodes"
     assert max(len(s["workers"]) for s in samples) >= 2, "the autoscaler never added nodes"
     together = [s for s in samples if len(set(s["actors"].get("RayTrainWorker", []))) >= 2]
     assert together, "no two trials ever ran at the same time on different nodes"
@@ -228,12 +244,18 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
         assert all(n in s["workers"] for n in s["actors"].get("RayTrainWorker", []))
         assert all(n == s["head"] for n in s["actors"].get("HeadConvergenceActor", []))
         assert all(n == s["head"] for n in s["actors"].get("ImplicitFunc", []))
-    assert any(s["actors"].get("HeadConvergenceActor") for s in samples)
+    # each placement rule above was exercised, not satisfied by absence
+    for name in ("RayTrainWorker", "HeadConvergenceActor", "ImplicitFunc"):
+        assert any(s["actors"].get(name) for s in samples), f"no {name} actor was ever seen"
 
     fs, path = filesystem.resolve(join(exp, "results.parquet"))
     rows = pq.read_table(path, filesystem=fs).to_pylist()
     assert len(rows) == 3 and all(r["status"] in ("completed", "stopped") for r in rows)
     assert all(r["epochs"] >= 1 for r in rows)
+    # every trial trained on the S3 Parquet (a to_parquet output: Ray Data streams its train split)
+    for r in rows:
+        trial = yaml.safe_load(filesystem.read_text(join(r["run_dir"], "config.yaml")))
+        assert trial["data"]["dataset"] == "parquet" and trial["data"]["root"] == data
     export = subprocess.run(
         [sys.executable, "-m", "vitcae_ray.export", "--experiment", exp, "--out", best],
         capture_output=True,

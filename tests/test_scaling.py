@@ -6,7 +6,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from vitcae_ray.cluster import TrialCapacity, is_autoscaling, settle_resources, trials_that_fit
+from vitcae_ray.cluster import settle_resources, trials_that_fit, wait_for_workers
 from vitcae_ray.config import ConfigError, build_config, resolve
 from vitcae_ray.tune import load_space, split_space
 
@@ -60,7 +60,6 @@ def test_packing_counts_whole_trials_per_node():
 
 
 def test_auto_worker_cpus_fit_this_machine_and_too_much_is_one_line(ray_session):
-    assert not is_autoscaling()  # the Ray the tests start is fixed
     cpus = ray_session.cluster_resources()["CPU"]
     cfg = settle_resources(build_config({"train.num_workers": 2}))
     assert cfg.train.cpus_per_worker == cpus / 2
@@ -95,20 +94,62 @@ def test_an_infeasible_run_is_exit_2_before_anything_is_written(ray_session, tmp
     assert not out.exists()
 
 
-def test_trial_capacity_follows_the_cluster_and_a_restored_limit_cannot_pin_it(ray_session):
-    from vitcae_ray.sweep_capacity import LiveVariantGenerator, set_capacity
+def test_waiting_for_workers_is_explicit_and_bounded(ray_session):
+    """``train.wait_for_workers``: what the cluster already holds returns at once; more than
+    it can hold returns at the timeout with what it holds, and a run that still does not fit
+    is one line. Without the key nothing waits."""
+    import time
 
-    capacity = TrialCapacity({"CPU": 0.25}, {"CPU": 0.5}, 1, every_s=0)
-    assert capacity() == trials_that_fit(
-        [{"CPU": ray_session.cluster_resources()["CPU"]}], {"CPU": 0.25}, {"CPU": 0.5}, 1
+    cpus = ray_session.cluster_resources()["CPU"]
+    lines = []
+    start = time.monotonic()
+    assert (
+        wait_for_workers(
+            2, {"CPU": 0.25}, {"CPU": 0.5}, 1, timeout_s=60, log=lambda *a, **k: lines.append(a[0])
+        )
+        == 2
     )
-    assert TrialCapacity({"CPU": 0.25}, {"CPU": 0.5}, 1, cap=1, every_s=0)() == 1
-    # the sweep saved with limit 1 and resumed on a cluster that holds 3
-    saved = LiveVariantGenerator(max_concurrent=1).get_state()
-    restored = LiveVariantGenerator()
-    restored.set_state({**saved, "max_concurrent": 1})
-    set_capacity(lambda: 3)
-    assert restored.max_concurrent == 3
+    assert time.monotonic() - start < 10 and lines == []
+    held = trials_that_fit([{"CPU": cpus}], None, {"CPU": 1.0}, 1)
+    start = time.monotonic()
+    got = wait_for_workers(
+        held + 2, None, {"CPU": 1.0}, 1, timeout_s=3, log=lambda *a, **k: lines.append(a[0]), poll_s=0.5
+    )
+    assert got == held and 3 <= time.monotonic() - start < 30
+    assert lines[0].startswith(f"waiting for {held + 2} workers x {{1 CPU}}: the cluster holds {held}")
+    assert lines[-1].startswith(
+        f"waited 3s (train.wait_timeout_s) for {held + 2} workers: going on with the {held}"
+    )
+    # a run that fits goes on after the wait; one that does not is a one-line error
+    fits = settle_resources(
+        build_config(
+            {
+                "train.num_workers": 1,
+                "train.cpus_per_worker": 1.0,
+                "train.wait_for_workers": held + 1,
+                "train.wait_timeout_s": 1,
+            }
+        ),
+        log=lambda *a, **k: None,
+    )
+    assert fits.train.cpus_per_worker == 1.0
+    with pytest.raises(
+        ConfigError, match=r"still do not fit .* after waiting train.wait_timeout_s=1s"
+    ) as err:
+        settle_resources(
+            build_config(
+                {
+                    "train.num_workers": 3,
+                    "train.cpus_per_worker": 1.0,
+                    "train.wait_for_workers": 3,
+                    "train.wait_timeout_s": 1,
+                }
+            ),
+            log=lambda *a, **k: None,
+        )
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"train.wait_for_workers=N") as err:
+        settle_resources(build_config({"train.num_workers": 3, "train.cpus_per_worker": 1.0}))
 
 
 # --- sweeps ---------------------------------------------------------------------------------
@@ -152,6 +193,9 @@ def test_a_sweep_whose_trials_all_fail_is_reported_as_failed(ray_session, tmp_pa
     )
     captured = capsys.readouterr()
     assert code == 1 and "every trial failed" in captured.err
+    # Tune's max_concurrent_trials: by default what fits the cluster at start
+    fit = trials_that_fit([{"CPU": ray_session.cluster_resources()["CPU"]}], {"CPU": 0.25}, {"CPU": 0.5}, 1)
+    assert f"trials at once: {fit} (the cluster holds {fit} now)" in captured.out
     assert (exp / "results.csv").is_file()
     table = pq.read_table(exp / "results.parquet").to_pylist()
     assert len(table) == 1 and all(r["status"] == "error" for r in table)

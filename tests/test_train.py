@@ -196,6 +196,10 @@ def test_the_resumed_run_restores_the_frozen_heads_then_freezes_the_rest(resumed
     assert all(m["ddp/rank_spread"] == 0.0 for m in resumed)
     assert resumed[6]["comm/grad_elements"] < resumed[5]["comm/grad_elements"]
     assert resumed[6]["flops/train_step"] < resumed[5]["flops/train_step"]
+    # epoch 6 read the prefix's output from the cache, which ran it once for each image each
+    # rank saw (half the samples; the first epoch of that prefix)
+    assert [m["cache/prefix_images"] for m in resumed[5:]] == [0, resumed[6]["train/samples"] // 2]
+    assert resumed[5]["cache/mb"] == 0 < resumed[6]["cache/mb"]
     for layer, heads in enumerate(before["frozen_heads"]):
         prefix = f"blocks.{layer}.attn."
         for h in heads:
@@ -395,3 +399,39 @@ def test_summary_names_the_best_checkpoint_by_the_select_metric():
     )
     lines = summary(result, build_config({"train.epochs": 2}), 1.0)
     assert "freezing: 4/16 heads frozen; FLOPs saved 12.3% against the same run without freezing" in lines
+
+
+def test_validation_shards_hold_every_image_once_so_the_metrics_ignore_the_worker_count():
+    """Each rank validates every world-th image; the sums over the shards are the split's.
+    A padded ``DistributedSampler`` (what Ray Train's ``prepare_data_loader`` adds) repeats
+    images and moves the result."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from vitcae_ray.engine import evaluate, init_model
+    from vitcae_ray.train import val_shard
+
+    cfg = build_config({"data.image_size": 16})
+    images = torch.rand(13, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    images[0] = 0.0  # unlike the others: the padding repeats it
+    data = TensorDataset(images, torch.zeros(13))
+    model = init_model(cfg, 1, torch.device("cpu"))
+
+    def mse(loader):
+        m = evaluate(model, loader, 5, cfg, torch.device("cpu"))
+        return m["val/mse"], m["val/samples"]
+
+    whole, n = mse(DataLoader(data, batch_size=4))
+    assert n == 13
+    for world in (2, 3, 5):
+        shards = [list(val_shard(data, rank, world).indices) for rank in range(world)]
+        assert sorted(sum(shards, [])) == list(range(13))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        parts = [mse(DataLoader(val_shard(data, rank, world), batch_size=4)) for rank in range(world)]
+        assert sum(k for _, k in parts) == 13
+        assert sum(v * k for v, k in parts) / 13 == pytest.approx(whole, rel=1e-6)
+    padded = [
+        mse(DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 2, rank, shuffle=False)))
+        for rank in range(2)
+    ]
+    assert sum(k for _, k in padded) == 14  # image 0 twice
+    assert sum(v * k for v, k in padded) / 14 != pytest.approx(whole, rel=1e-3)

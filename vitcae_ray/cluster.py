@@ -1,8 +1,12 @@
-"""What the Ray cluster can hold, checked before anything starts.
+"""What the Ray cluster can hold, checked before anything starts. Nothing here guesses
+whether the cluster autoscales: waiting for nodes is the user's explicit choice.
 
-- :func:`settle_resources`: worker CPUs default to what is there; a request that no node can
-  hold is a one-line error on a fixed cluster and a wait message on an autoscaling one.
-- :class:`TrialCapacity`: how many Tune trials may run at once, recomputed as nodes join.
+- :func:`settle_resources`: worker CPUs default to what is there; with
+  ``train.wait_for_workers`` it first waits (up to ``train.wait_timeout_s``) for the cluster
+  to hold that many Ray Train workers, asking the autoscaler for them; a run that does not fit
+  is then a one-line error.
+- :func:`trials_that_fit`: how many trials the nodes hold at once (a sweep's default
+  ``max_concurrent_trials``).
 - :func:`check_shared_output`: a local output on a multi-node cluster must be one every node
   sees (an ``s3://`` URI or a shared mount).
 - :func:`on_this_node`: pin an actor to the driver's node (never a spot GPU worker).
@@ -10,21 +14,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
 
 from .config import Config, ConfigError
 
-# Ray's autoscaler monitor publishes its report under this internal-KV key (what `ray status`
-# reads). Node types named ``node_<id>`` come from Ray's read-only provider: a Ray started by
-# `ray start`/`ray.init` without an autoscaling config, which never adds nodes.
-AUTOSCALER_STATUS_KEY = "__autoscaling_status"
-READONLY_NODE_TYPE_PREFIX = "node_"
+# How long the shared-output check waits for the other nodes' answers.
+SHARED_CHECK_TIMEOUT_S = 60.0
 # Resources Ray gives every node that are not requests.
 _BOOKKEEPING = ("memory", "object_store_memory")
 
@@ -58,33 +57,6 @@ def node_resources() -> list[dict[str, float]]:
         for n in ray.nodes()
         if n.get("Alive")
     ]
-
-
-def autoscaler_report() -> dict[str, Any] | None:
-    """The autoscaler monitor's last report, or None when there is none."""
-    try:  # the only place the project reads Ray's internal KV
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get(AUTOSCALER_STATUS_KEY)
-    except Exception:  # noqa: BLE001 - a Ray without it: treat the cluster as fixed
-        return None
-    if not raw:
-        return None
-    try:
-        return json.loads(raw).get("autoscaler_report") or None
-    except (ValueError, AttributeError):
-        return None
-
-
-def is_autoscaling(report: dict[str, Any] | None = None) -> bool:
-    """Whether an autoscaler with node types of its own can add nodes to this cluster."""
-    report = autoscaler_report() if report is None else report
-    if not report:
-        return False
-    types = set((report.get("node_type_mapping") or {}).values())
-    types |= set(report.get("active_nodes") or {})
-    pending = bool(report.get("pending_launches") or report.get("pending_nodes"))
-    return pending or any(not t.startswith(READONLY_NODE_TYPE_PREFIX) for t in types)
 
 
 def pack(nodes: list[dict[str, float]], bundles: list[dict[str, float]]) -> bool:
@@ -137,9 +109,9 @@ def settle_resources(cfg: Config, driver: dict[str, float] | None = None, log=pr
 
     Auto (0) CPUs: in local mode the process's CPUs; on a Ray started here (no address), its
     CPUs shared by the workers, or for a sweep's trial (``driver`` given) one CPU per worker
-    with its share of the driver, so trials run side by side; on a cluster, 1 per worker. A
-    request that does not fit raises :class:`ConfigError` on a fixed cluster; on an autoscaling cluster it
-    is logged as a wait (Ray Train starts the workers when nodes join).
+    with its share of the driver, so trials run side by side; on a cluster, 1 per worker.
+    With ``train.wait_for_workers`` N it then waits for the cluster to hold N workers
+    (:func:`wait_for_workers`). A run that does not fit is a :class:`ConfigError`.
     """
     t = cfg.train
     if t.num_workers == 0:  # local mode: this process trains
@@ -164,23 +136,74 @@ def settle_resources(cfg: Config, driver: dict[str, float] | None = None, log=pr
             cpus = 1.0
         cfg = replace(cfg, train=replace(t, cpus_per_worker=cpus))
     worker = worker_request(cfg)
+    if t.wait_for_workers:
+        wait_for_workers(t.wait_for_workers, driver, worker, t.num_workers, t.wait_timeout_s, log)
+        nodes = node_resources()
     if trials_that_fit(nodes, driver, worker, t.num_workers, limit=1):
         return cfg
     what = f"{t.num_workers} Ray Train workers x {{{fmt(worker)}}}" + (
         f" plus a trial driver {{{fmt(driver)}}}" if driver else ""
     )
     have = f"{fmt(_total(nodes))} on {len(nodes)} node(s)"
-    if is_autoscaling():
-        log(
-            f"waiting for the autoscaler: {what} do not fit the nodes up now ({have}); "
-            "training starts when nodes join",
-            flush=True,
+    if t.wait_for_workers:
+        raise ConfigError(
+            f"{what} still do not fit the cluster ({have}) after waiting "
+            f"train.wait_timeout_s={t.wait_timeout_s:g}s for train.wait_for_workers="
+            f"{t.wait_for_workers} workers; raise the timeout, or check the cluster's node types"
         )
-        return cfg
     raise ConfigError(
         f"{what} do not fit this cluster ({have}); lower --num-workers or "
-        "train.cpus_per_worker (0 = fit the machine), or use a larger cluster"
+        "train.cpus_per_worker (0 = fit the machine), use a larger cluster, or on an "
+        "autoscaling cluster wait for its nodes with --set train.wait_for_workers=N"
     )
+
+
+def wait_for_workers(
+    want: int,
+    driver: dict[str, float] | None,
+    worker: dict[str, float],
+    num_workers: int,
+    timeout_s: float,
+    log=print,
+    poll_s: float = 2.0,
+) -> int:
+    """Wait until the cluster holds ``want`` Ray Train workers, as whole runs (``driver`` and
+    ``num_workers`` workers each), asking the autoscaler for them
+    (``ray.autoscaler.sdk.request_resources``; a cluster without one ignores the request).
+    At ``timeout_s`` it goes on with what the nodes up then hold. Returns the runs that fit;
+    the request is withdrawn on return (the runs that start then hold their nodes)."""
+    from ray.autoscaler.sdk import request_resources
+
+    runs = math.ceil(want / num_workers)
+    bundles = ([driver] if driver else []) + [worker] * num_workers
+    request_resources(bundles=bundles * runs)
+    start = time.monotonic()
+    said = start
+    try:
+        while True:
+            fit = trials_that_fit(node_resources(), driver, worker, num_workers, limit=runs)
+            waited = time.monotonic() - start
+            if fit >= runs:
+                if waited > poll_s:
+                    log(f"the cluster holds {fit * num_workers} workers after {waited:.0f}s", flush=True)
+                return fit
+            if waited >= timeout_s:
+                log(
+                    f"waited {waited:.0f}s (train.wait_timeout_s) for {want} workers: going on "
+                    f"with the {fit * num_workers} the cluster holds",
+                    flush=True,
+                )
+                return fit
+            if time.monotonic() - said >= 30 or said == start:
+                log(
+                    f"waiting for {want} workers x {{{fmt(worker)}}}: the cluster holds "
+                    f"{fit * num_workers} ({waited:.0f}s of {timeout_s:g}s)",
+                    flush=True,
+                )
+                said = time.monotonic()
+            time.sleep(poll_s)
+    finally:
+        request_resources(bundles=[])
 
 
 def _total(nodes: list[dict[str, float]]) -> dict[str, float]:
@@ -191,44 +214,18 @@ def _total(nodes: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-class TrialCapacity:
-    """How many trials may run at once, recomputed (at most every ``every_s``) from the nodes up
-    now: on a fixed cluster the trials that fit it; on an autoscaling cluster also as many again
-    waiting for nodes (at least one), so the autoscaler sees their demand and the sweep grows
-    as nodes join. ``cap`` (> 0) is an upper bound given by the user."""
-
-    def __init__(
-        self,
-        driver: dict[str, float] | None,
-        worker: dict[str, float],
-        num_workers: int,
-        cap: int = 0,
-        every_s: float = 2.0,
-    ) -> None:
-        self.driver, self.worker, self.num_workers = driver, worker, num_workers
-        self.cap, self.every_s = cap, every_s
-        self._value, self._at = 1, -math.inf
-
-    def __call__(self) -> int:
-        now = time.monotonic()
-        if now - self._at >= self.every_s:
-            fit = trials_that_fit(node_resources(), self.driver, self.worker, self.num_workers)
-            if is_autoscaling():
-                fit += max(1, fit)
-            value = max(1, fit)
-            self._value, self._at = (min(value, self.cap) if self.cap > 0 else value), now
-        return self._value
-
-
 # --- storage and placement ----------------------------------------------------------------
 
 
-def check_shared_output(output: str, shared_fs: bool, what: str = "--output") -> None:
+def check_shared_output(
+    output: str, shared_fs: bool, what: str = "--output", more_nodes: bool = False
+) -> None:
     """Refuse a local ``output`` that other nodes of the cluster cannot see.
 
-    On one node anything works. Otherwise a probe file written here is looked for from every
-    other node; on an autoscaling cluster with no other node up yet nothing can be checked, so
-    only a URI or ``train.shared_fs=true`` (the user's word that it is a shared mount) pass.
+    On one node anything works, unless ``more_nodes`` (the run expects nodes not up yet: it
+    waited for workers, or asks for more trials than fit): nothing can be checked on those,
+    so only a URI or ``train.shared_fs=true`` (the user's word that it is a shared mount)
+    pass. Otherwise a probe file written here is looked for from every other node.
     """
     if "://" in output or shared_fs:
         return
@@ -241,7 +238,7 @@ def check_shared_output(output: str, shared_fs: bool, what: str = "--output") ->
         "node sees with --set train.shared_fs=true"
     )
     if not others:
-        if is_autoscaling():
+        if more_nodes:
             raise ConfigError(
                 f"{what} {output!r} is a local path and nodes this cluster adds later cannot see it: {fix}"
             )
@@ -252,9 +249,16 @@ def check_shared_output(output: str, shared_fs: bool, what: str = "--output") ->
         with open(probe, "w"):
             pass
         exists = ray.remote(num_cpus=0)(os.path.exists)
-        seen = ray.get(
-            [exists.options(scheduling_strategy=_pinned(n, soft=False)).remote(probe) for n in others]
-        )
+        refs = [exists.options(scheduling_strategy=_pinned(n, soft=False)).remote(probe) for n in others]
+        try:
+            seen = ray.get(refs, timeout=SHARED_CHECK_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise ConfigError(
+                f"could not check within {SHARED_CHECK_TIMEOUT_S:.0f}s that the other "
+                f"{len(others)} node(s) see {what} {output!r} (a node busy or unreachable); {fix}"
+            ) from None
     finally:
         if os.path.exists(probe):
             os.remove(probe)

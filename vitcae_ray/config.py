@@ -136,6 +136,19 @@ class TrainConfig:
     gpu: bool = key(False, "one GPU per worker, bf16 autocast")
     compile: bool = key(False, "torch.compile the model (recompiles when the frozen set changes)")
     address: str | None = key(None, 'Ray cluster address ("auto"); null starts a local Ray')
+    wait_for_workers: int = key(
+        0,
+        "before starting, wait until the cluster holds this many Ray Train workers (whole runs; "
+        "a sweep's trial drivers included), asking the autoscaler for them; a sweep then runs "
+        "as many trials at once as those hold; 0 = no wait",
+        ge=0,
+    )
+    wait_timeout_s: float = key(
+        600.0,
+        "the most train.wait_for_workers waits; then the run goes on with the workers the "
+        "cluster holds, or stops with one line (exit 2) if one run does not fit",
+        gt=0,
+    )
     output: str = key(
         "runs/digits-tiny", "run directory, local or URI: config.yaml, metrics.jsonl, TensorBoard"
     )
@@ -145,7 +158,15 @@ class TrainConfig:
     )
     run_name: str = key("train", "Ray Train run name (deterministic, so a rerun resumes)")
     seed: int = key(0, "seed of all randomness")
-    max_failures: int = key(2, "worker-group restarts from the last checkpoint; -1 = no limit", ge=-1)
+    max_failures: int = key(
+        2, "worker-group restarts from the last checkpoint after a failure; -1 = no limit", ge=-1
+    )
+    max_preemption_failures: int = key(
+        -1,
+        "restarts after a node is preempted (a spot node reclaimed), counted apart from "
+        "train.max_failures; -1 = no limit",
+        ge=-1,
+    )
     max_nonfinite_steps: int = key(
         0,
         "steps with a non-finite loss skipped (counted in metrics) before the "
@@ -193,6 +214,11 @@ class FreezeConfig:
         "freeze.block_min_heads of the block's heads are frozen and its output has converged "
         "by freeze.block_ratio; its other heads freeze with it",
     )
+    bottom_up: bool = key(
+        True,
+        "with freeze.blocks, a head may freeze only in the lowest block not yet frozen whole: "
+        "the network freezes from the bottom up, and the blocks above keep adapting",
+    )
     block_min_heads: float = key(
         0.5,
         "fraction of a block's heads that must be frozen before the block may freeze whole (1.0: every head)",
@@ -204,6 +230,13 @@ class FreezeConfig:
         "a block's output has converged when its change over the last freeze.patience epochs "
         "on the probe images is below block_ratio x its noise floor (the difference between "
         "the probe's halves)",
+        ge=0,
+    )
+    cache_mb: float = key(
+        1024.0,
+        "MiB per worker (on its device) for keeping the frozen block prefix's output per "
+        "training image, so the prefix's forward runs once per image, not every epoch; a "
+        "train split that needs more, or a streamed one, runs the prefix every step; 0 = off",
         ge=0,
     )
     probe_size: int = key(64, "fixed validation images for the patch->patch attention (kappa)", ge=1)

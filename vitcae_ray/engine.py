@@ -20,6 +20,7 @@ from .config import Config
 from .likelihood import elbo
 from .losses import vitcae_loss
 from .model import ViTCAE, build_model
+from .prefix_cache import PrefixCache
 
 TERMS = ("loss", "elbo", "recon", "prior_recon", "kl", "kl_cls", "kl_patch", "mmd", "discrepancy", "mse")
 
@@ -175,8 +176,11 @@ def train_one_epoch(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     skips_left: int = 0,
+    cache: PrefixCache | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; returns metrics averaged over every rank's samples.
+    The loader yields ``(x, y)`` or ``(x, y, row index)``; with the index and a ``cache``
+    the frozen prefix's output comes from the cache (:mod:`vitcae_ray.prefix_cache`).
     ``model(x)`` samples z_cls and then z_patch given it, so ``train/elbo`` is a one-sample
     negative ELBO estimate (analytic KL terms) at the weights of each step.
 
@@ -191,11 +195,13 @@ def train_one_epoch(
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     skipped = 0
     start = time.perf_counter()
-    for step, (x, _) in enumerate(loader):
-        x = x.to(device, non_blocking=True)
+    for step, batch in enumerate(loader):
+        x = batch[0].to(device, non_blocking=True)
+        index = batch[2] if len(batch) > 2 else None
         readout = inner.readout_state() if skips_left else None  # to drop a skipped step's share
         with autocast(device, amp_dtype):
-            out = model(x, decode_prior=decode_prior(cfg))
+            prefix = cache.prefix(inner, x, index) if cache is not None else None
+            out = model(x, decode_prior=decode_prior(cfg), prefix=prefix)
         terms = vitcae_loss(out, x, epoch, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()

@@ -26,6 +26,7 @@ from .engine import decode_prior
 from .losses import curriculum, vitcae_loss
 from .model import ViTCAE
 from .optim import build_lr_schedule, build_optimizer
+from .prefix_cache import PrefixCache
 
 
 def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -108,31 +109,50 @@ def mmd_active(epoch: int, cfg: Config) -> bool:
     return curriculum(epoch, cfg.loss)[1] > 0
 
 
-def train_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int, readout: bool = False) -> int:
+def train_step_flops(
+    model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int, readout: bool = False, cached: bool = False
+) -> int:
     """Forward + backward FLOPs of one training step on ``x`` with the loss of ``epoch``
     (optimizer excluded), as executed: weight gradients skipped for frozen heads are not
     counted. ``readout`` includes the CLS attention readout the convergence scheduler runs
-    in every training step. Call it on the model without its DDP wrapper, before wrapping:
-    the backward would fire DDP's hooks."""
+    in every training step. ``cached``: the frozen prefix's output comes from the prefix
+    cache, so its forward is not counted (:func:`prefix_image_flops` counts a cache fill).
+    Call it on the model without its DDP wrapper, before wrapping: the backward would fire
+    DDP's hooks."""
     was_training = model.training
-    saved = [(a.record_cls, a.cls_attn_sum) for a in model.attention_layers]
+    saved = [(a.record_cls, a.cls_attn_sum, a.cls_attn_odd) for a in model.attention_layers]
     model.train()
     model.set_readout(readout)
+    prefix = None
+    if cached:
+        prefix, rows = model.forward_prefix(x, with_rows=True)
     with flop_counter() as counter:
-        out = model(x, decode_prior=decode_prior(cfg))
+        if prefix is not None:
+            model.record_prefix_readout(rows)
+        out = model(x, decode_prior=decode_prior(cfg), prefix=prefix)
         vitcae_loss(out, x, epoch, cfg.loss)["loss"].backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    for a, (on, total) in zip(model.attention_layers, saved):
-        a.record_cls, a.cls_attn_sum = on, total
+    for a, (on, total, odd) in zip(model.attention_layers, saved):
+        a.record_cls, a.cls_attn_sum, a.cls_attn_odd = on, total, odd
     return int(counter.get_total_flops())
 
 
-def step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config, readout: bool = True) -> dict[bool, int]:
+def prefix_image_flops(model: ViTCAE, x: torch.Tensor) -> float:
+    """FLOPs of the frozen prefix's forward (its readout rows included) per image of ``x``:
+    what filling one image's entry of the prefix cache costs."""
+    with flop_counter() as counter:
+        model.forward_prefix(x, with_rows=True)
+    return counter.get_total_flops() / len(x)
+
+
+def step_flops_by_phase(
+    model: ViTCAE, x: torch.Tensor, cfg: Config, readout: bool = True, cached: bool = False
+) -> dict[bool, int]:
     """One training step's FLOPs in each loss phase, ``{mmd_active: flops}`` (the phases
     differ by the MMD terms); by default with the readout, as training runs."""
     epochs = {mmd_active(e, cfg): e for e in (0, cfg.loss.kl_warmup_epochs)}
-    return {phase: train_step_flops(model, x, cfg, e, readout) for phase, e in epochs.items()}
+    return {phase: train_step_flops(model, x, cfg, e, readout, cached) for phase, e in epochs.items()}
 
 
 def unfrozen_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config) -> dict[bool, int]:
@@ -156,24 +176,38 @@ def probe_flops(model: ViTCAE, probe: torch.Tensor) -> int:
 class FlopAccount:
     """What training costs in FLOPs, counted once on the unwrapped model (FLOPs do not depend
     on the data): one step in each loss phase as it runs now (``step``, recounted when the
-    frozen set changes), the same step with nothing frozen (``unfrozen``: the run without
-    freezing, readout included, the baseline), and the epoch's probe pass (in both)."""
+    frozen set changes; with the prefix cache serving, without the prefix's forward, which
+    ``prefix_image`` counts per image the cache fills), the same step with nothing frozen
+    (``unfrozen``: the run without freezing, readout included, the baseline), and the
+    epoch's probe pass (in both)."""
 
-    def __init__(self, model: ViTCAE, x: torch.Tensor, cfg: Config, probe: torch.Tensor) -> None:
-        self.x, self.cfg = x, cfg
+    def __init__(
+        self,
+        model: ViTCAE,
+        x: torch.Tensor,
+        cfg: Config,
+        probe: torch.Tensor,
+        cache: PrefixCache | None = None,
+    ) -> None:
+        self.x, self.cfg, self.cache = x, cfg, cache
         self.unfrozen = unfrozen_step_flops(model, x, cfg)
-        self.step = step_flops_by_phase(model, x, cfg)
         self.probe = probe_flops(model, probe)
+        self.recount(model)
 
     def recount(self, model: ViTCAE) -> None:
-        self.step = step_flops_by_phase(model, self.x, self.cfg)
+        cached = self.cache is not None and self.cache.serves(model)
+        self.step = step_flops_by_phase(model, self.x, self.cfg, cached=cached)
+        self.prefix_image = prefix_image_flops(model, self.x) if cached else 0.0
 
-    def epoch_metrics(self, epoch: int, steps: int, history: list[dict[str, Any]]) -> dict[str, float]:
+    def epoch_metrics(
+        self, epoch: int, steps: int, history: list[dict[str, Any]], prefix_images: int = 0
+    ) -> dict[str, float]:
         """``flops/*`` of an epoch of ``steps`` steps trained with the current frozen set (call
-        before the epoch's decision changes it); cumulative over ``history`` (earlier epochs)."""
+        before the epoch's decision changes it), ``prefix_images`` of them filling the prefix
+        cache; cumulative over ``history`` (earlier epochs)."""
         phase = mmd_active(epoch, self.cfg)
         trained = self.step[phase]
-        spent = steps * trained + self.probe
+        spent = steps * trained + round(prefix_images * self.prefix_image) + self.probe
         unfrozen = steps * self.unfrozen[phase] + self.probe
         seen = [m for m in history if "flops/epoch_unfrozen" in m]
         total_spent = spent + sum(m["flops/epoch"] for m in seen)

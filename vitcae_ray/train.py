@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from . import checkpoints, filesystem
 from .cluster import check_shared_output, connect, settle_resources, torch_threads, worker_request
@@ -51,6 +51,7 @@ from .outputs import (
     progress_line,
     say,
 )
+from .prefix_cache import Indexed, PrefixCache
 
 EVAL_TRAIN_ROWS = 5000  # training images rank 0's periodic evaluation holds at most
 
@@ -79,6 +80,7 @@ class Worker:
     fixed_batch: torch.Tensor | None = None
     evaluator: Any = None
     fail_metrics: dict[str, float] | None = None
+    cache: PrefixCache | None = None  # the frozen prefix's outputs per training image
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -121,6 +123,8 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         else None
     )
     state = _latest_state(local_ckpts, device, rank)
+    # a streamed split carries no row index to key the cache by
+    cache = None if loop_config.get("stream") else PrefixCache(len(train_set), cfg.freeze.cache_mb)
     probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
     probe_odd = (torch.arange(len(probe)) % 2 == 1)[rank::world].to(device)
     probe = probe[rank::world].to(device)
@@ -132,7 +136,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         torch.bfloat16 if device.type == "cuda" else None,
         train_loader,
         val_loader,
-        _trainee(cfg, state, channels, len(train_loader), probe, device),
+        _trainee(cfg, state, channels, len(train_loader), probe, device, cache),
         probe,
         probe_odd,
         start_epoch=0 if state is None else state["epoch"] + 1,
@@ -141,6 +145,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         heads=_heads_client(cfg, state, loop_config.get("heads_actor")) if rank == 0 else None,
         local_checkpoints=local_ckpts,
         fail_metrics=loop_config.get("fail_metrics"),
+        cache=cache,
     )
     if rank == 0:
         _setup_rank0(w, train_set, val_set)
@@ -161,9 +166,12 @@ def _latest_state(local_ckpts: checkpoints.LocalCheckpoints | None, device, rank
     return state
 
 
-def _trainee(cfg: Config, state: dict | None, channels: int, steps_per_epoch: int, probe, device) -> Trainee:
+def _trainee(
+    cfg: Config, state: dict | None, channels: int, steps_per_epoch: int, probe, device, cache=None
+) -> Trainee:
     """The model (initial weights from ``train.seed``, then the checkpoint's frozen set and
-    weights), its optimizer and LR schedule, the FLOP account, and the model wrapped for DDP."""
+    weights), its optimizer and LR schedule, the FLOP account (of steps served by ``cache``
+    where it serves), and the model wrapped for DDP."""
     import ray.train.torch
 
     t = cfg.train
@@ -178,7 +186,7 @@ def _trainee(cfg: Config, state: dict | None, channels: int, steps_per_epoch: in
         lr_schedule.load_state_dict(state["lr_scheduler"])
     flop_x = torch.zeros(t.batch_size, channels, cfg.data.image_size, cfg.data.image_size, device=device)
     wrap = functools.partial(wrap_model, prepare=ray.train.torch.prepare_model, compile_model=t.compile)
-    return Trainee(model, optimizer, lr_schedule, wrap, FlopAccount(model, flop_x, cfg, probe))
+    return Trainee(model, optimizer, lr_schedule, wrap, FlopAccount(model, flop_x, cfg, probe, cache))
 
 
 def _heads_client(cfg: Config, state: dict | None, actor_name: str | None) -> HeadsClient:
@@ -224,7 +232,7 @@ def _loaders(cfg: Config, stream: dict[str, int] | None, rank: int, world: int, 
         train_set, val_set, channels = build_datasets(cfg.data)
         train_loader = ray.train.torch.prepare_data_loader(
             DataLoader(
-                train_set,
+                Indexed(train_set),  # (x, y, row): the prefix cache's key
                 batch_size=t.batch_size,
                 shuffle=True,
                 drop_last=True,
@@ -232,10 +240,22 @@ def _loaders(cfg: Config, stream: dict[str, int] | None, rank: int, world: int, 
                 pin_memory=device.type == "cuda",
             )
         )
-    val_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(val_set, batch_size=t.batch_size, shuffle=False, num_workers=cfg.data.loader_workers)
+    # every validation image once, on one rank: no sampler padding, so the all-reduced
+    # validation metrics are those of the split whatever the number of workers
+    val_loader = DataLoader(
+        val_shard(val_set, rank, world),
+        batch_size=t.batch_size,
+        shuffle=False,
+        num_workers=cfg.data.loader_workers,
+        pin_memory=device.type == "cuda",
     )
     return train_set, val_set, channels, train_loader, val_loader
+
+
+def val_shard(val_set, rank: int, world: int) -> Subset:
+    """Rank ``rank``'s validation images: every ``world``-th from ``rank`` on (shares differ
+    by at most one image; none is repeated or left out)."""
+    return Subset(val_set, range(rank, len(val_set), world))
 
 
 def _quiet_report_log(local: bool) -> None:
@@ -284,7 +304,8 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     decision = w.heads.update(epoch, *stats.args()) if w.rank == 0 else None
     decision = share_decision(decision, w.world)
     w.head_rows.extend(head_rows(model, decision, factors_used))
-    flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history)
+    prefix_images = w.cache.take_computed() if w.cache is not None else 0
+    flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history, prefix_images)
     applied = time.perf_counter()
     spread = apply_decision(tr, decision, cfg, len(w.train_loader), w.world)
     applied = time.perf_counter() - applied
@@ -308,6 +329,8 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
         "comm/grad_elements": elements,
         "time/step_s": steps_s / max(len(w.train_loader), 1),
         "ddp/rank_spread": spread,
+        "cache/prefix_images": prefix_images,
+        "cache/mb": w.cache.nbytes() / 2**20 if w.cache is not None else 0.0,
     }
 
 
@@ -328,6 +351,7 @@ def _train_steps(w: Worker, epoch: int) -> dict[str, Any]:
             w.device,
             w.amp_dtype,
             skips_left,
+            w.cache,
         )
     finally:
         tr.model.set_readout(False)
@@ -462,12 +486,14 @@ def _prepare(cfg: Config, check_cluster: bool):
         build_datasets(cfg.data)
     if not local and not ray.is_initialized():
         connect(t.address)
-    cfg = settle_resources(cfg)
+    if check_cluster or local:  # a sweep settled (and waited) once for all its trials
+        cfg = settle_resources(cfg)
     t = cfg.train
     if not local and check_cluster:
-        check_shared_output(t.output, t.shared_fs)
+        more = t.wait_for_workers > 0  # the user expects nodes to join
+        check_shared_output(t.output, t.shared_fs, more_nodes=more)
         if t.storage_path is not None:
-            check_shared_output(t.storage_path, t.shared_fs, "train.storage_path")
+            check_shared_output(t.storage_path, t.shared_fs, "train.storage_path", more_nodes=more)
     datasets, stream_info = None, None
     if stream:  # Ray Data reads and decodes the train split; each worker iterates its shard
         channels = channels_of(cfg.data)
@@ -499,7 +525,9 @@ def _trainer(cfg: Config, datasets, storage: str, callbacks, loop_config: dict[s
                 checkpoint_score_attribute=t.select_metric,
                 checkpoint_score_order="min",
             ),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures
+            ),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
         ),

@@ -265,11 +265,17 @@ def run_sweep(
 
     Before anything starts: the base config's paths are made absolute, one trial (its driver
     and workers) is checked against the cluster, and a local experiment directory is checked
-    to be visible to every node. ``max_concurrent_trials`` 0 follows the cluster
-    (:class:`~vitcae_ray.cluster.TrialCapacity`); > 0 caps it.
+    to be visible to every node. ``max_concurrent_trials`` (Tune's own, saved with the
+    experiment) 0 is what fits the cluster at start, after ``train.wait_for_workers``.
     """
-    from .cluster import TrialCapacity, check_shared_output, driver_request, settle_resources, worker_request
-    from .sweep_capacity import set_capacity
+    from .cluster import (
+        check_shared_output,
+        driver_request,
+        node_resources,
+        settle_resources,
+        trials_that_fit,
+        worker_request,
+    )
 
     if base.train.storage_path is not None:
         raise ConfigError(
@@ -280,18 +286,24 @@ def run_sweep(
     check_directory(experiment, "--output")
     driver = driver_request(driver_cpus, driver_resource)
     base = settle_resources(absolute_paths(base), driver)
-    check_shared_output(experiment, base.train.shared_fs)
+    t = base.train
+    fit = trials_that_fit(node_resources(), driver, worker_request(base), t.num_workers)
+    concurrent = max_concurrent_trials or max(fit, 1)
+    # trials beyond what fits now run on nodes not up yet (the autoscaler's, or none)
+    check_shared_output(experiment, t.shared_fs, more_nodes=t.wait_for_workers > 0 or concurrent > fit)
     space, fixed = split_space(space)
     if fixed:  # a space's fixed values (main() merges them below the command line instead)
         base = build_config(fixed, base)
-    t = base.train
-    set_capacity(TrialCapacity(driver, worker_request(base), t.num_workers, max_concurrent_trials))
+        t = base.train
     trainable = _trainable(base, experiment, metric, mode, driver)
     if resume:
         tuner = _restored_tuner(experiment, trainable)
     else:
+        print(f"trials at once: {concurrent} (the cluster holds {fit} now)", flush=True)
         asha = _asha(t.epochs, grace_period, reduction_factor)
-        tuner = _new_tuner(experiment, trainable, space, num_samples, metric, mode, search, asha, callbacks)
+        tuner = _new_tuner(
+            experiment, trainable, space, num_samples, metric, mode, search, asha, callbacks, concurrent
+        )
     results = tuner.fit()
     rows = results_table(list(results), list(space), experiment, t.epochs, metric, mode)
     write_results(rows, experiment)
@@ -344,26 +356,26 @@ def _new_tuner(
     search: str,
     scheduler,
     callbacks: list | None,
+    max_concurrent_trials: int,
 ):
-    """A new experiment's tuner (refused where one exists); ``search`` picks the searcher."""
+    """A new experiment's tuner (refused where one exists); ``search`` picks the searcher
+    (random: Tune's default generator)."""
     from ray import tune
-
-    from .sweep_capacity import LiveConcurrencyLimiter, LiveVariantGenerator
 
     if filesystem.exists(join(experiment, TUNE_NAME)):
         raise ConfigError(
             f"experiment {experiment!r} already exists: pass --resume to continue it, or another --output"
         )
-    searcher = (
-        LiveVariantGenerator()
-        if search == "random"
-        else LiveConcurrencyLimiter(_searcher(search, metric, mode), max_concurrent=1)
-    )
     return tune.Tuner(
         trainable,
         param_space=param_space(space),
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=num_samples, search_alg=searcher, scheduler=scheduler
+            metric=metric,
+            mode=mode,
+            num_samples=num_samples,
+            search_alg=None if search == "random" else _searcher(search, metric, mode),
+            scheduler=scheduler,
+            max_concurrent_trials=max_concurrent_trials,
         ),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=experiment, callbacks=callbacks),
     )
@@ -405,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker")
     p.add_argument("--address", help="Ray cluster address, e.g. auto")
     p.add_argument(
+        "--wait-for-workers",
+        type=int,
+        help="train.wait_for_workers: wait for the cluster to hold this many Ray Train workers "
+        "(asking the autoscaler) before the sweep starts",
+    )
+    p.add_argument("--wait-timeout", type=float, help="train.wait_timeout_s: the most it waits (600)")
+    p.add_argument(
         "--output",
         default="runs/tune",
         help="experiment directory: a local path (one machine, or a mount every node "
@@ -425,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent-trials",
         type=int,
         default=0,
-        help="cap on trials at once; 0 = what the cluster holds, growing as an autoscaler adds nodes",
+        help="trials at once (Tune's max_concurrent_trials, kept by --resume); 0 = what the "
+        "cluster holds at start, after --wait-for-workers",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     p.add_argument(
@@ -448,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             "train.num_workers": args.workers_per_trial,
             "train.gpu": args.gpu,
             "train.address": args.address,
+            "train.wait_for_workers": args.wait_for_workers,
+            "train.wait_timeout_s": args.wait_timeout,
             "data.dataset": args.dataset,
             "data.root": args.data_root,
         }

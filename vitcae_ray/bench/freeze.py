@@ -2,7 +2,9 @@
 
 Variants: nothing frozen, then 25/50/75/100% of every encoder layer's heads frozen (a frozen
 head runs its forward without autograd), then every head frozen with a frozen prefix of 1..L
-whole encoder blocks (run under ``no_grad``, the embedding with them). For each, the step's
+whole encoder blocks (run under ``no_grad``, the embedding with them), then the same prefixes
+served by the prefix cache (its output computed once, as the cache holds it after the first
+epoch; the step starts at block k). For each, the step's
 FLOPs (counted as executed, by :func:`vitcae_ray.freezing.flop_counter`), the gradient
 elements DDP would all-reduce, and the time of full training steps (zero_grad, forward under
 bf16 autocast on GPUs, loss, backward, AdamW step), interleaved round by round with a device
@@ -34,9 +36,11 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 WARMUP_STEPS = 2
 
 
-def variants(depth: int) -> list[tuple[float, int]]:
-    """(frozen fraction of each layer's heads, frozen blocks); the unfrozen baseline first."""
-    return [(0.0, 0)] + [(frac, 0) for frac in FRACTIONS] + [(1.0, k) for k in range(1, depth + 1)]
+def variants(depth: int) -> list[tuple[float, int, bool]]:
+    """(frozen fraction of each layer's heads, frozen blocks, prefix cached); the unfrozen
+    baseline first."""
+    prefixes = [(1.0, k, cached) for cached in (False, True) for k in range(1, depth + 1)]
+    return [(0.0, 0, False)] + [(frac, 0, False) for frac in FRACTIONS] + prefixes
 
 
 def frozen_sets(num_layers: int, num_heads: int, frac: float) -> list[list[int]]:
@@ -57,7 +61,7 @@ def run(cfg: Config, opts: SimpleNamespace) -> list[dict]:
     def step(r: SimpleNamespace) -> None:
         r.opt.zero_grad(set_to_none=True)
         with autocast(device, amp_dtype):
-            out = r.model(x, decode_prior=decode_prior(cfg))
+            out = r.model(x, decode_prior=decode_prior(cfg), prefix=r.prefix)
         vitcae_loss(out, x, epoch, cfg.loss)["loss"].backward()
         r.opt.step()
 
@@ -80,19 +84,26 @@ def _runs(cfg: Config, x: torch.Tensor, epoch: int, device: torch.device) -> lis
     heads frozen), its optimizer, its step's FLOPs on ``x`` and its gradient elements."""
     size, chans = x.shape[-1], x.shape[1]
     runs = []
-    for frac, blocks in variants(cfg.model.depth):
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    for frac, blocks, cached in variants(cfg.model.depth):
         torch.manual_seed(0)
         model = build_model(cfg.model, size, chans).to(device)
         heads = frozen_sets(cfg.model.depth, cfg.model.num_heads, frac)
         apply_frozen(model, heads, blocks)
+        prefix = None
+        if cached:
+            with autocast(device, amp_dtype):
+                prefix = model.forward_prefix(x)
         runs.append(
             SimpleNamespace(
                 blocks=blocks,
                 frac=frac,
+                cached=cached,
+                prefix=prefix,
                 heads=len(heads[0]),
                 model=model,
                 opt=build_optimizer(model, cfg.optim),
-                flops=train_step_flops(model, x, cfg, epoch),
+                flops=train_step_flops(model, x, cfg, epoch, cached=cached),
                 grad_elements=grad_elements(model),
             )
         )
@@ -112,6 +123,7 @@ def _row(
     return {
         "frozen_frac": r.frac,
         "frozen_blocks": r.blocks,
+        "prefix_cached": r.cached,
         "frozen_heads_per_layer": r.heads,
         "num_heads": cfg.model.num_heads,
         "step_ms": 1e3 * statistics.median(t),
@@ -134,6 +146,7 @@ def render(rows: list[dict]) -> str:
         [
             ("frozen_frac", "heads frozen", lambda v: f"{v:.0%}"),
             ("frozen_blocks", "blocks frozen", str),
+            ("prefix_cached", "prefix cached", lambda v: "yes" if v else "no"),
             ("step_ms", "step ms", num(2)),
             ("time_ratio", "time x (median of rounds)", num(3)),
             ("time_spread", "time x min..max", fmt_spread),

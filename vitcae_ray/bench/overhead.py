@@ -176,7 +176,7 @@ def _time_readout(model, sync) -> list[float]:
         return call
 
     for attn in model.attention_layers:
-        attn._record = timed_record(attn._record)
+        attn.record_rows = timed_record(attn.record_rows)
     return readout_s
 
 

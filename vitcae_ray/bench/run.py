@@ -128,7 +128,8 @@ def _finite(v: Any) -> float | None:
 def training_record(history: list[dict[str, Any]], select_metric: str) -> dict[str, Any]:
     """What the bench takes from one run's history: training FLOPs and time (summed over
     epochs), the selected epoch (minimising ``select_metric``) and its val/mse, and the last
-    epoch's FLOPs saving and frozen heads/blocks (None where a key is absent)."""
+    epoch's FLOPs saving and frozen heads/blocks, the prefix cache's peak memory (None where a
+    key is absent)."""
     if not history:
         raise BenchError("the run wrote no metrics")
     scored = [m for m in history if _finite(m.get(select_metric)) is not None]
@@ -147,6 +148,7 @@ def training_record(history: list[dict[str, Any]], select_metric: str) -> dict[s
         "heads_newly_frozen": last.get("heads/newly_frozen"),
         "heads_total": last.get("heads/total"),
         "blocks_frozen": last.get("blocks/frozen"),
+        "cache_mb": max((m.get("cache/mb") or 0.0 for m in history), default=0.0),
         # the machine-drift control: training-step seconds per epoch, and the first epoch
         # that trained with a head frozen (before it both arms do the same work)
         "steps_s": [_finite(m.get("time/train_steps_s")) for m in history],
@@ -672,6 +674,7 @@ def render(rows: list[dict]) -> str:
                 ("flops_saved_frac", "saved", lambda v: f"{v:.1%}"),
                 ("frozen", "heads frozen", str),
                 ("blocks_frozen", "blocks frozen", str),
+                ("cache_mb", "prefix cache MiB", lambda v: f"{v:.1f}"),
             ],
         )
     )

@@ -62,6 +62,11 @@ class HeadConvergenceActor:
         self._loaded = True
 
 
+# The longest rank 0 waits for the actor: a restarted actor reloads the run's latest
+# checkpoint before it answers, which takes seconds, not minutes.
+CALL_TIMEOUT_S = 300.0
+
+
 def actor_name(storage: str, run_name: str) -> str:
     """Unique per run: the same storage and run name always map to the same actor."""
     return "heads-" + hashlib.sha1(f"{storage}/{run_name}".encode()).hexdigest()[:16]
@@ -104,7 +109,14 @@ class HeadsClient:
     def _call(self, method: str, *args):
         if self.actor is None:
             return getattr(self.local, method)(*args)
-        return ray.get(getattr(self.actor, method).remote(*args))
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"the head-convergence actor did not answer {method} within {CALL_TIMEOUT_S:.0f}s "
+                "(its node busy, lost or still restarting); the run resumes from its last "
+                "checkpoint when restarted"
+            ) from None
 
     def update(self, epoch: int, *stats: np.ndarray | None) -> HeadDecision:
         """``stats``: :meth:`HeadController.update`'s statistics, in its order."""

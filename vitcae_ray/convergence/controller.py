@@ -18,7 +18,9 @@ epochs never shows up as drift; see ``Attention.diagnostic_attention``):
   d^(s) < drift_ratio * n^(s) for every s in t-patience+1..t (all defined), and kappa^(s) takes
   a single value (all available) over s in t-kappa_window+1..t. Frozen heads stay frozen. At
   most floor(max_frozen_frac * H) heads of a layer are frozen; when more qualify, those with the
-  smallest mean drift over the patience window freeze first (ties: lower head index).
+  smallest mean drift over the patience window freeze first (ties: lower head index). With
+  ``bottom_up`` (and ``blocks``, and no cap below H) only heads of layers 0..k freeze, k the
+  frozen prefix below: the heads of the lowest block still trained, and none above it.
 - blocks   (freeze.blocks) with M_l^(t) block l's output on the probe images averaged over
   the images ((T, D) per block) and M_l,a / M_l,b the same over the probe's two halves:
   change over the patience window c_l^(t) = ||M_l^(t) - M_l^(t-patience)|| / ||M_l^(t)|| (a
@@ -233,10 +235,12 @@ class HeadController:
 
         frozen = [list(r) for r in prev.frozen] if prev else [[False] * H for _ in range(L)]
         frozen_epoch = [list(r) for r in prev.frozen_epoch] if prev else [[None] * H for _ in range(L)]
-        newly = self._to_freeze(epoch, history, frozen, drift, floor, kap) if self.freeze.enabled else []
+        prefix = prev.frozen_blocks if prev else 0
+        newly = (
+            self._to_freeze(epoch, history, frozen, drift, floor, kap, prefix) if self.freeze.enabled else []
+        )
         for l, h in newly:
             frozen[l][h], frozen_epoch[l][h] = True, epoch
-        prefix = prev.frozen_blocks if prev else 0
         block_epoch = list(prev.block_frozen_epoch) if prev else [None] * L
         if self.freeze.enabled and self.freeze.blocks:
             for l in range(prefix, L):
@@ -354,8 +358,10 @@ class HeadController:
         drift: np.ndarray,
         floor: np.ndarray,
         kap: np.ndarray,
+        prefix: int,
     ) -> list[tuple[int, int]]:
-        """Heads that newly satisfy the freeze rule at ``epoch``, within the per-layer cap."""
+        """Heads that newly satisfy the freeze rule at ``epoch``, within the per-layer cap (and
+        with ``bottom_up`` in the layers up to the block above the frozen ``prefix``)."""
         fz = self.freeze
         if epoch < self.min_epoch:
             return []
@@ -375,9 +381,12 @@ class HeadController:
         converged = (drifts < fz.drift_ratio * floors).all(0)  # NaN compares False
         stable = (kappas == kappas[0]).all(0) & (kappas[0] >= 0)
         mean_drift = drifts.mean(0)
-        cap = math.floor(fz.max_frozen_frac * self.num_heads)
         newly: list[tuple[int, int]] = []
-        for l in range(self.num_layers):
+        cap = math.floor(fz.max_frozen_frac * self.num_heads)
+        # bottom-up only where blocks can freeze: a cap below H keeps every block training
+        upward = fz.bottom_up and fz.blocks and cap == self.num_heads
+        top = min(prefix, self.num_layers - 1) if upward else self.num_layers - 1
+        for l in range(top + 1):
             candidates = sorted(
                 (float(mean_drift[l, h]), h)
                 for h in range(self.num_heads)

@@ -232,6 +232,14 @@ def _read_table(fs: pafs.FileSystem, path: str, shown: str, limit: int | None = 
     return table
 
 
+def parquet_rows(fs: pafs.FileSystem, path: str, shown: str) -> int:
+    """Rows of the Parquet files at ``path``, from their footers alone (no data page read)."""
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"dataset 'parquet': cannot read {shown!r} ({first_line(err)})") from None
+
+
 def _is_binary(t: pa.DataType) -> bool:
     is_view = getattr(pa.types, "is_binary_view", None)  # binary_view needs pyarrow >= 16
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or bool(is_view and is_view(t))

@@ -27,7 +27,7 @@ from vitcae_ray.config import DataConfig
 from vitcae_ray.errors import first_line
 
 from .datasets import DataError, image_to_tensor, pil_mode
-from .files import _PIL_ERRORS, parquet_split, parquet_splits
+from .files import _PIL_ERRORS, parquet_rows, parquet_split, parquet_splits
 
 TRAIN = "train"
 
@@ -73,7 +73,7 @@ def train_dataset(cfg: DataConfig, channels: int) -> tuple[Any, int]:
     fs, path, shown = parquet_splits(cfg)
     ds = ray.data.read_parquet(filesystem.join(path, "train"), filesystem=fs, shuffle="files")
     ds = ds.select_columns(["image", "label"])
-    rows = ds.count()  # metadata only, before the decode
+    rows = parquet_rows(fs, filesystem.join(path, "train"), filesystem.join(shown, "train"))
     decoded = ds.map_batches(
         Decode(channels, cfg.image_size, filesystem.join(shown, "train")),
         batch_format="numpy",

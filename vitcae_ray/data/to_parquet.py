@@ -1,7 +1,9 @@
 """Convert a registered dataset to Parquet shards readable with ``--dataset parquet``.
 
 Writes ``OUT/train/part-00000.parquet ...`` and ``OUT/val/part-...`` with columns ``image``
-(PNG bytes of the resized uint8 image) and ``label`` (int64); OUT is a local folder or any
+(PNG bytes of the resized uint8 image) and ``label`` (int64), the train rows in a random order
+(``--shuffle-seed``: a streamed shard then mixes the classes, where a class-ordered source such
+as an ImageFolder would hand it one class at a time); OUT is a local folder or any
 pyarrow URI (s3://bucket/prefix). An ``_INCOMPLETE`` marker exists while writing (the reader
 refuses such a folder) and ``_SUCCESS`` is written last.
 
@@ -21,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitcae_ray import filesystem
 from vitcae_ray.config import ConfigError, build_config
@@ -42,6 +44,12 @@ def encode_png(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr.contiguous().numpy()).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def shuffled(ds: Dataset, seed: int) -> Dataset:
+    """``ds`` in the row order a ``seed`` fixes: ``Subset(ds, randperm(len(ds)))``."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return Subset(ds, order.tolist())
 
 
 def _positive_int(text: str) -> int:
@@ -72,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=None, help="seed of that train/val split")
     p.add_argument("--out", default=None, help="output folder or URI (default: data/parquet/DATASET-SIZE)")
     p.add_argument("--shard-size", type=_positive_int, default=10_000, help="rows per Parquet file")
+    p.add_argument(
+        "--shuffle-seed", type=int, default=0, help="seed of the train rows' order (val keeps its own)"
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding the source images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing to_parquet output at --out")
     return p.parse_args(argv)
@@ -156,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         filesystem.write_bytes(join(out, INCOMPLETE_MARKER), b"")
         counts = {
             split: _write_split(fs, base, out, split, ds, args.shard_size, args.workers)
-            for split, ds in (("train", train), ("val", val))
+            for split, ds in (("train", shuffled(train, args.shuffle_seed)), ("val", val))
         }
         filesystem.write_bytes(join(out, SUCCESS_MARKER), b"")
         fs.delete_file(join(base, INCOMPLETE_MARKER))

@@ -72,6 +72,9 @@ class Attention(nn.Module):
         self.record_cls = False
         self.cls_attn_sum: torch.Tensor | None = None  # (H, T), summed over the batch
         self.cls_attn_odd: torch.Tensor | None = None  # (H, T), over its odd samples only
+        # With a list here the readout rows of each forward go to it instead of the sums
+        # (``ViTCAE.forward_prefix``: the prefix cache keeps them per image).
+        self.rows_sink: list[torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, fused={self.fused}, frozen={self.frozen_heads}"
@@ -149,7 +152,7 @@ class Attention(nn.Module):
         """One group of heads: (out (B, G, T, d_h), weights (B, G, T, T) or None, CLS readout
         rows (B, G, T) or None)."""
         q, k, v = self._qkv(x, heads)
-        rows = self._cls_rows(q, k, heads) if self.record_cls else None
+        rows = self._cls_rows(q, k, heads) if self.record_cls or self.rows_sink is not None else None
         if len(heads) == self.num_heads:
             factor = self.tau_factor
         else:
@@ -179,7 +182,7 @@ class Attention(nn.Module):
             logits = torch.einsum("bgd,bgtd->bgt", q0, k.float()) / math.sqrt(self.head_dim)
             return logits.softmax(dim=-1)
 
-    def _record(self, rows: torch.Tensor) -> None:
+    def record_rows(self, rows: torch.Tensor) -> None:
         """Add the readout rows (B, H, T) to the sums: every sample, and the odd ones."""
         s, odd = rows.sum(0), rows[1::2].sum(0)
         self.cls_attn_sum = s if self.cls_attn_sum is None else self.cls_attn_sum + s
@@ -204,9 +207,11 @@ class Attention(nn.Module):
         else:
             out = self._canonical(active[0], frozen[0], dim=2).reshape(B, T, D)
             attn = self._canonical(active[1], frozen[1], dim=1) if return_attn else None
-            rows = self._canonical(active[2], frozen[2], dim=1) if self.record_cls else None
-        if rows is not None:
-            self._record(rows)
+            rows = self._canonical(active[2], frozen[2], dim=1) if active[2] is not None else None
+        if self.rows_sink is not None:
+            self.rows_sink.append(rows)
+        elif rows is not None:
+            self.record_rows(rows)
         y = self.proj(out)
         return (y, attn) if return_attn else y
 

@@ -209,18 +209,49 @@ class ViTCAE(nn.Module):
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)  # (B, 1+N, D)
         return t + self.pos_embed
 
-    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_prefix(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, with_rows: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and the frozen prefix (blocks ``0..frozen_blocks-1``), under ``no_grad``
+        when the prefix is not empty: x (B, C, S, S) -> tokens (B, 1 + N, D) (``keep`` as in
+        :meth:`forward_features`). With ``with_rows`` also the prefix layers' CLS readout rows,
+        (B, frozen_blocks, H, 1 + N), handed back instead of added to the layers' sums."""
+        k = self.frozen_blocks
+        layers = self.attention_layers[:k] if with_rows else []
+        for attn in layers:
+            attn.rows_sink = []
+        try:
+            with torch.no_grad() if k else contextlib.nullcontext():
+                t = self.embed(x)
+                if keep is not None:  # CLS and the kept patches, positions embedded before the drop
+                    idx = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)
+                    t = t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, 1+Nk, D)
+                for blk in self.blocks[:k]:
+                    t = blk(t)
+            if not with_rows:
+                return t
+            rows = [attn.rows_sink[0] for attn in layers]
+            return t, torch.stack(rows, dim=1) if rows else t.new_zeros(len(t), 0, 0, t.shape[1])
+        finally:
+            for attn in layers:
+                attn.rows_sink = None
+
+    def record_prefix_readout(self, rows: torch.Tensor) -> None:
+        """Add readout rows (B, frozen_blocks, H, 1 + N) from :meth:`forward_prefix` to the
+        prefix layers' sums, as their forward would have (layers with the readout off skip)."""
+        for l, attn in enumerate(self.attention_layers[: rows.shape[1]]):
+            if attn.record_cls:
+                attn.record_rows(rows[:, l])
+
+    def forward_features(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, C, S, S) -> normed tokens (B, 1 + N, D), CLS first; with ``keep`` (B, Nk)
         patch indices only those patches are encoded: (B, 1 + Nk, D). The frozen prefix
-        (``frozen_blocks``) runs under ``no_grad``."""
+        (``frozen_blocks``) runs under ``no_grad``; ``prefix`` (B, 1 + N, D), its output for
+        ``x`` as :meth:`forward_prefix` gave it (the prefix cache), skips it."""
         k = self.frozen_blocks
-        with torch.no_grad() if k else contextlib.nullcontext():
-            t = self.embed(x)
-            if keep is not None:  # CLS and the kept patches, positions embedded before the drop
-                idx = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], dim=1)
-                t = t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, 1+Nk, D)
-            for blk in self.blocks[:k]:
-                t = blk(t)
+        t = self.forward_prefix(x, keep) if prefix is None else prefix
         for blk in self.blocks[k:]:
             t = blk(t)
         return self.norm(t)
@@ -244,6 +275,7 @@ class ViTCAE(nn.Module):
         sample: bool = False,
         generator: torch.Generator | None = None,
         keep: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
     ):
         """x -> the posteriors and the prior they are measured against, all fp32:
         z_cls, mu_cls, logvar_cls (B, Zc); mu_patch, logvar_patch, prior_mu, prior_logvar
@@ -253,7 +285,7 @@ class ViTCAE(nn.Module):
 
         The patch posterior is a residual on the prior: mu_patch = Z~_patch(z_cls) + delta(x),
         so KL(q(z_patch|x) || p(z_patch|z_cls)) charges only what z_cls does not explain."""
-        mu_cls, logvar_cls, delta, logvar_patch = self.latent_heads(self.forward_features(x, keep))
+        mu_cls, logvar_cls, delta, logvar_patch = self.latent_heads(self.forward_features(x, keep, prefix))
         z_cls = reparameterize(mu_cls, logvar_cls, generator) if sample else mu_cls
         prior_mu, prior_logvar = self.forward_prior(z_cls)
         if keep is not None:  # unseen patches: delta 0, the prior's variance
@@ -308,13 +340,15 @@ class ViTCAE(nn.Module):
         sample: bool = True,
         generator: torch.Generator | None = None,
         decode_prior: bool = False,
+        prefix: torch.Tensor | None = None,
     ) -> ViTCAEOutput:
         """Encode, sample (or take the means when ``sample`` is False), and decode; with
         ``decode_prior`` also decode from p(z_patch | z_cls) alone (its mean without
         ``sample``) into ``recon_prior``; the ViT-VAE has no z_cls to decode a prior from and
-        ignores ``decode_prior``."""
+        ignores ``decode_prior``. ``prefix``: the frozen prefix's output for ``x``
+        (:meth:`forward_features`)."""
         z_cls, mu_cls, logvar_cls, mu_patch, logvar_patch, prior_mu, prior_logvar = self.forward_encoder(
-            x, sample, generator
+            x, sample, generator, prefix=prefix
         )
         z_patch = reparameterize(mu_patch, logvar_patch, generator) if sample else mu_patch
         recon = self.forward_decoder(z_patch, z_cls)
