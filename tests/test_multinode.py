@@ -168,12 +168,13 @@ def fake_cluster(request, tmp_path, monkeypatch):
 
 @pytest.mark.timeout(2400)
 def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3, tmp_path):
-    exp, best = s3("cluster-exp"), s3("cluster-best")
+    key = tmp_path.name  # one per autoscaler version: the S3 server lives for the session
+    exp, best = s3(f"cluster-exp-{key}"), s3(f"cluster-best-{key}")
     cmd = readme_sweep_command()
     tune = cmd[cmd.index("--") + 1 :]
     assert tune[:3] == ["python", "-m", "vitcae_ray.tune"] and "--address" in tune
     # the README's Parquet on S3, streamed to the workers by Ray Data: the digits at 16x16
-    data = s3("cluster-digits-16")
+    data = s3(f"cluster-digits-16-{key}")
     assert to_parquet(["--dataset", "digits", "--image-size", "16", "--out", data]) == 0
     # this machine's stand-ins: a resource for the GPU, a tiny model, few epochs
     swap = {
@@ -183,7 +184,8 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
         "--space": "small",
         "--data-root": data,
         "--output": exp,
-        "--max-concurrent-trials": str(WORKER_NODES),  # aws.yaml's max_workers, capped here
+        "--wait-for-workers": str(WORKER_NODES),  # aws.yaml's max_workers, capped here
+        "--wait-timeout": "600",
     }
     args = [swap.get(tune[i - 1], a) for i, a in enumerate(tune)]
     args[args.index("--gpu")] = f"--set=train.worker_resource={GPU_STANDIN}"

@@ -471,6 +471,13 @@ def run(
     return result
 
 
+def _check_outputs(t, more_nodes: bool) -> None:
+    """The output (and checkpoint storage) visible to every node (``check_shared_output``)."""
+    check_shared_output(t.output, t.shared_fs, more_nodes=more_nodes)
+    if t.storage_path is not None:
+        check_shared_output(t.storage_path, t.shared_fs, "train.storage_path", more_nodes=more_nodes)
+
+
 def _prepare(cfg: Config, check_cluster: bool):
     """Checks before anything starts (run directory, data, cluster fit, shared output), Ray
     started or joined, the run's config written; returns (cfg with worker CPUs resolved,
@@ -486,14 +493,14 @@ def _prepare(cfg: Config, check_cluster: bool):
         build_datasets(cfg.data)
     if not local and not ray.is_initialized():
         connect(t.address)
+    checked = not local and check_cluster
+    if checked and t.wait_for_workers:  # a local output is refused before waiting for nodes
+        _check_outputs(t, more_nodes=True)
     if check_cluster or local:  # a sweep settled (and waited) once for all its trials
         cfg = settle_resources(cfg)
     t = cfg.train
-    if not local and check_cluster:
-        more = t.wait_for_workers > 0  # the user expects nodes to join
-        check_shared_output(t.output, t.shared_fs, more_nodes=more)
-        if t.storage_path is not None:
-            check_shared_output(t.storage_path, t.shared_fs, "train.storage_path", more_nodes=more)
+    if checked and not t.wait_for_workers:
+        _check_outputs(t, more_nodes=False)
     datasets, stream_info = None, None
     if stream:  # Ray Data reads and decodes the train split; each worker iterates its shard
         channels = channels_of(cfg.data)

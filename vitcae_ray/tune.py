@@ -285,12 +285,15 @@ def run_sweep(
     experiment = filesystem.absolute(experiment)
     check_directory(experiment, "--output")
     driver = driver_request(driver_cpus, driver_resource)
+    if base.train.wait_for_workers:  # a local output is refused before waiting for nodes
+        check_shared_output(experiment, base.train.shared_fs, more_nodes=True)
     base = settle_resources(absolute_paths(base), driver)
     t = base.train
     fit = trials_that_fit(node_resources(), driver, worker_request(base), t.num_workers)
     concurrent = max_concurrent_trials or max(fit, 1)
-    # trials beyond what fits now run on nodes not up yet (the autoscaler's, or none)
-    check_shared_output(experiment, t.shared_fs, more_nodes=t.wait_for_workers > 0 or concurrent > fit)
+    if not t.wait_for_workers:
+        # trials beyond what fits now run on nodes not up yet (the autoscaler's, or none)
+        check_shared_output(experiment, t.shared_fs, more_nodes=concurrent > fit)
     space, fixed = split_space(space)
     if fixed:  # a space's fixed values (main() merges them below the command line instead)
         base = build_config(fixed, base)
