@@ -74,6 +74,23 @@ def fake_cluster_config(aws: dict) -> dict:
     }
 
 
+# the shared-output check from a driver on the cluster: the fake nodes share this machine's
+# disk, so a local path passes the probe on every node; with no time to answer, one line
+SHARED_CHECK = """
+import sys, ray
+from vitcae_ray import cluster
+from vitcae_ray.config import ConfigError
+ray.init(address="auto", log_to_driver=False)
+print("alive nodes", sum(n["Alive"] for n in ray.nodes()))
+cluster.check_shared_output(sys.argv[1], shared_fs=False)
+cluster.SHARED_CHECK_TIMEOUT_S = 0.0
+try:
+    cluster.check_shared_output(sys.argv[1], shared_fs=False)
+except ConfigError as err:
+    print("error:", err)
+"""
+
+
 def readme_sweep_command() -> list[str]:
     """The `ray job submit ... -- python -m vitcae_ray.tune ...` command of cluster/README.md."""
     text = (ROOT / "cluster" / "README.md").read_text()
@@ -124,9 +141,14 @@ class Watcher(threading.Thread):
             time.sleep(4)
 
 
-@pytest.fixture(params=["v1", "v2"])
-def fake_cluster(request, tmp_path, monkeypatch):
-    """The simulated cluster, once with each autoscaler (v2: ``RAY_enable_autoscaler_v2``)."""
+@pytest.fixture
+def fake_cluster(tmp_path, monkeypatch):
+    """The simulated cluster, with autoscaler v1. Autoscaler v2 (``RAY_enable_autoscaler_v2=1``)
+    cannot run this recipe from the pip wheel: its monitor stops at start with
+    ``FileNotFoundError: .../ray/autoscaler/_private/fake_multi_node/example.yaml`` (the wheel
+    lacks the fake provider's defaults file), and with the provider given as ``external`` to get
+    past that, it logs "Adding 2 node(s) of type gpu_worker" every second but never launches
+    one (docs/clusters.md)."""
     aws = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
     config = tmp_path / "fake.yaml"
     config.write_text(yaml.safe_dump(fake_cluster_config(aws)))
@@ -140,7 +162,6 @@ def fake_cluster(request, tmp_path, monkeypatch):
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_AUTH_MODE": "disabled",
-        **({"RAY_enable_autoscaler_v2": "1"} if request.param == "v2" else {}),
     }
     subprocess.run([RAY, "stop", "--force"], capture_output=True)
     # the fake provider's nodes join the head at Ray's default GCS port, 6379
@@ -168,13 +189,12 @@ def fake_cluster(request, tmp_path, monkeypatch):
 
 @pytest.mark.timeout(2400)
 def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3, tmp_path):
-    key = tmp_path.name  # one per autoscaler version: the S3 server lives for the session
-    exp, best = s3(f"cluster-exp-{key}"), s3(f"cluster-best-{key}")
+    exp, best = s3("cluster-exp"), s3("cluster-best")
     cmd = readme_sweep_command()
     tune = cmd[cmd.index("--") + 1 :]
     assert tune[:3] == ["python", "-m", "vitcae_ray.tune"] and "--address" in tune
     # the README's Parquet on S3, streamed to the workers by Ray Data: the digits at 16x16
-    data = s3(f"cluster-digits-16-{key}")
+    data = s3("cluster-digits-16")
     assert to_parquet(["--dataset", "digits", "--image-size", "16", "--out", data]) == 0
     # this machine's stand-ins: a resource for the GPU, a tiny model, few epochs
     swap = {
@@ -266,3 +286,13 @@ def test_readme_sweep_scales_from_zero_across_nodes_and_exports(fake_cluster, s3
     )
     assert export.returncode == 0, export.stderr
     assert filesystem.read_text(join(best, "metrics.json")) is not None
+
+    # the worker nodes are still up (idle_timeout_minutes 5): the check probes each of them
+    check = subprocess.run(
+        [sys.executable, "-c", SHARED_CHECK, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert check.returncode == 0, check.stderr[-2000:]
+    alive = int(re.search(r"^alive nodes (\d+)$", check.stdout, re.M).group(1))
+    assert alive >= 2, check.stdout  # the head and at least one worker node to probe
+    (error,) = [line for line in check.stdout.splitlines() if line.startswith("error:")]
+    assert "could not check within 0s" in error and str(tmp_path) in error

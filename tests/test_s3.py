@@ -19,6 +19,7 @@ from vitcae_ray.data.to_parquet import main as to_parquet
 from vitcae_ray.engine import evaluate
 from vitcae_ray.export import main as export_main
 from vitcae_ray.filesystem import join
+from vitcae_ray.outputs import TRIALS_DIR
 from vitcae_ray.train import run
 from vitcae_ray.tune import load_space, run_sweep
 
@@ -104,10 +105,15 @@ def test_sweep_on_s3_resumes_exports_to_s3_and_loads_from_s3(ray_session, s3, tm
             num_samples=1,
             grace_period=2,
             callbacks=[InterruptAfterFirstTrial(str(tmp_path / "interrupted"))],
+            max_concurrent_trials=1,  # the second trial starts only after the first completes
         )
     except (KeyboardInterrupt, tune.TuneError):
         pass
     assert (tmp_path / "interrupted").exists()
+    # interrupted as the first trial completed: it trained both epochs, the second none
+    trials = join(exp, TRIALS_DIR)
+    done = {t: [m["epoch"] for m in _lines(join(trials, t), "metrics.jsonl")] for t in _dirs(trials)}
+    assert sorted(done.values()) in ([[0, 1]], [[], [0, 1]]), done
     _, rows = run_sweep(base, space, exp, num_samples=1, grace_period=2, resume=True)
     assert sorted(r["optim.lr"] for r in rows) == [2e-3, 3e-3]
     for r in rows:

@@ -435,3 +435,66 @@ def test_validation_shards_hold_every_image_once_so_the_metrics_ignore_the_worke
     ]
     assert sum(k for _, k in padded) == 14  # image 0 twice
     assert sum(v * k for v, k in padded) / 14 != pytest.approx(whole, rel=1e-3)
+
+
+def test_streamed_validation_is_the_same_with_one_and_two_workers(ray_session, tmp_path):
+    """A Parquet run streams the val split to the workers, every row to exactly one of them
+    (``exact_validation``), so one model's all-reduced validation is the same with 1 and 2
+    workers. Ray Train's default split (equal shards) drops a row of an odd split: the
+    deliberately wrong config moves the result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from vitcae_ray.data.streaming import TRAIN, VAL, exact_validation, split_dataset
+    from vitcae_ray.data.to_parquet import main as to_parquet
+
+    data = str(tmp_path / "pq")
+    assert (
+        to_parquet(["--dataset", "digits", "--image-size", "16", "--val-fraction", "0.1008", "--out", data])
+        == 0
+    )
+    cfg = build_config(
+        {"data.dataset": "parquet", "data.root": data, "data.image_size": 16, "train.batch_size": 16}
+    )
+    train_ds, train_rows = split_dataset(cfg.data, 1, TRAIN)
+    val_ds, val_rows = split_dataset(cfg.data, 1, VAL)
+    assert val_rows % 2 == 1  # an odd split: equal shards cannot hold it
+
+    def validate(config):  # defined here, so Ray ships it by value to the workers
+        from vitcae_ray.engine import evaluate, init_model
+        from vitcae_ray.train import _loaders
+
+        cfg = build_config(config["cfg"])
+        ctx = ray.train.get_context()
+        device = torch.device("cpu")
+        *_, val_loader = _loaders(cfg, config["stream"], ctx.get_world_rank(), ctx.get_world_size(), device)
+        torch.manual_seed(0)  # the same model on every worker, in every run
+        metrics = evaluate(init_model(cfg, 1, device), val_loader, 5, cfg, device)
+        if ctx.get_world_rank() == 0:  # the all-reduced figures, the same on every rank
+            Path(config["out"]).write_text(
+                json.dumps({"mse": metrics["val/mse"], "n": metrics["val/samples"]})
+            )
+
+    def fit(workers: int, dataset_config) -> dict:
+        out = tmp_path / f"val{workers}-{type(dataset_config).__name__}.json"
+        result = TorchTrainer(
+            validate,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "stream": {"rows": train_rows, "channels": 1},
+                "out": str(out),
+            },
+            datasets={TRAIN: train_ds, VAL: val_ds},
+            dataset_config=dataset_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+            run_config=ray.train.RunConfig(name=out.stem, storage_path=str(tmp_path / "ray")),
+        ).fit()
+        assert result.error is None, result.error
+        return json.loads(out.read_text())
+
+    one, two = fit(1, exact_validation()), fit(2, exact_validation())
+    assert one["n"] == two["n"] == val_rows
+    assert two["mse"] == pytest.approx(one["mse"], rel=1e-6)
+    padded = fit(2, ray.train.DataConfig())  # equal=True: a row left out
+    assert padded["n"] == val_rows - 1
+    assert padded["mse"] != pytest.approx(one["mse"], rel=1e-6)

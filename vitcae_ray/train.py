@@ -27,7 +27,17 @@ from .config import EPOCHS_DONE, SELECT_METRIC, Config, absolute_paths, build_co
 from .convergence import HeadController, controller_args
 from .convergence.actor import HeadsClient, share_decision
 from .data import build_datasets
-from .data.streaming import TRAIN, StreamingLoader, channels_of, local_splits, streams, train_dataset
+from .data.streaming import (
+    TRAIN,
+    VAL,
+    StreamingLoader,
+    StreamingValLoader,
+    channels_of,
+    exact_validation,
+    local_splits,
+    split_dataset,
+    streams,
+)
 from .engine import (
     NonFiniteLossError,
     evaluate,
@@ -54,6 +64,7 @@ from .outputs import (
 from .prefix_cache import Indexed, PrefixCache
 
 EVAL_TRAIN_ROWS = 5000  # training images rank 0's periodic evaluation holds at most
+EVAL_VAL_ROWS = 1000  # validation images it holds at most (EpochEvaluator's max_val)
 
 
 @dataclass
@@ -206,21 +217,31 @@ def _setup_rank0(w: Worker, train_set, val_set) -> None:
         from .evaluate import EpochEvaluator
 
         w.evaluator = EpochEvaluator(
-            train_set, val_set, w.cfg.data.dataset, seed=t.seed, max_train=EVAL_TRAIN_ROWS, log=say
+            train_set,
+            val_set,
+            w.cfg.data.dataset,
+            seed=t.seed,
+            max_train=EVAL_TRAIN_ROWS,
+            max_val=EVAL_VAL_ROWS,
+            log=say,
         )
 
 
 def _loaders(cfg: Config, stream: dict[str, int] | None, rank: int, world: int, device):
     """(train set or None, val set, channels, train loader, val loader). With ``stream`` (the
-    driver handed Ray Train the train split as a Ray Dataset) the train loader iterates this
-    worker's shard, and only rank 0's evaluator reads some train rows itself."""
+    driver handed Ray Train both splits as Ray Datasets) the loaders iterate this worker's
+    shards, and the val set is the split's first rows (the probe and logged images; on rank
+    0, the periodic evaluation's), as is rank 0's train set."""
     import ray.train
     import ray.train.torch
 
     t = cfg.train
     if stream:
-        evaluator_rows = EVAL_TRAIN_ROWS if rank == 0 and t.eval_every > 0 else None
-        train_set, val_set = local_splits(cfg.data, stream["channels"], evaluator_rows)
+        evaluating = rank == 0 and t.eval_every > 0
+        head = max(cfg.freeze.probe_size, t.num_image_samples, EVAL_VAL_ROWS if evaluating else 0)
+        train_set, val_set = local_splits(
+            cfg.data, stream["channels"], EVAL_TRAIN_ROWS if evaluating else None, head
+        )
         channels = stream["channels"]
         train_loader = StreamingLoader(
             ray.train.get_dataset_shard(TRAIN),
@@ -228,18 +249,20 @@ def _loaders(cfg: Config, stream: dict[str, int] | None, rank: int, world: int, 
             (stream["rows"] // world) // t.batch_size,
             t.seed,
         )
-    else:
-        train_set, val_set, channels = build_datasets(cfg.data)
-        train_loader = ray.train.torch.prepare_data_loader(
-            DataLoader(
-                Indexed(train_set),  # (x, y, row): the prefix cache's key
-                batch_size=t.batch_size,
-                shuffle=True,
-                drop_last=True,
-                num_workers=cfg.data.loader_workers,
-                pin_memory=device.type == "cuda",
-            )
+        # every validation row once, on one worker (exact_validation)
+        val_loader = StreamingValLoader(ray.train.get_dataset_shard(VAL), t.batch_size)
+        return train_set, val_set, channels, train_loader, val_loader
+    train_set, val_set, channels = build_datasets(cfg.data)
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(
+            Indexed(train_set),  # (x, y, row): the prefix cache's key
+            batch_size=t.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=cfg.data.loader_workers,
+            pin_memory=device.type == "cuda",
         )
+    )
     # every validation image once, on one rank: no sampler padding, so the all-reduced
     # validation metrics are those of the split whatever the number of workers
     val_loader = DataLoader(
@@ -502,10 +525,11 @@ def _prepare(cfg: Config, check_cluster: bool):
     if checked and not t.wait_for_workers:
         _check_outputs(t, more_nodes=False)
     datasets, stream_info = None, None
-    if stream:  # Ray Data reads and decodes the train split; each worker iterates its shard
+    if stream:  # Ray Data reads and decodes both splits; each worker iterates its shards
         channels = channels_of(cfg.data)
-        train_ds, rows = train_dataset(cfg.data, channels)
-        datasets, stream_info = {TRAIN: train_ds}, {"rows": rows, "channels": channels}
+        train_ds, rows = split_dataset(cfg.data, channels, TRAIN)
+        val_ds, _ = split_dataset(cfg.data, channels, VAL)
+        datasets, stream_info = {TRAIN: train_ds, VAL: val_ds}, {"rows": rows, "channels": channels}
     run_dir = RunDir(t.output)
     run_dir.write_text(CONFIG_FILE, dump_yaml(cfg))
     run_dir.sync()
@@ -520,6 +544,7 @@ def _trainer(cfg: Config, datasets, storage: str, callbacks, loop_config: dict[s
     return TorchTrainer(
         train_fn_per_worker,
         datasets=datasets,
+        dataset_config=exact_validation(),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.gpu, resources_per_worker=worker_request(cfg)

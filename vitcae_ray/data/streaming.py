@@ -4,9 +4,13 @@ For a to_parquet output (``train/`` and ``val/`` folders, local or ``s3://``), a
 does not load the train split on every worker: the driver hands Ray Train a
 ``ray.data.read_parquet`` dataset, Ray Data tasks read and decode it in blocks, and each worker
 iterates its own shard (``ray.train.get_dataset_shard``), so a worker holds a few batches, not
-the split. Rank 0 reads at most the first 5,000 train rows (``train.EVAL_TRAIN_ROWS``) for its
-periodic evaluation; the validation split (a tenth of the data) stays map-style for exact,
-repeatable validation and the fixed probe images.
+the split. The validation split streams the same way, split without padding or dropping
+(``ExactValidation``): every validation row is validated once, by one worker, and the
+all-reduced sums are the split's whatever the number of workers. Map-style, each rank reads
+only the first rows of the validation split (the head-convergence probe and the logged
+images), and rank 0 at most 5,000 train rows (``train.EVAL_TRAIN_ROWS``) and 1,000 validation
+rows (``train.EVAL_VAL_ROWS``) for its periodic evaluation; to_parquet shuffles the rows, so
+the first rows are a random sample.
 
 The order of a streamed epoch follows Ray Data's scheduling (files are shuffled every epoch,
 then rows within a buffer with a per-epoch seed), so a replayed epoch is not bit-identical.
@@ -30,6 +34,7 @@ from .datasets import DataError, image_to_tensor, pil_mode
 from .files import _PIL_ERRORS, parquet_rows, parquet_split, parquet_splits
 
 TRAIN = "train"
+VAL = "val"
 
 
 def streams(cfg: DataConfig) -> bool:
@@ -66,26 +71,52 @@ class Decode:
         return {"image": torch.stack(images).numpy(), "label": np.asarray(batch["label"], np.int64)}
 
 
-def train_dataset(cfg: DataConfig, channels: int) -> tuple[Any, int]:
-    """(the decoded Ray Dataset of the train split, its row count from the Parquet footers)."""
+def split_dataset(cfg: DataConfig, channels: int, split: str = TRAIN) -> tuple[Any, int]:
+    """(the decoded Ray Dataset of ``split``, its row count from the Parquet footers). The
+    train split's files are read in a new order every epoch."""
     import ray.data
 
     fs, path, shown = parquet_splits(cfg)
-    ds = ray.data.read_parquet(filesystem.join(path, "train"), filesystem=fs, shuffle="files")
+    order = {"shuffle": "files"} if split == TRAIN else {}
+    ds = ray.data.read_parquet(filesystem.join(path, split), filesystem=fs, **order)
     ds = ds.select_columns(["image", "label"])
-    rows = parquet_rows(fs, filesystem.join(path, "train"), filesystem.join(shown, "train"))
+    rows = parquet_rows(fs, filesystem.join(path, split), filesystem.join(shown, split))
     decoded = ds.map_batches(
-        Decode(channels, cfg.image_size, filesystem.join(shown, "train")),
+        Decode(channels, cfg.image_size, filesystem.join(shown, split)),
         batch_format="numpy",
         batch_size=256,
     )
     return decoded, rows
 
 
-def local_splits(cfg: DataConfig, channels: int, train_rows: int | None):
-    """(the first ``train_rows`` train rows or None, the whole val split), map-style."""
+def exact_validation():
+    """Ray Train's ``DataConfig``, but the val split streams to the workers with
+    ``streaming_split(equal=False)``: every row goes to exactly one worker (the default
+    ``equal=True`` drops rows to even the shards out, which would make the validation
+    metrics depend on the number of workers). The train split is split as Ray Train does."""
+    from ray.train import DataConfig as RayDataConfig
+
+    class ExactValidation(RayDataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != VAL}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if VAL in datasets:
+                val = datasets[VAL]
+                val.set_name(VAL)
+                for shard, split in zip(
+                    out, val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+                ):
+                    shard[VAL] = split
+            return out
+
+    return ExactValidation(datasets_to_split=[TRAIN])
+
+
+def local_splits(cfg: DataConfig, channels: int, train_rows: int | None, val_rows: int):
+    """(the first ``train_rows`` train rows or None, the first ``val_rows`` val rows),
+    map-style."""
     mode = pil_mode(channels)
-    val = parquet_split(cfg, "val")
+    val = parquet_split(cfg, "val", limit=val_rows)
     val.mode = mode
     train = None
     if train_rows:
@@ -124,4 +155,20 @@ class StreamingLoader:
         for step, batch in enumerate(batches):
             if step == self.steps:
                 break
-            yield (torch.from_numpy(batch["image"]).float().div_(255.0), torch.from_numpy(batch["label"]))
+            yield _tensors(batch)
+
+
+def _tensors(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(batch["image"]).float().div_(255.0), torch.from_numpy(batch["label"])
+
+
+class StreamingValLoader:
+    """A worker's validation shard as ``(x, y)`` float batches: every row it is handed, in
+    order, the last batch short (shards may differ in size, or be empty)."""
+
+    def __init__(self, shard, batch_size: int) -> None:
+        self.shard, self.batch_size = shard, batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            yield _tensors(batch)
