@@ -120,7 +120,7 @@ def test_every_task_writes_its_png_metrics_and_the_table_with_baselines(trained,
     masks = ("center25", "center50", "random25", "random50")
     keys = ["recon/mse", "recon/psnr", "recon/ssim", "recon/elbo", "iwae/nll_k16", "probe/acc"]
     keys += [f"inpaint/{k}/psnr_{v}" for k in masks for v in ("model", "mean_fill", "biharmonic")]
-    rows = ("", "real/", "prototypes/", "copies/", "noise/")
+    rows = ("", "mixture/", "real/", "prototypes/", "copies/", "noise/")
     metrics = ("fid", "kid", "precision", "recall", "memorisation", "max_class_share", "low_confidence_share")
     keys += [f"sample/{r}{k}" for r in rows for k in metrics]
     keys += [f"probe/{r}/acc{s}" for r in ("z_cls", "pca8_pixels", "pixels") for s in ("", "_std")]
@@ -130,6 +130,7 @@ def test_every_task_writes_its_png_metrics_and_the_table_with_baselines(trained,
     # every row of the generation metrics holds the held-out split's size
     assert m["sample/images"] == 180 and m["sample/sanity_holds"] == 1.0
     assert m["sample/feature_acc"] > 0.9
+    assert m["sample/mixture/components"] >= 1
     # the probe is cross-validated over all 1,797 digits; pixels are a strong baseline here
     assert m["probe/images"] == 1797 and m["probe/folds"] == 5
     assert m["probe/pixels/acc"] > 0.9 and 0 < m["probe/pixels/acc_std"] < 0.05
@@ -138,7 +139,16 @@ def test_every_task_writes_its_png_metrics_and_the_table_with_baselines(trained,
     assert m["iwae/nll_k16"] < m["recon/elbo"]
     # the printed table puts the baselines beside the model
     text = "\n".join(lines)
-    for needle in ("biharmonic", "mean_fill", "pca8_pixels", "prototypes", "copies", "noise", "sanity: "):
+    for needle in (
+        "biharmonic",
+        "mean_fill",
+        "pca8_pixels",
+        "prototypes",
+        "copies",
+        "noise",
+        "sanity: ",
+        "mixture",
+    ):
         assert needle in text, needle
     assert "sanity: held-out real images beat" in text and text.count(": yes") == 1
 

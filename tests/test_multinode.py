@@ -3,7 +3,9 @@
 Ray's ``fake_multinode`` provider launches worker "nodes" as Ray processes on this machine.
 The node types come from cluster/aws.yaml (the head with ``trial_driver``; GPU workers from
 zero), with each GPU replaced by a custom resource and a CPU. Data and the experiment live on
-moto's S3 server. Run it on its own (it starts its own Ray cluster):
+moto's S3 server. Not run here: the Docker image, the setup commands and the file mounts (the
+fake provider starts Ray processes on this machine, with no SSH or container);
+tests/test_cluster.py checks them offline. Run it on its own (it starts its own Ray cluster):
 
     python -m pytest -m cluster
 """

@@ -443,6 +443,7 @@ def test_streamed_validation_is_the_same_with_one_and_two_workers(ray_session, t
     workers. Ray Train's default split (equal shards) drops a row of an odd split: the
     deliberately wrong config moves the result."""
     import ray.train
+    import ray.train.torch
     from ray.train.torch import TorchTrainer
 
     from vitcae_ray.data.streaming import TRAIN, VAL, exact_validation, split_dataset
@@ -469,7 +470,10 @@ def test_streamed_validation_is_the_same_with_one_and_two_workers(ray_session, t
         device = torch.device("cpu")
         *_, val_loader = _loaders(cfg, config["stream"], ctx.get_world_rank(), ctx.get_world_size(), device)
         torch.manual_seed(0)  # the same model on every worker, in every run
-        metrics = evaluate(init_model(cfg, 1, device), val_loader, 5, cfg, device)
+        # wrapped as in a run (DDP with 2 workers): shards of different batch counts must not
+        # leave a rank waiting in a collective
+        model = ray.train.torch.prepare_model(init_model(cfg, 1, device))
+        metrics = evaluate(model, val_loader, 5, cfg, device)
         if ctx.get_world_rank() == 0:  # the all-reduced figures, the same on every rank
             Path(config["out"]).write_text(
                 json.dumps({"mse": metrics["val/mse"], "n": metrics["val/samples"]})

@@ -257,7 +257,9 @@ def evaluate(
     for x, _ in loader:
         x = x.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            out = model(x, sample=False, decode_prior=decode_prior(cfg))
+            # the module itself, not its DDP wrapper: DDP's forward broadcasts buffers, a
+            # collective, and the ranks' shares of the validation split may differ in batches
+            out = inner(x, sample=False, decode_prior=decode_prior(cfg))
         terms = vitcae_loss(out, x, epoch, cfg.loss, generator=gen)
         with autocast(device, amp_dtype):
             nelbo = elbo(inner, x, cfg.loss.elbo_samples, recon_weight=cfg.loss.recon_weight, generator=gen)

@@ -38,6 +38,15 @@ from .probe import task_probe
 from .recon import task_recon
 
 TASKS = ("recon", "inpaint", "sample", "interp", "probe")
+SAMPLE_ROWS = (  # the sample task's figures in the printed table, with their formats
+    ("kid", "{:.4f}"),
+    ("fid", "{:.2f}"),
+    ("precision", "{:.2f}"),
+    ("recall", "{:.2f}"),
+    ("memorisation", "{:.2f}"),
+    ("low_confidence_share", "{:.2f}"),
+    ("max_class_share", "{:.2f}"),
+)
 IWAE_K = 64
 
 
@@ -99,18 +108,14 @@ def table(m: dict[str, Any]) -> list[str]:
             base = " | ".join(f"{meth} {m[f'inpaint/{mask}/psnr_{meth}']:.2f}" for meth in METHODS[1:])
             rows.append((f"inpaint {mask} psnr (dB)", f"{m[f'inpaint/{mask}/psnr_model']:.2f}", base))
     if "sample/fid" in m:
-        for key, fmt in (
-            ("kid", "{:.4f}"),
-            ("fid", "{:.2f}"),
-            ("precision", "{:.2f}"),
-            ("recall", "{:.2f}"),
-            ("memorisation", "{:.2f}"),
-            ("low_confidence_share", "{:.2f}"),
-            ("max_class_share", "{:.2f}"),
-        ):
+        for key, fmt in SAMPLE_ROWS:
             base = " | ".join(f"{r} {fmt.format(m[f'sample/{r}/{key}'])}" for r in SANITY_ROWS)
             label = f"sample {key}" + (" (trust KID on small data)" if key == "fid" else "")
             rows.append((label, fmt.format(m[f"sample/{key}"]), base))
+    if "sample/mixture/fid" in m:
+        mixture = f"z_cls ~ mixture of {m['sample/mixture/components']:.0f}"
+        for key, fmt in SAMPLE_ROWS:
+            rows.append((f"sample {key}, {mixture}", fmt.format(m[f"sample/mixture/{key}"]), ""))
     if "interp/smoothness" in m:
         rows.append(
             (

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import metrics as M
+from ..cls_mixture import fit_cls_mixture
 from . import baselines
 
 MAX_IMAGES = 10_000
@@ -72,10 +73,13 @@ def fid_kid(reference: torch.Tensor, feats: torch.Tensor, seed: int = 0) -> tupl
 
 
 @torch.no_grad()
-def draw_samples(model, n: int, seed: int, device, batch: int = 250) -> torch.Tensor:
+def draw_samples(model, n: int, seed: int, device, batch: int = 250, cls_prior=None) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.cat(
-        [model.generate(min(batch, n - i), generator=gen).float().cpu() for i in range(0, n, batch)]
+        [
+            model.generate(min(batch, n - i), generator=gen, cls_prior=cls_prior).float().cpu()
+            for i in range(0, n, batch)
+        ]
     )
 
 
@@ -140,9 +144,16 @@ def sanity_holds(m: dict[str, float]) -> bool:
 
 @torch.no_grad()
 def task_sample(model, ref: GenerationReference, ytr, device, seed: int, feature_acc: float):
-    """-> (metrics, the first 64 samples, grid columns)."""
+    """-> (metrics, the first 64 samples, grid columns). A model with ``z_cls`` also samples it
+    from a Gaussian mixture fitted on the training images' posterior means
+    (``sample/mixture/*``, :mod:`vitcae_ray.cls_mixture`) beside N(0, I)."""
     samples = draw_samples(model, ref.n, seed, device)
     out = {f"sample/{k}": v for k, v in ref.row(samples).items()}
+    if model.has_z_cls:
+        mixture = fit_cls_mixture(model, ref.xtr, device, seed)
+        mixed = draw_samples(model, ref.n, seed, device, cls_prior=mixture)
+        out.update({f"sample/mixture/{k}": v for k, v in ref.row(mixed).items()})
+        out["sample/mixture/components"] = mixture.components
     for name, images in ref.sanity_sets(ytr).items():
         out.update({f"sample/{name}/{k}": v for k, v in ref.row(images).items()})
     out["sample/images"] = ref.n

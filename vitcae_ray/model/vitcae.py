@@ -371,12 +371,20 @@ class ViTCAE(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        cls_prior=None,
     ) -> torch.Tensor:
-        """z_cls ~ N(0, I) -> z_patch ~ N(Z~_patch, (temperature sigma_p)^2) -> decode:
-        (n, C, S, S). The ViT-VAE: z_patch ~ N(0, temperature^2 I)."""
+        """z_cls ~ N(0, I) (or ``cls_prior.sample``, e.g. a :class:`~vitcae_ray.cls_mixture.ClsMixture`
+        fitted on the training posteriors) -> z_patch ~ N(Z~_patch, (temperature sigma_p)^2)
+        -> decode: (n, C, S, S). The ViT-VAE: z_patch ~ N(0, temperature^2 I)."""
         device = self.cls_token.device
-        z_cls = torch.randn(n, self.z_cls_dim, device=device, generator=generator)
+        if cls_prior is not None and self.has_z_cls:
+            z_cls = cls_prior.sample(n, generator=generator, device=device)
+        else:
+            z_cls = torch.randn(n, self.z_cls_dim, device=device, generator=generator)
         return self.forward_decoder(self.sample_prior(z_cls, temperature, generator), z_cls)
 
     def latent_groups(self, x: torch.Tensor, generator: torch.Generator | None = None):
