@@ -144,19 +144,22 @@ def sanity_holds(m: dict[str, float]) -> bool:
 
 @torch.no_grad()
 def task_sample(model, ref: GenerationReference, ytr, device, seed: int, feature_acc: float):
-    """-> (metrics, the first 64 samples, grid columns). A model with ``z_cls`` also samples it
+    """-> (metrics, the grid's samples, grid columns). A model with ``z_cls`` also samples it
     from a Gaussian mixture fitted on the training images' posterior means
-    (``sample/mixture/*``, :mod:`vitcae_ray.cls_mixture`) beside N(0, I)."""
+    (``sample/mixture/*``, :mod:`vitcae_ray.cls_mixture`) beside N(0, I); the grid then shows
+    32 of each (16 a row), N(0, I) in the top two rows."""
     samples = draw_samples(model, ref.n, seed, device)
+    grid = samples[:64]
     out = {f"sample/{k}": v for k, v in ref.row(samples).items()}
     if model.has_z_cls:
         mixture = fit_cls_mixture(model, ref.xtr, device, seed)
         mixed = draw_samples(model, ref.n, seed, device, cls_prior=mixture)
         out.update({f"sample/mixture/{k}": v for k, v in ref.row(mixed).items()})
         out["sample/mixture/components"] = mixture.components
+        grid = torch.cat([samples[:32], mixed[:32]])
     for name, images in ref.sanity_sets(ytr).items():
         out.update({f"sample/{name}/{k}": v for k, v in ref.row(images).items()})
     out["sample/images"] = ref.n
     out["sample/feature_acc"] = feature_acc
     out["sample/sanity_holds"] = float(sanity_holds(out))
-    return out, samples[:64], 16
+    return out, grid, 16

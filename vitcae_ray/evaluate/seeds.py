@@ -64,6 +64,21 @@ ROWS = [
         True,
         [("real", "sample/real/low_confidence_share")],
     ),
+    *[
+        (
+            f"sample {k}, z_cls from the fitted mixture",
+            f"sample/mixture/{k}",
+            low,
+            [(r, f"sample/{r}/{k}") for r in SANITY[:2]],
+        )
+        for k, low in (("kid", True), ("fid", True), ("precision", False), ("recall", False))
+    ],
+    (
+        "sample low-confidence share, z_cls from the fitted mixture",
+        "sample/mixture/low_confidence_share",
+        True,
+        [("real", "sample/real/low_confidence_share")],
+    ),
     ("interp max/mean step", "interp/smoothness", True, []),
     (
         "probe accuracy, 5-fold (the stronger representation)",
