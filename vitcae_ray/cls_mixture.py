@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 COMPONENTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # the candidates BIC chooses from
-MAX_IMAGES = 10_000  # the fit's sample of the training images
 REG_COVAR = 1e-4  # added to each covariance's diagonal (posterior means may be near-collinear)
 
 
@@ -73,14 +72,9 @@ def fit_mixture(latents: np.ndarray, seed: int = 0, components=COMPONENTS) -> Cl
 
 
 @torch.no_grad()
-def fit_cls_mixture(
-    model, images: torch.Tensor, device, seed: int = 0, batch: int = 256, max_images: int = MAX_IMAGES
-) -> ClsMixture:
-    """The mixture on ``model``'s ``z_cls`` posterior means of ``images`` (the training split;
-    at most ``max_images`` of them, a fixed random choice)."""
-    if len(images) > max_images:
-        pick = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
-        images = images[torch.as_tensor(pick)]
+def fit_cls_mixture(model, images: torch.Tensor, device, seed: int = 0, batch: int = 256) -> ClsMixture:
+    """The mixture on ``model``'s ``z_cls`` posterior means of ``images`` (training images; the
+    caller bounds how many)."""
     latents = torch.cat(
         [
             model.representations(images[i : i + batch].to(device))["z_cls"].float().cpu()

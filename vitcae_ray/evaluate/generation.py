@@ -152,7 +152,7 @@ def task_sample(model, ref: GenerationReference, ytr, device, seed: int, feature
     grid = samples[:64]
     out = {f"sample/{k}": v for k, v in ref.row(samples).items()}
     if model.has_z_cls:
-        mixture = fit_cls_mixture(model, ref.xtr, device, seed)
+        mixture = fit_cls_mixture(model, subset(ref.xtr, MAX_IMAGES, seed), device, seed)
         mixed = draw_samples(model, ref.n, seed, device, cls_prior=mixture)
         out.update({f"sample/mixture/{k}": v for k, v in ref.row(mixed).items()})
         out["sample/mixture/components"] = mixture.components
