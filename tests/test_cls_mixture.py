@@ -80,3 +80,41 @@ def test_generate_takes_z_cls_from_the_given_prior(variant, tiny_config):
         want = model.forward_decoder(model.sample_prior(z, 1.0, torch.Generator().manual_seed(5)), z)
     torch.testing.assert_close(out, want)
     assert not torch.allclose(out, plain)
+
+
+def test_the_models_own_mixture_is_generates_default_and_survives_a_checkpoint(tiny_config, tmp_path):
+    from vitcae_ray import checkpoints
+    from vitcae_ray.optim import build_lr_schedule, build_optimizer
+
+    cfg = build_config(tiny_config)
+    torch.manual_seed(0)
+    model = init_model(cfg, 1, torch.device("cpu")).eval()
+    d = model.z_cls_dim
+    # one component far from N(0, I)'s mass, with a tiny spread
+    mixture = ClsMixture(torch.ones(1), torch.full((1, d), 5.0), 1e-3 * torch.eye(d)[None])
+    model.cls_mixture, model.cls_mixture_epoch = mixture, 7
+
+    def draws(m, **kw):
+        return m.generate(4, torch.Generator().manual_seed(5), temperature=0.0, **kw)
+
+    z = torch.full((4, d), 5.0)
+    with torch.no_grad():
+        want = model.forward_decoder(model.sample_prior(z, 0.0), z)
+    torch.testing.assert_close(draws(model), want, atol=1e-3, rtol=0)
+    normal = draws(model, standard_normal=True)
+    assert (normal - want).abs().max() > 1e-2  # N(0, I) draws decode to other images
+
+    opt = build_optimizer(model, cfg.optim)
+    state = checkpoints.training_state(
+        model, opt, build_lr_schedule(opt, cfg.optim, 2, 3), 7, cfg, [], {}, []
+    )
+    again = checkpoints.model_from_state(state).eval()
+    assert again.cls_mixture_epoch == 7
+    torch.testing.assert_close(draws(again), draws(model))
+    # a model without one keeps N(0, I)
+    model.cls_mixture = None
+    plain = checkpoints.model_from_state(
+        checkpoints.training_state(model, opt, build_lr_schedule(opt, cfg.optim, 2, 3), 7, cfg, [], {}, [])
+    ).eval()
+    assert plain.cls_mixture is None
+    torch.testing.assert_close(draws(plain), normal)

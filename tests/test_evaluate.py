@@ -161,7 +161,7 @@ def test_sanity_rows_move_the_generation_metrics_the_right_way(trained):
     model, cfg, _, _ = trained
     xtr, ytr, xv, _ = _splits(cfg)
     net = _feature_net(cfg)
-    ref = GenerationReference(net, net, xtr, xv, seed=0)
+    ref = GenerationReference(net, net, xtr, xv, patch=cfg.model.patch_size, seed=0)
     rows = {name: ref.row(images) for name, images in ref.sanity_sets(ytr).items()}
     real = rows["real"]
     for name in ("prototypes", "copies", "noise"):
@@ -325,8 +325,12 @@ def test_epoch_evaluator_gives_probe_fid_kid_and_grids(trained):
         train_set, val_set, "digits", max_train=600, max_val=200, log=lambda s: None
     )
     model.train()
-    metrics, images = evaluator(model, torch.device("cpu"))
+    model.cls_mixture = None
+    metrics, images = evaluator(model, torch.device("cpu"), epoch=3)
     assert model.training  # restored
+    # the samples came from a mixture fitted on this model's training posteriors, kept on it
+    assert model.cls_mixture is not None and model.cls_mixture_epoch == 3
+    model.cls_mixture = None  # the fixture is shared
     assert set(metrics) == {"val/probe_acc", "val/fid", "val/kid"}
     assert 0.3 < metrics["val/probe_acc"] <= 1.0
     # the trained model's samples sit far closer to the digits than noise with their moments

@@ -224,3 +224,29 @@ def test_frozen_heads_under_bf16_autocast_match_the_fp32_gradients():
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=0.1, atol=0.05 * float(want.abs().max()))
     assert g32["blocks.2.attn.heads.0.weight"] is None
+
+
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_masked_step_flops_are_a_quadratic_in_the_encoder_tokens(blocks):
+    """Three counted steps fix the polynomial; it must give every other kept-patch count's
+    FLOPs exactly, as the counter measures them, and the epoch's account adds them."""
+    from vitcae_ray.freezing import FlopAccount, masked_flops, masked_step_flops_by_phase
+
+    model = _model()
+    apply_frozen(model, [[0, 1, 2, 3]] * blocks + [[]] * (3 - blocks), blocks)
+    x = torch.rand(4, 1, 16, 16)
+    coef = masked_step_flops_by_phase(model, x, CFG)
+    for phase, epoch in ((False, 0), (True, CFG.loss.kl_warmup_epochs)):
+        for kept in (5, 17, 40, 63):
+            t = 1 + kept
+            want = train_step_flops(model, x, CFG, epoch, kept=kept)
+            assert masked_flops(coef[phase], 1, t, t * t) == want, (phase, kept)
+    # fewer tokens cost less; the full step (readout on) costs more than any masked one
+    full = train_step_flops(model, x, CFG, 0, readout=True)
+    assert train_step_flops(model, x, CFG, 0, kept=10) < train_step_flops(model, x, CFG, 0, kept=50) < full
+    masking = build_config({**CFG.to_dict(), "loss": {**CFG.to_dict()["loss"], "mask_prob": 0.5}})
+    account = FlopAccount(model, x, masking, probe=torch.zeros(0, 1, 16, 16))
+    plain = account.epoch_metrics(0, 10, [])
+    mixed = account.epoch_metrics(0, 10, [], masked=(2, 18 + 34, 18 * 18 + 34 * 34))
+    steps = [train_step_flops(model, x, CFG, 0, kept=k) for k in (17, 33)]
+    assert mixed["flops/epoch"] == plain["flops/epoch"] - 2 * account.step[False] + sum(steps)

@@ -194,3 +194,53 @@ def test_patch_mmd_compares_patch_latents_and_scales_with_patches():
     assert abs(near) < 0.05 * far and far > 0
     capped = patch_mmd(out(2.0), scales, 32, torch.Generator().manual_seed(1)).item()
     assert capped > 0.5 * far  # a random subset measures the same shift
+
+
+def test_masked_keep_hides_a_share_in_range_at_random_or_as_a_square_block():
+    from vitcae_ray.config import LossConfig
+    from vitcae_ray.engine import masked_keep
+
+    cpu = torch.device("cpu")
+    assert masked_keep(4, 8, LossConfig(mask_prob=0.0), cpu) is None
+    cfg = LossConfig(mask_prob=1.0, mask_ratio_min=0.25, mask_ratio_max=0.75)
+    torch.manual_seed(0)
+    kinds = set()
+    for _ in range(40):
+        keep = masked_keep(5, 8, cfg, cpu)
+        assert keep.shape[0] == 5 and (keep.diff(dim=1) > 0).all()  # ascending, no repeats
+        hidden = torch.ones(5, 64, dtype=torch.bool).scatter(1, keep, False)
+        share = hidden.sum(1).float() / 64
+        # the block's side is rounded, so its share can sit a little outside the range
+        assert (share >= 0.14).all() and (share <= 0.77).all()
+        grid = hidden.view(5, 8, 8)
+        rows, cols = grid.any(2).sum(1), grid.any(1).sum(1)
+        block = bool((rows * cols == hidden.sum(1)).all())  # the hidden patches fill a rectangle
+        kinds.add(block and bool((rows == cols).all()))
+    assert kinds == {True, False}  # both square blocks and random patches occur
+    # about half the batches are masked with mask_prob 0.5
+    half = LossConfig(mask_prob=0.5)
+    assert 60 < sum(masked_keep(2, 8, half, cpu) is not None for _ in range(200)) < 140
+
+
+def test_a_masked_step_trains_without_touching_the_attention_readout():
+    from vitcae_ray.config import build_config
+    from vitcae_ray.engine import train_one_epoch
+    from vitcae_ray.model import build_model
+
+    def epoch(mask_prob: float):
+        cfg = build_config({"data.image_size": 16, "loss.mask_prob": mask_prob})
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 16, 1)
+        model.set_readout(True)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        batches = [(torch.rand(4, 1, 16, 16), torch.zeros(4)) for _ in range(3)]
+        metrics = train_one_epoch(model, batches, opt, sched, 0, cfg, torch.device("cpu"))
+        moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        return model.attention_layers[0].readout_count(), metrics, moved
+
+    count, metrics, moved = epoch(1.0)
+    assert count == 0 and moved and metrics["train/samples"] == 12
+    count, _, moved = epoch(0.0)
+    assert count == 12 and moved

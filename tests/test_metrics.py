@@ -227,3 +227,77 @@ def test_inception_features_read_the_given_weights_file_and_separate_noise_from_
     close = fid_kid(ref, embed.features(real[30:]))[0]
     far = fid_kid(ref, embed.features(torch.rand(30, 1, 16, 16)))[0]
     assert 0 <= close < far
+
+
+def _seam_ratio_loops(img: np.ndarray, patch: int) -> float:
+    """The seam ratio pixel by pixel, for one (H, W) image."""
+    border, inside = [], []
+    h, w = img.shape
+    for i in range(h):
+        for j in range(w - 1):
+            (border if (j + 1) % patch == 0 else inside).append(abs(img[i, j + 1] - img[i, j]))
+    for i in range(h - 1):
+        for j in range(w):
+            (border if (i + 1) % patch == 0 else inside).append(abs(img[i + 1, j] - img[i, j]))
+    return float(np.mean(border) / np.mean(inside))
+
+
+def test_seam_ratio_matches_a_pixel_loop_and_sees_a_drawn_grid():
+    rng = np.random.default_rng(0)
+    img = rng.random((12, 12))
+    got = M.seam_ratio(torch.from_numpy(img)[None, None], 4)
+    assert got == pytest.approx(_seam_ratio_loops(img, 4), rel=1e-12)
+    assert got == pytest.approx(1.0, abs=0.15)  # noise has no grid
+    # a smooth ramp steps the same everywhere: exactly 1
+    ramp = torch.linspace(0, 1, 16, dtype=torch.float64).expand(16, 16)[None, None]
+    assert M.seam_ratio(ramp, 4) == pytest.approx(1.0, rel=1e-9)
+    # constant 4x4 blocks of different values: every step is across a border
+    blocks = torch.from_numpy(rng.random((3, 3))).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert M.seam_ratio(blocks[None, None] + 1e-3 * torch.from_numpy(img), 4) > 50
+    # a grid drawn on the noise raises the ratio; the same lines off the grid lower it
+    gridded = torch.from_numpy(img).clone()
+    gridded[3::4, :] += 0.5
+    off_grid = torch.from_numpy(img).clone()
+    off_grid[1::4, :] += 0.5
+    assert M.seam_ratio(gridded[None, None], 4) > 1.3 * got
+    assert M.seam_ratio(off_grid[None, None], 4) < got
+
+
+def test_the_inpainting_fit_of_z_cls_reaches_the_optimum_scipy_finds():
+    """The z_cls fit against scipy's L-BFGS on the same objective (the negative log joint
+    of the visible pixels and z_cls), one image at a time; hidden pixels do not enter it."""
+    from scipy.optimize import minimize
+
+    torch.manual_seed(0)
+    cfg = build_config({"data.image_size": 16, "model.patch_size": 4})
+    model = build_model(cfg.model, 16, 1).eval()
+    x = torch.rand(2, 1, 16, 16)
+    mask = M.patch_mask("center25", 2, model.grid)
+    visible = ~M.pixel_mask(mask, model.grid, 4)
+    keep = (~mask).nonzero()[:, 1].view(2, -1)
+    with torch.no_grad():
+        _, z0, _, mu_patch, _, prior_mu, _ = model.forward_encoder(x, keep=keep)
+    delta = mu_patch - prior_mu
+    fitted = M.fit_cls_to_visible(model, x, visible, z0, delta, 10.0, steps=400, lr=0.05)
+    for i in range(2):
+        sl = slice(i, i + 1)
+
+        def f(z, sl=sl):
+            zt = torch.tensor(z, dtype=torch.float32, requires_grad=True)
+            v = M.visible_nll(model, x[sl], visible[sl], zt[None], delta[sl], 10.0).sum()
+            (g,) = torch.autograd.grad(v, [zt])
+            return float(v.detach()), g.double().numpy()
+
+        ref = minimize(f, z0[i].double().numpy(), jac=True, method="L-BFGS-B")
+        ours, start = f(fitted[i].double().numpy())[0], f(z0[i].double().numpy())[0]
+        assert ours < start
+        assert ours == pytest.approx(ref.fun, rel=1e-3)
+    # what the hidden pixels hold does not move the fit
+    changed = torch.where(visible, x, 1.0 - x)
+    again = M.fit_cls_to_visible(model, changed, visible, z0, delta, 10.0, steps=400, lr=0.05)
+    torch.testing.assert_close(again, fitted)
+    # a fit over every pixel is another problem: the hidden ones move it
+    everywhere = torch.ones_like(visible)
+    assert not torch.allclose(
+        M.fit_cls_to_visible(model, changed, everywhere, z0, delta, 10.0, steps=50), fitted
+    )

@@ -25,6 +25,9 @@ def test_preset_forward_shapes_finite_and_every_param_gets_a_gradient(preset):
     size = 32 if preset == "tiny" else 64
     model = _model(preset, size)
     cfg = model.cfg
+    # the decoder's convolutional correction starts at zero, so its first layer has no gradient
+    # until that last layer has moved: move it, as a first training step would
+    torch.nn.init.normal_(model.dec_conv[-1].weight, std=0.01)
     x = torch.rand(2, 3, size, size)
     out = model(x)
     n = (size // cfg.patch_size) ** 2
@@ -162,6 +165,7 @@ def test_vitvae_forward_shapes_loss_and_every_param_gets_a_gradient():
     from vitcae_ray.losses import patch_mmd, vitcae_loss
 
     cfg, model = _vitvae()
+    torch.nn.init.normal_(model.dec_conv[-1].weight, std=0.01)  # as after a first step
     x = torch.rand(6, 1, 16, 16)
     out = model(x, decode_prior=True)  # nothing to decode from a prior: ignored
     n, zp = model.num_patches, cfg.model.z_patch_dim
@@ -259,3 +263,34 @@ def test_variant_is_a_validated_config_key():
     assert build_config({}).model.variant == "vitcae"
     with pytest.raises(ConfigError, match="model.variant"):
         build_config({"model.variant": "vae"})
+
+
+@pytest.mark.parametrize("dec_conv", [0, 8])
+def test_only_the_convolutional_output_head_sees_across_patch_borders(dec_conv):
+    """A pixel on a patch's right border: with the linear head its logit depends on its own
+    token alone; the convolutional head also reads the token of the patch to its right."""
+    cfg = build_config({"model.dec_conv": dec_conv})
+    model = build_model(cfg.model, 32, 1)
+    p = cfg.model.patch_size
+    if dec_conv:  # the correction starts at zero; give it the weights training would
+        torch.nn.init.normal_(model.dec_conv[-1].weight, std=0.1)
+    h = torch.randn(1, model.num_patches, cfg.model.dec_dim, requires_grad=True)
+    logits = model.output_head(h)
+    assert logits.shape == (1, 1, 32, 32)
+    logits[0, 0, 1, p - 1].backward()  # row 1, the last column of patch 0
+    own, right, below_right = (h.grad[0, i].abs().sum() for i in (0, 1, model.grid + 1))
+    assert own > 0
+    if dec_conv:
+        assert right > 0 and below_right == 0  # 3x3 twice: two pixels of reach, not a whole patch
+    else:
+        assert right == 0 and below_right == 0
+    assert (dec_conv == 0) == (model.dec_conv is None)
+
+
+def test_the_convolutional_head_starts_as_the_linear_head():
+    """At initialisation its correction is zero: the logits are the linear head's."""
+    torch.manual_seed(0)
+    model = build_model(build_config({}).model, 32, 1)
+    h = torch.randn(2, model.num_patches, model.cfg.dec_dim)
+    linear = model.unpatchify(model.dec_pred(h))[:, :1]
+    torch.testing.assert_close(model.output_head(h), linear)

@@ -63,6 +63,7 @@ def training_state(
 ) -> dict[str, Any]:
     """Everything needed to rebuild the model alone (config + ``model_args``; the weights are
     the full per-head layout) or to resume, the head controller's whole state included."""
+    from .cls_mixture import mixture_state
     from .freezing import frozen_heads
     from .optim import optimizer_state
 
@@ -78,6 +79,7 @@ def training_state(
         "epoch": epoch,
         "config": cfg.to_dict(),
         "history": history,
+        **mixture_state(model),
     }
 
 
@@ -182,11 +184,12 @@ def load_model_file(data: bytes, where: str, device: Any = "cpu") -> dict[str, A
 def model_from_state(state: dict[str, Any]) -> ViTCAE:
     """Rebuild the model from a checkpoint's (or ``model.pt``'s) own config, constructor
     arguments, frozen-head map and weights."""
-    from .config import build_config
+    from .cls_mixture import restore_mixture
+    from .config import from_dict
     from .freezing import apply_frozen
     from .model import build_model
 
-    cfg = build_config(state["config"])
+    cfg = from_dict(state["config"])
     model = build_model(cfg.model, **state["model_args"])
     apply_frozen(
         model,
@@ -194,6 +197,7 @@ def model_from_state(state: dict[str, Any]) -> ViTCAE:
         state.get("frozen_blocks", 0),
     )
     model.load_state_dict(state["model"])
+    restore_mixture(model, state)
     return model
 
 

@@ -8,6 +8,10 @@ all. A mixture fitted after training on the posterior means (scikit-learn's
 ``z_cls`` from where the training images' latents are; ``z_patch`` then comes from the
 model's conditional prior as before. Nothing in training changes. The number of components
 is chosen by the data (BIC over ``COMPONENTS``), not set to a dataset's class count.
+
+The trainer fits it at every periodic evaluation (rank 0) and keeps it on the model
+(``model.cls_mixture``, with the epoch it was fitted at); checkpoints and exported models
+carry it, and ``model.generate`` samples from it unless told to use N(0, I).
 """
 
 from __future__ import annotations
@@ -82,3 +86,20 @@ def fit_cls_mixture(model, images: torch.Tensor, device, seed: int = 0, batch: i
         ]
     )
     return fit_mixture(latents.numpy(), seed)
+
+
+def mixture_state(model) -> dict:
+    """The model's mixture for a checkpoint or model file: ``{"cls_mixture": state or None,
+    "cls_mixture_epoch": the epoch it was fitted at or None}``."""
+    mixture = getattr(model, "cls_mixture", None)
+    return {
+        "cls_mixture": None if mixture is None else mixture.state_dict(),
+        "cls_mixture_epoch": getattr(model, "cls_mixture_epoch", None),
+    }
+
+
+def restore_mixture(model, state: dict) -> None:
+    """Put a checkpoint's or model file's mixture (:func:`mixture_state`) back on the model."""
+    if state.get("cls_mixture") is not None:
+        model.cls_mixture = ClsMixture.from_state_dict(state["cls_mixture"])
+        model.cls_mixture_epoch = state.get("cls_mixture_epoch")

@@ -61,6 +61,13 @@ class ModelConfig:
     dec_dim: int = key(64, "decoder width; a multiple of model.dec_heads", gt=0)
     dec_depth: int = key(2, "decoder blocks (FiLM-conditioned on z_cls)", gt=0)
     dec_heads: int = key(4, "decoder heads per block", gt=0)
+    dec_conv: int = key(
+        16,
+        "feature maps of the decoder's convolutional output head: each token predicts its patch's "
+        "pixels as that many maps, then two 3x3 convolutions that see across patch borders; "
+        "0: a linear head predicts the pixels of each patch alone (draws the patch grid)",
+        ge=0,
+    )
     fused_attn: bool = key(True, "SDPA on the training path; false uses the manual softmax path")
     conditional_prior: bool = key(
         True, "false: p(z_patch) = N(0, I) and Z~_patch = 0 (ablation; always so in vitvae)"
@@ -98,6 +105,16 @@ class LossConfig:
         1.0,
         "weight (x recon_weight) of the error of x decoded from p(z_patch | z_cls) alone; 0 skips that pass",
     )
+    mask_prob: float = key(
+        0.0,
+        "share of training batches whose encoder sees only some patches (masked training: the "
+        "hidden patches are reconstructed from z_cls and the prior; see docs/freezing.md for "
+        "what it cost on the digits)",
+        ge=0,
+        le=1,
+    )
+    mask_ratio_min: float = key(0.25, "smallest hidden share of patches in a masked batch", gt=0, lt=1)
+    mask_ratio_max: float = key(0.75, "largest hidden share of patches in a masked batch", gt=0, lt=1)
     kl_warmup_epochs: int = key(3, "T_w: KL-only epochs", ge=0)
     ramp_epochs: int = key(3, "epochs of the linear ramp from KL to the KL/MMD mix", ge=0)
     kl_mix: float = key(0.5, "fraction of the KL weight kept after the ramp", ge=0, le=1)
@@ -410,6 +427,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'model.dec_dim' ({m.dec_dim}) must be divisible by model.dec_heads ({m.dec_heads})"
         )
+    if cfg.loss.mask_ratio_min > cfg.loss.mask_ratio_max:
+        raise ConfigError(
+            f"config key 'loss.mask_ratio_min' ({cfg.loss.mask_ratio_min}) must be at most "
+            f"loss.mask_ratio_max ({cfg.loss.mask_ratio_max})"
+        )
     if d.image_size % m.patch_size:
         raise ConfigError(
             f"config key 'data.image_size' ({d.image_size}) must be a multiple of "
@@ -539,9 +561,16 @@ def resolve(config_path: str | None, flags: Mapping[str, Any], sets: list[str]) 
     return absolute_paths(build_config(merged))
 
 
+# Keys added after runs were saved without them, with the value that rebuilds what those
+# runs trained: a saved config that lacks one gets this, not today's default.
+SAVED_WITHOUT = {"model.dec_conv": 0}
+
+
 def from_dict(d: Mapping[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict`` output (e.g. a checkpoint or config.yaml)."""
-    return build_config(d)
+    """Rebuild a Config from ``to_dict`` output (e.g. a checkpoint or config.yaml); a key the
+    saved config predates takes its :data:`SAVED_WITHOUT` value."""
+    flat = _flatten(d)
+    return build_config({**{k: v for k, v in SAVED_WITHOUT.items() if k not in flat}, **flat})
 
 
 def dump_yaml(cfg: Config) -> str:

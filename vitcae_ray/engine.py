@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import Config
+from .config import Config, LossConfig
 from .likelihood import elbo
 from .losses import vitcae_loss
 from .model import ViTCAE, build_model
@@ -166,6 +166,28 @@ def _as_metrics(prefix: str, sums: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def masked_keep(batch: int, grid: int, cfg: LossConfig, device: torch.device) -> torch.Tensor | None:
+    """Masked training: with probability ``cfg.mask_prob`` the patches this batch's encoder
+    sees, (B, Nk) ascending, else None. A share r ~ U(mask_ratio_min, mask_ratio_max) of the
+    patches is hidden, the same count in every image: at random per image, or (half the
+    masked batches) as a square block at a random place per image, as the inpainting
+    masks hide them. Draws from the global RNG, which every epoch seeds."""
+    if cfg.mask_prob <= 0 or float(torch.rand(())) >= cfg.mask_prob:
+        return None
+    N = grid * grid
+    r = cfg.mask_ratio_min + (cfg.mask_ratio_max - cfg.mask_ratio_min) * float(torch.rand(()))
+    if float(torch.rand(())) < 0.5:
+        hidden = min(N - 1, max(1, round(r * N)))
+        keep = torch.rand(batch, N).argsort(1)[:, hidden:]
+        return keep.sort(1).values.to(device)
+    side = min(grid - 1, max(1, round(grid * math.sqrt(r))))
+    top, left = torch.randint(0, grid - side + 1, (2, batch, 1, 1))
+    rows = torch.arange(grid).view(1, grid, 1)
+    cols = torch.arange(grid).view(1, 1, grid)
+    block = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)  # (B, g, g)
+    return (~block.flatten(1)).nonzero()[:, 1].view(batch, -1).to(device)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -194,14 +216,24 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     skipped = 0
+    masked = [0, 0.0, 0.0]  # masked steps, and the sums of their encoder tokens and its square
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         x = batch[0].to(device, non_blocking=True)
         index = batch[2] if len(batch) > 2 else None
         readout = inner.readout_state() if skips_left else None  # to drop a skipped step's share
-        with autocast(device, amp_dtype):
-            prefix = cache.prefix(inner, x, index) if cache is not None else None
-            out = model(x, decode_prior=decode_prior(cfg), prefix=prefix)
+        keep = masked_keep(x.shape[0], inner.grid, cfg.loss, device)
+        if keep is not None:
+            tokens = 1 + keep.shape[1]
+            masked[0] += 1
+            masked[1] += tokens
+            masked[2] += tokens * tokens
+        with (
+            autocast(device, amp_dtype),
+            inner.readout_paused() if keep is not None else contextlib.nullcontext(),
+        ):
+            prefix = cache.prefix(inner, x, index) if cache is not None and keep is None else None
+            out = model(x, decode_prior=decode_prior(cfg), prefix=prefix, keep=keep)
         terms = vitcae_loss(out, x, epoch, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -226,6 +258,8 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     metrics = _as_metrics("train", sums)
     metrics["train/nonfinite_steps"] = skipped
+    # this rank's own (not reduced), for the FLOP count of its steps
+    metrics["train/masked_steps"], metrics["train/masked_tokens"], metrics["train/masked_tokens_sq"] = masked
     metrics["time/epoch_s"] = elapsed
     metrics["throughput/images_per_s"] = metrics["train/samples"] / max(elapsed, 1e-9)
     metrics["lr"] = optimizer.param_groups[0]["lr"]

@@ -322,7 +322,8 @@ def model_files(choice: Choice) -> dict[str, bytes]:
     """The model directory's files, ``model.pt`` last."""
     import torch
 
-    from .config import build_config, dump_yaml
+    from .cls_mixture import mixture_state
+    from .config import dump_yaml, from_dict
     from .freezing import frozen_heads
 
     state = _load_state(choice.checkpoint)
@@ -344,6 +345,7 @@ def model_files(choice: Choice) -> dict[str, bytes]:
             "frozen_heads": frozen,
             "frozen_blocks": model.frozen_blocks,
             "epoch": choice.epoch,
+            **mixture_state(model),
         },
         buf,
     )
@@ -352,7 +354,7 @@ def model_files(choice: Choice) -> dict[str, bytes]:
         return (json.dumps(_plain(obj), indent=2) + "\n").encode()
 
     return {
-        "config.yaml": dump_yaml(build_config(state["config"])).encode(),
+        "config.yaml": dump_yaml(from_dict(state["config"])).encode(),
         "hparams.json": js(hparams(choice.row)),
         "metrics.json": js(metrics),
         "frozen_heads.json": js(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -110,26 +111,35 @@ def mmd_active(epoch: int, cfg: Config) -> bool:
 
 
 def train_step_flops(
-    model: ViTCAE, x: torch.Tensor, cfg: Config, epoch: int, readout: bool = False, cached: bool = False
+    model: ViTCAE,
+    x: torch.Tensor,
+    cfg: Config,
+    epoch: int,
+    readout: bool = False,
+    cached: bool = False,
+    kept: int | None = None,
 ) -> int:
     """Forward + backward FLOPs of one training step on ``x`` with the loss of ``epoch``
     (optimizer excluded), as executed: weight gradients skipped for frozen heads are not
     counted. ``readout`` includes the CLS attention readout the convergence scheduler runs
     in every training step. ``cached``: the frozen prefix's output comes from the prefix
     cache, so its forward is not counted (:func:`prefix_image_flops` counts a cache fill).
-    Call it on the model without its DDP wrapper, before wrapping: the backward would fire
-    DDP's hooks."""
+    ``kept``: a masked step whose encoder sees that many patches (no readout, no cache, as
+    masked steps run). Call it on the model without its DDP wrapper, before wrapping: the
+    backward would fire DDP's hooks."""
     was_training = model.training
     saved = [(a.record_cls, a.cls_attn_sum, a.cls_attn_odd) for a in model.attention_layers]
     model.train()
-    model.set_readout(readout)
-    prefix = None
-    if cached:
+    model.set_readout(readout and kept is None)
+    prefix = keep = None
+    if kept is not None:
+        keep = torch.arange(kept, device=x.device).expand(len(x), kept)
+    elif cached:
         prefix, rows = model.forward_prefix(x, with_rows=True)
     with flop_counter() as counter:
         if prefix is not None:
             model.record_prefix_readout(rows)
-        out = model(x, decode_prior=decode_prior(cfg), prefix=prefix)
+        out = model(x, decode_prior=decode_prior(cfg), prefix=prefix, keep=keep)
         vitcae_loss(out, x, epoch, cfg.loss)["loss"].backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
@@ -155,12 +165,42 @@ def step_flops_by_phase(
     return {phase: train_step_flops(model, x, cfg, e, readout, cached) for phase, e in epochs.items()}
 
 
+def masked_step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config) -> dict[bool, np.ndarray]:
+    """A masked step's FLOPs in each loss phase as a polynomial in the encoder's tokens
+    T = 1 + kept patches, ``{mmd_active: (a, b, c)}`` with FLOPs = a + b T + c T^2. Exact:
+    the encoder's matmuls are linear in T and its attention quadratic, and nothing else
+    depends on T (the patch embedding runs on the whole image, the prior, decoder and loss
+    on every patch), so three counts determine it."""
+    n = model.num_patches
+    kept = np.array(sorted({1, max(1, n // 2), max(1, n - 1)}))
+    if len(kept) < 3:  # fewer than 4 patches: count every possible step
+        kept = np.arange(1, n + 1)
+    tokens = 1.0 + kept
+    epochs = {mmd_active(e, cfg): e for e in (0, cfg.loss.kl_warmup_epochs)}
+    out = {}
+    for phase, e in epochs.items():
+        counts = [train_step_flops(model, x, cfg, e, kept=int(k)) for k in kept]
+        coef = np.polyfit(tokens, counts, 2)[::-1] if len(kept) >= 3 else np.array([counts[0], 0.0, 0.0])
+        out[phase] = coef
+    return out
+
+
+def masked_flops(coef: np.ndarray, steps: int, tokens: float, tokens_sq: float) -> int:
+    """FLOPs of ``steps`` masked steps whose encoder token counts sum to ``tokens`` and their
+    squares to ``tokens_sq`` (:func:`masked_step_flops_by_phase`'s polynomial)."""
+    return round(coef[0] * steps + coef[1] * tokens + coef[2] * tokens_sq)
+
+
 def unfrozen_step_flops(model: ViTCAE, x: torch.Tensor, cfg: Config) -> dict[bool, int]:
     """The baseline: :func:`step_flops_by_phase` for a copy of ``model`` with nothing frozen,
     the readout on: the same run without freezing, which runs the scheduler all the same."""
+    return step_flops_by_phase(_unfrozen(model), x, cfg, readout=True)
+
+
+def _unfrozen(model: ViTCAE) -> ViTCAE:
     baseline = copy.deepcopy(model)
     apply_frozen(baseline, [[] for _ in baseline.attention_layers], 0)
-    return step_flops_by_phase(baseline, x, cfg, readout=True)
+    return baseline
 
 
 def probe_flops(model: ViTCAE, probe: torch.Tensor) -> int:
@@ -190,25 +230,39 @@ class FlopAccount:
         cache: PrefixCache | None = None,
     ) -> None:
         self.x, self.cfg, self.cache = x, cfg, cache
+        self.masking = cfg.loss.mask_prob > 0
         self.unfrozen = unfrozen_step_flops(model, x, cfg)
+        self.unfrozen_masked = masked_step_flops_by_phase(_unfrozen(model), x, cfg) if self.masking else None
         self.probe = probe_flops(model, probe)
         self.recount(model)
 
     def recount(self, model: ViTCAE) -> None:
         cached = self.cache is not None and self.cache.serves(model)
         self.step = step_flops_by_phase(model, self.x, self.cfg, cached=cached)
+        self.masked = masked_step_flops_by_phase(model, self.x, self.cfg) if self.masking else None
         self.prefix_image = prefix_image_flops(model, self.x) if cached else 0.0
 
     def epoch_metrics(
-        self, epoch: int, steps: int, history: list[dict[str, Any]], prefix_images: int = 0
+        self,
+        epoch: int,
+        steps: int,
+        history: list[dict[str, Any]],
+        prefix_images: int = 0,
+        masked: tuple[int, float, float] = (0, 0.0, 0.0),
     ) -> dict[str, float]:
         """``flops/*`` of an epoch of ``steps`` steps trained with the current frozen set (call
         before the epoch's decision changes it), ``prefix_images`` of them filling the prefix
-        cache; cumulative over ``history`` (earlier epochs)."""
+        cache; ``masked``: (masked steps among them, the sum of their encoder token counts,
+        the sum of the squares; :func:`vitcae_ray.engine.train_one_epoch` returns them);
+        cumulative over ``history`` (earlier epochs)."""
         phase = mmd_active(epoch, self.cfg)
         trained = self.step[phase]
-        spent = steps * trained + round(prefix_images * self.prefix_image) + self.probe
-        unfrozen = steps * self.unfrozen[phase] + self.probe
+        n_masked = masked[0]
+        spent = (steps - n_masked) * trained + round(prefix_images * self.prefix_image) + self.probe
+        unfrozen = (steps - n_masked) * self.unfrozen[phase] + self.probe
+        if n_masked:
+            spent += masked_flops(self.masked[phase], *masked)
+            unfrozen += masked_flops(self.unfrozen_masked[phase], *masked)
         seen = [m for m in history if "flops/epoch_unfrozen" in m]
         total_spent = spent + sum(m["flops/epoch"] for m in seen)
         total_unfrozen = unfrozen + sum(m["flops/epoch_unfrozen"] for m in seen)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import filesystem
-from .config import Config, ConfigError, build_config
+from .config import Config, ConfigError, from_dict
 
 if TYPE_CHECKING:  # torch is imported where it is used: export imports this module light
     import torch
@@ -76,7 +76,7 @@ def check_run_dir(output: str, cfg: Config) -> None:
     text = filesystem.read_text(filesystem.join(output, CONFIG_FILE))
     if text is None:
         return
-    old = build_config(yaml.safe_load(text) or {}).to_dict()
+    old = from_dict(yaml.safe_load(text) or {}).to_dict()
     new = cfg.to_dict()
 
     def get(d: dict, key: str):

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import checkpoints, filesystem
+from .cls_mixture import restore_mixture
 from .cluster import check_shared_output, connect, settle_resources, torch_threads, worker_request
 from .config import EPOCHS_DONE, SELECT_METRIC, Config, absolute_paths, build_config, dump_yaml
 from .convergence import HeadController, controller_args
@@ -193,6 +194,7 @@ def _trainee(
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, t.epochs, steps_per_epoch)
     if state is not None:
         model.load_state_dict(state["model"])
+        restore_mixture(model, state)
         load_optimizer_state(model, optimizer, state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
     flop_x = torch.zeros(t.batch_size, channels, cfg.data.image_size, cfg.data.image_size, device=device)
@@ -224,6 +226,7 @@ def _setup_rank0(w: Worker, train_set, val_set) -> None:
             max_train=EVAL_TRAIN_ROWS,
             max_val=EVAL_VAL_ROWS,
             log=say,
+            recon_weight=w.cfg.loss.recon_weight,
         )
 
 
@@ -328,7 +331,8 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     decision = share_decision(decision, w.world)
     w.head_rows.extend(head_rows(model, decision, factors_used))
     prefix_images = w.cache.take_computed() if w.cache is not None else 0
-    flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history, prefix_images)
+    masked = tuple(metrics[f"train/masked_{k}"] for k in ("steps", "tokens", "tokens_sq"))
+    flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history, prefix_images, masked)
     applied = time.perf_counter()
     spread = apply_decision(tr, decision, cfg, len(w.train_loader), w.world)
     applied = time.perf_counter() - applied
@@ -391,7 +395,7 @@ def report_and_checkpoint(w: Worker, epoch: int, metrics: dict[str, Any]) -> Non
     t = w.cfg.train
     task_grids = {}
     if w.evaluator is not None and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
-        task_metrics, task_grids = w.evaluator(w.trainee.model, w.device)
+        task_metrics, task_grids = w.evaluator(w.trainee.model, w.device, epoch)
         metrics.update(task_metrics)
     w.history.append(metrics)
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,6 +46,7 @@ SAMPLE_ROWS = (  # the sample task's figures in the printed table, with their fo
     ("memorisation", "{:.2f}"),
     ("low_confidence_share", "{:.2f}"),
     ("max_class_share", "{:.2f}"),
+    ("seam_ratio", "{:.2f}"),
 )
 IWAE_K = 64
 
@@ -73,7 +74,7 @@ class Context:
                 self.model, self.xv, self.device, loss.recon_weight, loss.elbo_samples, self.iwae_k, self.seed
             )
         if task == "inpaint":
-            return task_inpaint(self.model, self.xtr, self.xv, self.seed)
+            return task_inpaint(self.model, self.xtr, self.xv, self.seed, self.cfg.loss.recon_weight)
         if task == "sample":
             net, acc = feature_net(
                 self.cfg.data.dataset, self.xtr, self.ytr, self.xv, self.yv, self.feature_cache, self.log
@@ -82,7 +83,7 @@ class Context:
                 embed = InceptionFeatures(self.fid_weights) if self.features == "inception" else net
             except ModuleNotFoundError as e:
                 raise EvalError(str(e)) from None
-            ref = GenerationReference(embed, net, self.xtr, self.xv, self.seed)
+            ref = GenerationReference(embed, net, self.xtr, self.xv, self.model.cfg.patch_size, self.seed)
             return task_sample(self.model, ref, self.ytr, self.device, self.seed, acc)
         if task == "interp":
             return task_interp(self.model, self.xv, self.yv, self.seed)
@@ -103,6 +104,9 @@ def table(m: dict[str, Any]) -> list[str]:
         )
         nll = next(k for k in m if k.startswith("iwae/nll_k"))
         rows.append((f"-elbo / {nll} (nats)", f"{m['recon/elbo']:.1f} / {m[nll]:.1f}", ""))
+        rows.append(
+            ("recon seam ratio", f"{m['recon/seam_ratio']:.2f}", f"real {m['recon/real/seam_ratio']:.2f}")
+        )
     for mask in ("center25", "center50", "random25", "random50"):
         if f"inpaint/{mask}/psnr_model" in m:
             base = " | ".join(f"{meth} {m[f'inpaint/{mask}/psnr_{meth}']:.2f}" for meth in METHODS[1:])

@@ -73,11 +73,18 @@ def fid_kid(reference: torch.Tensor, feats: torch.Tensor, seed: int = 0) -> tupl
 
 
 @torch.no_grad()
-def draw_samples(model, n: int, seed: int, device, batch: int = 250, cls_prior=None) -> torch.Tensor:
+def draw_samples(
+    model, n: int, seed: int, device, batch: int = 250, cls_prior=None, standard_normal: bool = False
+) -> torch.Tensor:
+    """``n`` samples of ``model.generate`` (its own sampler, or as the arguments say)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.cat(
         [
-            model.generate(min(batch, n - i), generator=gen, cls_prior=cls_prior).float().cpu()
+            model.generate(
+                min(batch, n - i), generator=gen, cls_prior=cls_prior, standard_normal=standard_normal
+            )
+            .float()
+            .cpu()
             for i in range(0, n, batch)
         ]
     )
@@ -96,8 +103,8 @@ class GenerationReference:
     split's features (FID/KID), n training images' features (precision/recall), the training
     pixels (memorisation), and the held-out images' confidence and nearest distances."""
 
-    def __init__(self, embed, clf, xtr, xv, seed: int = 0) -> None:
-        self.embed, self.clf, self.xtr, self.seed = embed, clf, xtr, seed
+    def __init__(self, embed, clf, xtr, xv, patch: int, seed: int = 0) -> None:
+        self.embed, self.clf, self.xtr, self.patch, self.seed = embed, clf, xtr, patch, seed
         self.n = min(len(xv), MAX_IMAGES)
         self.real = subset(xv, self.n, seed)
         self.ref_feats = embed.features(subset(xtr, MAX_REFERENCE, seed))
@@ -121,6 +128,7 @@ class GenerationReference:
             "memorisation": distance / max(self.real_distance, 1e-12),
             "max_class_share": M.max_class_share(proba),
             "low_confidence_share": float((proba.max(1) < self.real_confidence).mean()),
+            "seam_ratio": M.seam_ratio(images, self.patch),
         }
 
     def sanity_sets(self, ytr: np.ndarray) -> dict[str, torch.Tensor]:
@@ -144,18 +152,23 @@ def sanity_holds(m: dict[str, float]) -> bool:
 
 @torch.no_grad()
 def task_sample(model, ref: GenerationReference, ytr, device, seed: int, feature_acc: float):
-    """-> (metrics, the grid's samples, grid columns). A model with ``z_cls`` also samples it
-    from a Gaussian mixture fitted on the training images' posterior means
-    (``sample/mixture/*``, :mod:`vitcae_ray.cls_mixture`) beside N(0, I); the grid then shows
-    32 of each (16 a row), N(0, I) in the top two rows."""
-    samples = draw_samples(model, ref.n, seed, device)
+    """-> (metrics, the grid's samples, grid columns). ``sample/*``: z_cls ~ N(0, I). A model
+    with ``z_cls`` also samples it from its Gaussian mixture on the training images' posterior
+    means (``sample/mixture/*``, :mod:`vitcae_ray.cls_mixture`: the model's own, what
+    ``generate`` uses, or fitted here when it has none; ``sample/mixture/fitted_epoch`` is -1
+    then); the grid then shows 32 of each (16 a row), N(0, I) in the top two rows."""
+    samples = draw_samples(model, ref.n, seed, device, standard_normal=True)
     grid = samples[:64]
     out = {f"sample/{k}": v for k, v in ref.row(samples).items()}
     if model.has_z_cls:
-        mixture = fit_cls_mixture(model, subset(ref.xtr, MAX_IMAGES, seed), device, seed)
+        mixture, fitted = model.cls_mixture, model.cls_mixture_epoch
+        if mixture is None:
+            mixture = fit_cls_mixture(model, subset(ref.xtr, MAX_IMAGES, seed), device, seed)
+            fitted = -1
         mixed = draw_samples(model, ref.n, seed, device, cls_prior=mixture)
         out.update({f"sample/mixture/{k}": v for k, v in ref.row(mixed).items()})
         out["sample/mixture/components"] = mixture.components
+        out["sample/mixture/fitted_epoch"] = fitted
         grid = torch.cat([samples[:32], mixed[:32]])
     for name, images in ref.sanity_sets(ytr).items():
         out.update({f"sample/{name}/{k}": v for k, v in ref.row(images).items()})

@@ -33,10 +33,16 @@ def masked_inputs(model, xv: torch.Tensor, mean_image: torch.Tensor, name: str, 
 
 
 @torch.no_grad()
-def fills(model, seen, mask, hidden, batch: int = 256) -> dict[str, torch.Tensor]:
+def fills(model, seen, mask, hidden, recon_weight: float, batch: int = 256) -> dict[str, torch.Tensor]:
     """Each method's completion of ``seen`` (the hidden pixels replaced, the rest kept)."""
     filled = [
-        M.inpaint(model, seen[i : i + batch], mask[i : i + batch], paste=hidden[i : i + batch]).cpu()
+        M.inpaint(
+            model,
+            seen[i : i + batch],
+            mask[i : i + batch],
+            paste=hidden[i : i + batch],
+            recon_weight=recon_weight,
+        ).cpu()
         for i in range(0, len(seen), batch)
     ]
     return {
@@ -47,15 +53,17 @@ def fills(model, seen, mask, hidden, batch: int = 256) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def task_inpaint(model, xtr, xv, seed: int, show: int = 8):
+def task_inpaint(model, xtr, xv, seed: int, recon_weight: float, show: int = 8):
     """-> (metrics, grid: per mask, the input (hidden pixels grey), the model's fill, the
-    biharmonic fill, the original; grid columns)."""
+    biharmonic fill, the original; grid columns). The model's fill is
+    :func:`vitcae_ray.metrics.inpaint` (z_cls fitted to the visible pixels under the decoder
+    ``recon_weight`` implies)."""
     mean_image = xtr.mean(0, keepdim=True)
     out, rows = {}, []
     k = min(show, len(xv))
     for name in M.MASKS:
         mask, pm, hidden, seen = masked_inputs(model, xv, mean_image, name, seed)
-        done = fills(model, seen, mask, hidden)
+        done = fills(model, seen, mask, hidden, recon_weight)
         for method, filled in done.items():
             out[f"inpaint/{name}/psnr_{method}"] = M.psnr(M.masked_mse(filled, xv, pm))
         grey = torch.where(hidden[:k], torch.full_like(xv[:k], 0.5), xv[:k])

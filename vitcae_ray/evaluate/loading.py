@@ -19,7 +19,7 @@ from ..checkpoints import (
     load_model_file,
     model_from_state,
 )
-from ..config import SELECT_METRIC, Config, ConfigError, build_config
+from ..config import SELECT_METRIC, Config, ConfigError, from_dict
 from ..data import DataError, build_datasets
 from ..errors import first_line
 
@@ -76,7 +76,7 @@ def _select_metric(run_dir: str) -> str:
 
     try:
         text = filesystem.read_text(filesystem.join(run_dir, CONFIG_FILE))
-        cfg = build_config(yaml.safe_load(text) or {}) if text else None
+        cfg = from_dict(yaml.safe_load(text) or {}) if text else None
     except (ConfigError, yaml.YAMLError):
         cfg = None
     return getattr(getattr(cfg, "train", None), "select_metric", SELECT_METRIC)
@@ -99,7 +99,7 @@ def load_model(path: str, device: torch.device):
         model = model_from_state(state)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise EvalError(first_line(e) if str(e) else f"{where}: not a model") from None
-    return model.to(device).eval(), build_config(state["config"]), where
+    return model.to(device).eval(), from_dict(state["config"]), where
 
 
 def load_data(cfg: Config, model, dataset: str | None, root: str | None, download: bool = False):

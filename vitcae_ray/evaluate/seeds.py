@@ -79,6 +79,19 @@ ROWS = [
         True,
         [("real", "sample/real/low_confidence_share")],
     ),
+    (
+        "sample seam ratio (patch-border step / inside step)",
+        "sample/seam_ratio",
+        True,
+        [("real", "sample/real/seam_ratio")],
+    ),
+    (
+        "sample seam ratio, z_cls from the fitted mixture",
+        "sample/mixture/seam_ratio",
+        True,
+        [("real", "sample/real/seam_ratio")],
+    ),
+    ("recon seam ratio", "recon/seam_ratio", True, [("real", "recon/real/seam_ratio")]),
     ("interp max/mean step", "interp/smoothness", True, []),
     (
         "probe accuracy, 5-fold (the stronger representation)",

@@ -163,12 +163,32 @@ class ViTCAE(nn.Module):
             Block(Dd, cfg.dec_heads, cfg.mlp_ratio, cfg.fused_attn, cond_dim=Zc) for _ in range(cfg.dec_depth)
         )
         self.dec_norm = nn.LayerNorm(Dd)
-        self.dec_pred = nn.Linear(Dd, p * p * in_chans)
+        # the output head: a token's patch as in_chans + dec_conv maps per pixel; the first
+        # in_chans are the linear head's pixel logits, and two 3x3 convolutions over all of them
+        # add a correction that sees across patch borders (a linear head alone cannot see the
+        # next patch). The last convolution starts at zero, so training starts from the linear
+        # head (a head that starts as a convolution stack can leave z_cls unused at small sizes)
+        Fc = cfg.dec_conv
+        self.dec_pred = nn.Linear(Dd, p * p * (in_chans + Fc))
+        # the ex-post density of z_cls generate samples from (vitcae_ray.cls_mixture), fitted
+        # after or during training; None: N(0, I)
+        self.cls_mixture = None
+        self.cls_mixture_epoch: int | None = None
+        self.dec_conv = (
+            nn.Sequential(
+                nn.Conv2d(in_chans + Fc, Fc, 3, padding=1), nn.GELU(), nn.Conv2d(Fc, in_chans, 3, padding=1)
+            )
+            if Fc
+            else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
         for t in (self.cls_token, self.pos_embed, self.dec_pos_embed):
             nn.init.trunc_normal_(t, std=0.02)
+        if self.dec_conv is not None:  # the correction starts at zero
+            nn.init.zeros_(self.dec_conv[-1].weight)
+            nn.init.zeros_(self.dec_conv[-1].bias)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear) and not name.endswith(".film"):  # FiLM stays identity
                 nn.init.xavier_uniform_(m.weight)
@@ -325,12 +345,20 @@ class ViTCAE(nn.Module):
         h = self.dec_embed(z_patch) + self.dec_pos_embed  # (B, N, Dd)
         for blk in self.dec_blocks:
             h = blk(h, z_cls)
-        h = self.dec_pred(self.dec_norm(h))  # (B, N, p*p*C)
-        return torch.sigmoid(self.unpatchify(h))
+        return torch.sigmoid(self.output_head(self.dec_norm(h)))
+
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed decoder tokens (B, N, Dd) -> pixel logits (B, C, S, S): each token's patch
+        (C logits and ``dec_conv`` feature maps per pixel), plus the convolutions' correction
+        across patch borders."""
+        h = self.unpatchify(self.dec_pred(h))  # (B, C + dec_conv, S, S)
+        logits = h[:, : self.in_chans]
+        return logits if self.dec_conv is None else logits + self.dec_conv(h)
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, N, p*p*C) -> (B, C, S, S)."""
-        B, g, p, C = h.shape[0], self.grid, self.cfg.patch_size, self.in_chans
+        """(B, N, p*p*C) -> (B, C, S, S), C the maps per pixel."""
+        B, g, p = h.shape[0], self.grid, self.cfg.patch_size
+        C = h.shape[-1] // (p * p)
         h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return h.reshape(B, C, g * p, g * p)
 
@@ -341,14 +369,16 @@ class ViTCAE(nn.Module):
         generator: torch.Generator | None = None,
         decode_prior: bool = False,
         prefix: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> ViTCAEOutput:
         """Encode, sample (or take the means when ``sample`` is False), and decode; with
         ``decode_prior`` also decode from p(z_patch | z_cls) alone (its mean without
         ``sample``) into ``recon_prior``; the ViT-VAE has no z_cls to decode a prior from and
         ignores ``decode_prior``. ``prefix``: the frozen prefix's output for ``x``
-        (:meth:`forward_features`)."""
+        (:meth:`forward_features`). ``keep`` (B, Nk): the encoder sees only those patches
+        (:meth:`forward_encoder`; masked training)."""
         z_cls, mu_cls, logvar_cls, mu_patch, logvar_patch, prior_mu, prior_logvar = self.forward_encoder(
-            x, sample, generator, prefix=prefix
+            x, sample, generator, keep=keep, prefix=prefix
         )
         z_patch = reparameterize(mu_patch, logvar_patch, generator) if sample else mu_patch
         recon = self.forward_decoder(z_patch, z_cls)
@@ -376,11 +406,15 @@ class ViTCAE(nn.Module):
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
         cls_prior=None,
+        standard_normal: bool = False,
     ) -> torch.Tensor:
-        """z_cls ~ N(0, I) (or ``cls_prior.sample``, e.g. a :class:`~vitcae_ray.cls_mixture.ClsMixture`
-        fitted on the training posteriors) -> z_patch ~ N(Z~_patch, (temperature sigma_p)^2)
-        -> decode: (n, C, S, S). The ViT-VAE: z_patch ~ N(0, temperature^2 I)."""
+        """z_cls from ``cls_prior`` (a :class:`~vitcae_ray.cls_mixture.ClsMixture`) if given, else
+        from the model's own ``cls_mixture`` (fitted on the training posteriors) if it has one
+        and ``standard_normal`` is off, else N(0, I); then z_patch ~ N(Z~_patch, (temperature
+        sigma_p)^2) -> decode: (n, C, S, S). The ViT-VAE: z_patch ~ N(0, temperature^2 I)."""
         device = self.cls_token.device
+        if cls_prior is None and not standard_normal:
+            cls_prior = self.cls_mixture
         if cls_prior is not None and self.has_z_cls:
             z_cls = cls_prior.sample(n, generator=generator, device=device)
         else:
@@ -452,6 +486,19 @@ class ViTCAE(nn.Module):
             attn.record_cls = on
             if on:
                 attn.reset_readout()
+
+    @contextlib.contextmanager
+    def readout_paused(self):
+        """Leave the CLS readout sums alone inside the block (a masked batch's rows are
+        shorter than the readout's)."""
+        on = [a.record_cls for a in self.attention_layers]
+        for attn in self.attention_layers:
+            attn.record_cls = False
+        try:
+            yield
+        finally:
+            for attn, was in zip(self.attention_layers, on):
+                attn.record_cls = was
 
     def readout_state(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """The readout sums as they stand (each step replaces them, never edits them in place),
