@@ -188,3 +188,38 @@ def test_select_metric_default_is_the_exported_constant():
     from vitcae_ray.config import SELECT_METRIC, build_config
 
     assert build_config({}).train.select_metric == SELECT_METRIC == "val/elbo"
+
+
+def test_a_saved_config_without_a_newer_key_rebuilds_what_it_trained(tmp_path):
+    """A model saved before ``model.dec_conv`` existed had the linear head: its config
+    rebuilds with 0, not today's default, and its weights load; a run directory holding such
+    a run refuses today's default by name instead of failing on the weights."""
+    import yaml
+
+    from vitcae_ray import checkpoints
+    from vitcae_ray.config import SAVED_WITHOUT, ConfigError, from_dict
+    from vitcae_ray.model import build_model
+    from vitcae_ray.outputs import CONFIG_FILE, check_run_dir
+
+    assert build_config({}).model.dec_conv > 0
+    old = build_config({"model.dec_conv": 0}).to_dict()
+    del old["model"]["dec_conv"]
+    assert from_dict(old).model.dec_conv == SAVED_WITHOUT["model.dec_conv"] == 0
+    assert from_dict({**old, "model": {**old["model"], "dec_conv": 8}}).model.dec_conv == 8
+    model = build_model(from_dict(old).model, 32, 1)
+    state = {"config": old, "model": model.state_dict(), "model_args": {"img_size": 32, "in_chans": 1}}
+    assert checkpoints.model_from_state(state).dec_conv is None
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="model.dec_conv=0 \\(now 16\\)"):
+        check_run_dir(str(tmp_path), build_config({}))
+
+
+def test_one_line_errors_keep_the_line_a_colon_announces():
+    from vitcae_ray.errors import first_line
+
+    assert first_line(ValueError("bad key 'x'\nmore detail")) == "bad key 'x'"
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    torch_style = "Error(s) in loading state_dict for ViTCAE:\n\tsize mismatch for dec_pred.weight: a, b.\n\tmore"
+    assert first_line(RuntimeError(torch_style)) == (
+        "Error(s) in loading state_dict for ViTCAE: size mismatch for dec_pred.weight: a, b."
+    )

@@ -159,6 +159,11 @@ def test_exports_the_best_trial_at_its_best_checkpoint_and_reloads_it(exp, tmp_p
     assert again["val/elbo"] == pytest.approx(metrics["val/elbo"], rel=1e-4)
     assert again["val/mse"] == pytest.approx(metrics["val/mse"], rel=1e-4)
     assert model.generate(4).shape == (4, 1, 16, 16)
+    # the z_cls mixture rides along: the 3-epoch run evaluates (and fits one) at its last
+    # epoch only, so only that epoch's checkpoint carries one
+    fitted = epoch == SMALL["train.epochs"] - 1
+    assert (state["cls_mixture"] is not None) == fitted == (model.cls_mixture is not None)
+    assert state["cls_mixture_epoch"] == (epoch if fitted else None) == model.cls_mixture_epoch
 
 
 @pytest.mark.ray

@@ -6,9 +6,13 @@ import sys
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The first line of an exception's message, or its type's name when it has none; a
+    first line that only announces what follows (ends with ':', as torch's state-dict errors
+    do) gets the next line too."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def fail(e: BaseException | str, code: int = 2) -> int:

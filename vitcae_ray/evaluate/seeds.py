@@ -66,7 +66,7 @@ ROWS = [
     ),
     *[
         (
-            f"sample {k}, z_cls from the fitted mixture",
+            f"sample {k}, z_cls from the model's mixture (generate's default)",
             f"sample/mixture/{k}",
             low,
             [(r, f"sample/{r}/{k}") for r in SANITY[:2]],
@@ -74,7 +74,7 @@ ROWS = [
         for k, low in (("kid", True), ("fid", True), ("precision", False), ("recall", False))
     ],
     (
-        "sample low-confidence share, z_cls from the fitted mixture",
+        "sample low-confidence share, z_cls from the model's mixture (generate's default)",
         "sample/mixture/low_confidence_share",
         True,
         [("real", "sample/real/low_confidence_share")],
@@ -86,7 +86,7 @@ ROWS = [
         [("real", "sample/real/seam_ratio")],
     ),
     (
-        "sample seam ratio, z_cls from the fitted mixture",
+        "sample seam ratio, z_cls from the model's mixture (generate's default)",
         "sample/mixture/seam_ratio",
         True,
         [("real", "sample/real/seam_ratio")],
