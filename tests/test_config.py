@@ -219,7 +219,9 @@ def test_one_line_errors_keep_the_line_a_colon_announces():
 
     assert first_line(ValueError("bad key 'x'\nmore detail")) == "bad key 'x'"
     assert first_line(RuntimeError("")) == "RuntimeError"
-    torch_style = "Error(s) in loading state_dict for ViTCAE:\n\tsize mismatch for dec_pred.weight: a, b.\n\tmore"
+    torch_style = (
+        "Error(s) in loading state_dict for ViTCAE:\n\tsize mismatch for dec_pred.weight: a, b.\n\tmore"
+    )
     assert first_line(RuntimeError(torch_style)) == (
         "Error(s) in loading state_dict for ViTCAE: size mismatch for dec_pred.weight: a, b."
     )
