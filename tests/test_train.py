@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -275,6 +276,39 @@ def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path, small)
     assert resumed[:2] == straight[:2]
     for key in ("train/loss", "val/loss", "val/mse"):
         assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5), key
+
+
+def test_a_masked_training_run_counts_its_cheaper_steps_in_both_arms(tmp_path, small):
+    """``loss.mask_prob`` through the trainer (local mode): some steps are masked, each is
+    counted at its own token count, and with nothing frozen the run and its no-freezing
+    baseline cost the same."""
+    out = tmp_path / "masked"
+    cfg = build_config(
+        {
+            **small,
+            "train.num_workers": 0,
+            "train.cpus_per_worker": 1.0,
+            "train.log_images": False,
+            "train.eval_every": 0,
+            "train.epochs": 2,
+            "freeze.enabled": False,
+            "loss.mask_prob": 0.5,
+            "train.output": str(out),
+        }
+    )
+    run(cfg, verbose=False)
+    plain_out = tmp_path / "plain"
+    run(
+        replace(cfg, loss=replace(cfg.loss, mask_prob=0.0), train=replace(cfg.train, output=str(plain_out))),
+        verbose=False,
+    )
+    masked, plain = _metrics(out), _metrics(plain_out)
+    assert [m["epoch"] for m in masked] == [0, 1] and all("train/masked_steps" not in m for m in plain)
+    for m, p in zip(masked, plain):
+        assert 0 < m["train/masked_steps"] and m["train/samples"] == p["train/samples"]
+        assert m["flops/epoch"] == m["flops/epoch_unfrozen"] and m["flops/saved_frac"] == 0.0
+        # the same steps, some of them on fewer tokens: cheaper than the unmasked run's
+        assert m["flops/epoch"] < p["flops/epoch"]
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, capsys, small):

@@ -331,7 +331,7 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
     decision = share_decision(decision, w.world)
     w.head_rows.extend(head_rows(model, decision, factors_used))
     prefix_images = w.cache.take_computed() if w.cache is not None else 0
-    masked = tuple(metrics[f"train/masked_{k}"] for k in ("steps", "tokens", "tokens_sq"))
+    masked = tuple(metrics.get(f"train/masked_{k}", 0) for k in ("steps", "tokens", "tokens_sq"))
     flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history, prefix_images, masked)
     applied = time.perf_counter()
     spread = apply_decision(tr, decision, cfg, len(w.train_loader), w.world)
