@@ -259,7 +259,7 @@ def train_one_epoch(
     metrics = _as_metrics("train", sums)
     metrics["train/nonfinite_steps"] = skipped
     if cfg.loss.mask_prob > 0:  # this rank's own (not reduced), for the FLOP count of its steps
-        metrics["train/masked_steps"], metrics["train/masked_tokens"], metrics["train/masked_tokens_sq"] = masked
+        metrics.update(zip(("train/masked_steps", "train/masked_tokens", "train/masked_tokens_sq"), masked))
     metrics["time/epoch_s"] = elapsed
     metrics["throughput/images_per_s"] = metrics["train/samples"] / max(elapsed, 1e-9)
     metrics["lr"] = optimizer.param_groups[0]["lr"]

@@ -26,10 +26,9 @@ def holdout_probe(model, xtr, ytr, xv, yv) -> float:
 
 class EpochEvaluator:
     """``val/probe_acc`` (hold-out probe), ``val/fid`` and ``val/kid`` of samples (z_cls from
-    the mixture fitted here) against the
-    training split in the dataset's cached feature space, with fixed data, seed and sample
-    count (the validation split's size, at most ``max_val``), so epochs and trials compare;
-    and the inpainting and interpolation grids.
+    the mixture fitted here) against the training split in the dataset's cached feature
+    space, with fixed data, seed and sample count (the validation split's size, at most
+    ``max_val``), so epochs and trials compare; and the inpainting and interpolation grids.
 
     Holds at most ``max_train`` training and ``max_val`` validation images; the feature
     classifier is loaded from its cache, or trained and cached once, here."""

@@ -3,7 +3,8 @@ p(z_patch | z_cls), and a decoder from the patch latents FiLM-conditioned on z_c
 
     x -> patches + CLS -> encoder (per-head tau) -> q(z_cls|x), q(z_patch|x)
     z_cls -> prior MLP -> p(z_patch | z_cls) = N(Z~_patch, exp(logvar_p))
-    (z_patch, z_cls) -> decoder (FiLM(z_cls) in every block) -> x_hat in [0, 1]
+    (z_patch, z_cls) -> decoder (FiLM(z_cls) in every block) -> per-patch pixels and
+        feature maps -> + 3x3 convolutional correction across patch borders -> x_hat in [0, 1]
 
 ``Z~_patch`` is the prior's mean: the patch latents that z_cls alone implies. The patch
 posterior is a residual on it, ``mu_patch = Z~_patch(z_cls) + delta(x)``, so the patch KL
@@ -11,8 +12,10 @@ charges only what z_cls does not explain. In training it is also the target of t
 discrepancy term, and with ``loss.prior_recon_weight`` the image is decoded a second time
 from prior samples alone (the generative path) and must match the input: that is what makes
 z_cls carry the image's global content instead of collapsing onto N(0, I). At generation
-time the patch latents are ``Z~_patch + temperature * sigma_p * eps``; temperature 0 decodes
-Z~_patch, and inpainting puts Z~_patch in the holes.
+time z_cls comes from the model's Gaussian mixture on the training posteriors
+(``cls_mixture``, when fitted) or N(0, I), and the patch latents are ``Z~_patch +
+temperature * sigma_p * eps``; temperature 0 decodes Z~_patch, and inpainting puts Z~_patch
+in the holes.
 
 ``model.variant: vitvae`` builds the paper's ViT-VAE baseline from the same parts: the same
 encoder (CLS token and per-head temperatures included), patch latents with an N(0, I) prior,
