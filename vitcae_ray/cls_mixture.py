@@ -91,10 +91,10 @@ def fit_cls_mixture(model, images: torch.Tensor, device, seed: int = 0, batch: i
 def mixture_state(model) -> dict:
     """The model's mixture for a checkpoint or model file: ``{"cls_mixture": state or None,
     "cls_mixture_epoch": the epoch it was fitted at or None}``."""
-    mixture = getattr(model, "cls_mixture", None)
+    mixture = model.cls_mixture
     return {
         "cls_mixture": None if mixture is None else mixture.state_dict(),
-        "cls_mixture_epoch": getattr(model, "cls_mixture_epoch", None),
+        "cls_mixture_epoch": model.cls_mixture_epoch,
     }
 
 

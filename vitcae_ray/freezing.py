@@ -172,16 +172,16 @@ def masked_step_flops_by_phase(model: ViTCAE, x: torch.Tensor, cfg: Config) -> d
     depends on T (the patch embedding runs on the whole image, the prior, decoder and loss
     on every patch), so three counts determine it."""
     n = model.num_patches
+    # a masked step keeps 1..n-1 patches; with fewer than 3 such counts, a lower degree
+    # through all of them is just as exact
     kept = np.array(sorted({1, max(1, n // 2), max(1, n - 1)}))
-    if len(kept) < 3:  # fewer than 4 patches: count every possible step
-        kept = np.arange(1, n + 1)
     tokens = 1.0 + kept
     epochs = {mmd_active(e, cfg): e for e in (0, cfg.loss.kl_warmup_epochs)}
     out = {}
     for phase, e in epochs.items():
         counts = [train_step_flops(model, x, cfg, e, kept=int(k)) for k in kept]
-        coef = np.polyfit(tokens, counts, 2)[::-1] if len(kept) >= 3 else np.array([counts[0], 0.0, 0.0])
-        out[phase] = coef
+        coef = np.polyfit(tokens, counts, len(kept) - 1)[::-1]
+        out[phase] = np.pad(coef, (0, 3 - len(coef)))
     return out
 
 
