@@ -14,7 +14,7 @@ import torch
 from vitcae_ray.checkpoints import load as load_state
 from vitcae_ray.checkpoints import model_from_state
 from vitcae_ray.cli import main
-from vitcae_ray.config import build_config
+from vitcae_ray.config import Config, build_config
 from vitcae_ray.train import run
 
 pytestmark = pytest.mark.ray  # every test runs the trainer (Ray Train, local mode included)
@@ -253,19 +253,15 @@ def test_killed_worker_and_actor_change_nothing(two_worker_run, tmp_path, make_k
     assert tb_tags(out / "tb")["val/mse"] == [0, 1, 2, 3, 4]
 
 
+def _local(small: dict, out: Path, **overrides) -> Config:
+    """A run in Ray Train's local mode (no Ray), no images, writing to ``out``."""
+    base = {"train.num_workers": 0, "train.cpus_per_worker": 1.0, "train.log_images": False}
+    return build_config({**small, **base, **overrides, "train.output": str(out)})
+
+
 def test_local_mode_resume_after_a_crash_replays_the_same_epoch(tmp_path, small):
     out = tmp_path / "run"
-    cfg = build_config(
-        {
-            **small,
-            "train.num_workers": 0,
-            "train.cpus_per_worker": 1.0,
-            "train.log_images": False,
-            "train.epochs": 3,
-            "train.num_checkpoints": 3,
-            "train.output": str(out),
-        }
-    )
+    cfg = _local(small, out, **{"train.epochs": 3, "train.num_checkpoints": 3})
     run(cfg, verbose=False)
     straight = _metrics(out)
     # a crash during epoch 2: its checkpoint never appeared, its metrics line did
@@ -283,19 +279,8 @@ def test_a_masked_training_run_counts_its_cheaper_steps_in_both_arms(tmp_path, s
     counted at its own token count, and with nothing frozen the run and its no-freezing
     baseline cost the same."""
     out = tmp_path / "masked"
-    cfg = build_config(
-        {
-            **small,
-            "train.num_workers": 0,
-            "train.cpus_per_worker": 1.0,
-            "train.log_images": False,
-            "train.eval_every": 0,
-            "train.epochs": 2,
-            "freeze.enabled": False,
-            "loss.mask_prob": 0.5,
-            "train.output": str(out),
-        }
-    )
+    overrides = {"train.eval_every": 0, "train.epochs": 2, "freeze.enabled": False, "loss.mask_prob": 0.5}
+    cfg = _local(small, out, **overrides)
     run(cfg, verbose=False)
     plain_out = tmp_path / "plain"
     run(
