@@ -3,6 +3,7 @@ end-to-end tests train, fault injection into a running training run, and a Tenso
 event-file reader. Tests that request ``ray_session`` carry the ``ray`` marker."""
 
 import os
+import re
 import signal
 import struct
 import threading
@@ -106,6 +107,16 @@ def metrics_lines(run_dir: Path) -> int:
         return 0
 
 
+# A line Ray forwards from an actor's log, "(Name pid=N) ..." with or without colour: it
+# reaches this process's stderr whenever it arrives, from whichever test started the actor.
+RAY_LOG = re.compile(r"^(\x1b\[[0-9;]*m)?\([\w.-]+ pid=\d+")
+
+
+def own_stderr(err: str) -> list[str]:
+    """The lines of captured stderr that the command printed, without Ray's forwarded logs."""
+    return [line for line in err.splitlines() if not RAY_LOG.match(line)]
+
+
 def alive_pids(class_name: str) -> list[int]:
     from ray.util.state import list_actors
 
@@ -145,6 +156,12 @@ def metrics_lines_fixture():
     """``metrics_lines(run_dir)``: the number of lines of the run's ``metrics.jsonl`` (0 before
     it exists)."""
     return metrics_lines
+
+
+@pytest.fixture(name="own_stderr", scope="session")
+def own_stderr_fixture():
+    """``own_stderr(err)``: the lines of captured stderr without Ray's forwarded actor logs."""
+    return own_stderr
 
 
 @pytest.fixture(name="alive_pids", scope="session")

@@ -172,6 +172,8 @@ def _arm(flops, train_s, mse, probe, fid, kid, saved=None, wall_s=None) -> dict:
         "probe_acc": probe,
         "fid": fid,
         "kid": kid,
+        "fid_normal": 2 * fid,
+        "kid_normal": 2 * kid,
         "flops_saved_frac": saved,
     }
 
@@ -197,7 +199,10 @@ def test_run_summary_has_the_known_ratios_and_meets_the_targets():
     on, off = _good_runs()
     rows = summarize("long", 60, [0, 1, 2], _pairs(on, off))
     by = {r["figure"]: r for r in rows}
-    assert set(by) == {"flops", "train_s", "val_mse", "probe_acc", "fid", "kid", "flops_saving_claimed"}
+    assert set(by) == {
+        *("flops", "train_s", "val_mse", "probe_acc", "flops_saving_claimed"),
+        *("fid", "kid", "fid_normal", "kid_normal"),
+    }
     assert all(r["config"] == "long" and r["epochs"] == 60 and r["seeds"] == 3 for r in rows)
     assert by["flops"]["value"] == pytest.approx(0.8) and by["flops"]["bound"] == 0.85
     assert by["flops"]["statistic"] == "mean of 3 per-seed ratios"
@@ -210,6 +215,7 @@ def test_run_summary_has_the_known_ratios_and_meets_the_targets():
     )
     assert by["val_mse"]["value"] == pytest.approx(1.01)
     assert by["fid"]["value"] == pytest.approx(1.05) and by["kid"]["value"] == pytest.approx(1.05)
+    assert by["fid_normal"]["value"] == pytest.approx(1.05) and by["fid_normal"]["bound"] == 1.10
     assert by["probe_acc"]["value"] == pytest.approx(-0.5)  # points
     assert by["probe_acc"]["off_spread"]["kind"] == "std_points"
     assert by["probe_acc"]["off_spread"]["value"] == pytest.approx(2.0)  # std of 90, 92, 88 points
@@ -235,8 +241,24 @@ def test_run_summary_flips_a_target_on_a_bad_pair():
         and by["flops_saving_claimed"]["met"] is False
     )
     assert by["val_mse"]["met"] is True
+    on[0] = {**on[0], "fid_normal": 1.5 * off[0]["fid_normal"]}  # only the N(0, I) samples worse
+    by = {r["figure"]: r for r in summarize("long", 60, [0, 1, 2], _pairs(on, off))}
+    assert by["fid_normal"]["met"] is False and by["fid"]["met"] is True
     short = {r["figure"]: r for r in summarize("short", 30, [0, 1, 2], _pairs(on, off))}
     assert short["flops"]["bound"] == 1.0 and short["flops"]["met"] is True  # 0.9 <= 1.00
+
+
+def test_run_reads_the_default_samplers_figures_and_n01s_beside_them():
+    from vitcae_ray.bench.run import evaluation_record
+
+    metrics = {"probe/acc": 0.9, "sample/fid": 30.0, "sample/kid": 5.0}
+    mixture = {**metrics, "sample/mixture/fid": 3.0, "sample/mixture/kid": 0.5}
+    assert evaluation_record(mixture) == {
+        "probe_acc": 0.9,
+        **{"fid": 3.0, "kid": 0.5, "fid_normal": 30.0, "kid_normal": 5.0},
+    }
+    # a model without a mixture (the ViT-VAE) samples N(0, I) by default
+    assert evaluation_record(metrics)["fid"] == 30.0 == evaluation_record(metrics)["fid_normal"]
 
 
 def test_run_summary_of_one_seed_and_an_unmeasurable_ratio():
@@ -285,7 +307,7 @@ def test_run_table_labels_every_statistic_and_says_met_or_not(tmp_path):
     probe = next(x for x in lines if x.startswith("probe accuracy"))
     assert "-0.50 pt" in probe and "std 2.00 pt" in probe and ">= -1.0 pt" in probe
     assert "seed 0 20.00% vs 0.00%, seed 1 10.00% vs 10.00%" in text
-    assert "LONG targets met: 5/7" in text
+    assert "LONG targets met: 7/9" in text
     assert (
         "training (sum of time/epoch_s) 26.0 / 30.0; the whole command, start-up included 52.0 / 60.0" in text
     )

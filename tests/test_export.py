@@ -256,7 +256,7 @@ def test_an_interrupted_export_leaves_nothing(exp, tmp_path, monkeypatch):
         (["--experiment", "nosuch://bucket/exp"], ["nosuch://bucket/exp"]),
     ],
 )
-def test_errors_are_one_line_exit_2_and_write_nothing(exp, tmp_path, capsys, args, words):
+def test_errors_are_one_line_exit_2_and_write_nothing(exp, tmp_path, capsys, own_stderr, args, words):
     (tmp_path / "empty").mkdir()
     nockpt = tmp_path / "nockpt"
     (nockpt / "trials" / "x").mkdir(parents=True)
@@ -280,10 +280,10 @@ def test_errors_are_one_line_exit_2_and_write_nothing(exp, tmp_path, capsys, arg
     argv = [a.format(tmp=tmp_path, exp=exp) for a in args] + ["--out", str(out)]
     assert export_main(argv) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.count("\n") == 1
-    assert captured.err.startswith("error: ")
+    err = own_stderr(captured.err)
+    assert captured.out == "" and len(err) == 1 and err[0].startswith("error: ")
     for w in words:
-        assert w in captured.err
+        assert w in err[0]
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 

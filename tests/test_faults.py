@@ -68,15 +68,15 @@ def test_address_with_no_cluster_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.ray
-def test_output_naming_a_file_is_one_line_exit_2_and_the_file_is_kept(tmp_path, capsys):
+def test_output_naming_a_file_is_one_line_exit_2_and_the_file_is_kept(tmp_path, capsys, own_stderr):
     from vitcae_ray.tune import main as tune_main
 
     path = tmp_path / "notes.txt"
     path.write_text("mine")
     assert main(["--num-workers", "0", "--output", str(path)]) == 2
     assert tune_main(["--output", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 2 and err.count(f"--output {path} is a file") == 2
+    err = own_stderr(capsys.readouterr().err)
+    assert len(err) == 2 and all(f"--output {path} is a file" in line for line in err)
     assert path.read_text() == "mine"
 
 
@@ -251,7 +251,7 @@ def test_a_checkpoint_cut_off_mid_write_never_becomes_latest(local_run, tmp_path
 
 
 @pytest.mark.ray  # local_run trains in Ray Train's local mode
-def test_a_damaged_latest_checkpoint_is_named_and_nothing_is_written(local_run, capsys):
+def test_a_damaged_latest_checkpoint_is_named_and_nothing_is_written(local_run, capsys, own_stderr):
     out, args = local_run
     path = out / "train" / "checkpoint_epoch_0001" / checkpoints.CHECKPOINT_FILE
     good = path.read_bytes()
@@ -261,8 +261,8 @@ def test_a_damaged_latest_checkpoint_is_named_and_nothing_is_written(local_run, 
     before = (out / "metrics.jsonl").read_text()
     try:
         assert main([*args, "--epochs", "3"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"checkpoint {path} is damaged" in err
+        err = own_stderr(capsys.readouterr().err)
+        assert len(err) == 1 and f"checkpoint {path} is damaged" in err[0]
         assert (out / "metrics.jsonl").read_text() == before
         assert not (out / "train" / "checkpoint_epoch_0002").exists()
     finally:

@@ -73,7 +73,7 @@ def test_auto_worker_cpus_fit_this_machine_and_too_much_is_one_line(ray_session)
     assert "\n" not in msg and "3 Ray Train workers x {1 CPU}" in msg and f"{cpus:g} CPU" in msg
 
 
-def test_an_infeasible_run_is_exit_2_before_anything_is_written(ray_session, tmp_path, capsys):
+def test_an_infeasible_run_is_exit_2_before_anything_is_written(ray_session, tmp_path, capsys, own_stderr):
     from vitcae_ray.cli import main
 
     out = tmp_path / "run"
@@ -89,8 +89,8 @@ def test_an_infeasible_run_is_exit_2_before_anything_is_written(ray_session, tmp
             "train.worker_resource=accel",
         ]
     )
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "accel" in err
+    ours = own_stderr(capsys.readouterr().err)
+    assert code == 2 and len(ours) == 1 and "accel" in ours[0]
     assert not out.exists()
 
 

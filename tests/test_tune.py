@@ -147,12 +147,12 @@ def test_pareto_front_marks_the_non_dominated_trials():
     assert pareto_front(points) == [True, True, False, False, False]
 
 
-def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, own_stderr):
     from vitcae_ray.export import main as export
 
     out = tmp_path / "model"
     assert export(["--experiment", str(tmp_path / "none"), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "results.parquet" in err and not out.exists()
+    err = own_stderr(capsys.readouterr().err)
+    assert len(err) == 1 and "results.parquet" in err[0] and not out.exists()
     with pytest.raises(FileNotFoundError, match="model.pt"):
         vitcae_ray.load_pretrained(str(tmp_path))
