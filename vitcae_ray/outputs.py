@@ -67,16 +67,23 @@ def check_directory(path: str, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {existing} is not writable: {fix}")
 
 
+def run_config(run_dir: str) -> Config | None:
+    """The config a run saved in its ``config.yaml`` (keys it predates rebuilt by
+    :func:`vitcae_ray.config.from_dict`), or None when it has none; a local path or a URI."""
+    import yaml
+
+    text = filesystem.read_text(filesystem.join(run_dir, CONFIG_FILE))
+    return None if text is None else from_dict(yaml.safe_load(text) or {})
+
+
 def check_run_dir(output: str, cfg: Config) -> None:
     """Refuse a run directory that is no directory, or that holds a run whose settings differ
     in ways a checkpoint can't absorb (:data:`RESUME_KEYS`)."""
-    import yaml
-
     check_directory(output, "--output")
-    text = filesystem.read_text(filesystem.join(output, CONFIG_FILE))
-    if text is None:
+    saved = run_config(output)
+    if saved is None:
         return
-    old = from_dict(yaml.safe_load(text) or {}).to_dict()
+    old = saved.to_dict()
     new = cfg.to_dict()
 
     def get(d: dict, key: str):

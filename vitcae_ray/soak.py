@@ -239,12 +239,10 @@ def _report(
 def warmup_epochs(out: Path) -> int:
     """The run's KL-only warm-up (``loss.kl_warmup_epochs`` of its ``config.yaml``): the
     epochs before the MMD terms, and their memory, join the step."""
-    from .config import from_dict, load_yaml
+    from .outputs import run_config
 
-    path = out / "config.yaml"
-    if not path.is_file():  # the driver stopped before writing it: no epoch to leave out
-        return 0
-    return from_dict(load_yaml(path, "the run's config")).loss.kl_warmup_epochs
+    cfg = run_config(str(out))
+    return 0 if cfg is None else cfg.loss.kl_warmup_epochs  # None: the driver never wrote one
 
 
 def table(report: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import filesystem
 from ..config import SELECT_METRIC, Config
-from ..outputs import CONFIG_FILE, METRICS_FILE
+from ..outputs import METRICS_FILE, run_config
 from .common import BenchError, machine_info, progress, round_orders, table
 
 NAME = "run"
@@ -121,11 +121,8 @@ def read_history(text: str) -> list[dict[str, Any]]:
 
 def select_metric_of(run_dir: str) -> str:
     """The run's ``train.select_metric`` from its ``config.yaml`` (the default without one)."""
-    import yaml
-
-    text = filesystem.read_text(filesystem.join(run_dir, CONFIG_FILE))
-    cfg = (yaml.safe_load(text) or {}) if text else {}
-    return (cfg.get("train") or {}).get("select_metric") or SELECT_METRIC
+    cfg = run_config(run_dir)
+    return SELECT_METRIC if cfg is None else cfg.train.select_metric
 
 
 def _finite(v: Any) -> float | None:

@@ -72,11 +72,10 @@ def _select_metric(run_dir: str) -> str:
     """The run's ``train.select_metric`` (from its config.yaml), or the default."""
     import yaml
 
-    from ..outputs import CONFIG_FILE
+    from ..outputs import run_config
 
     try:
-        text = filesystem.read_text(filesystem.join(run_dir, CONFIG_FILE))
-        cfg = from_dict(yaml.safe_load(text) or {}) if text else None
+        cfg = run_config(run_dir)
     except (ConfigError, yaml.YAMLError):
         cfg = None
     return getattr(getattr(cfg, "train", None), "select_metric", SELECT_METRIC)
