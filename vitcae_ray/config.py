@@ -243,7 +243,7 @@ class FreezeConfig:
         le=1,
     )
     block_ratio: float = key(
-        0.5,
+        0.6,
         "a block's output has converged when its change over the last freeze.patience epochs "
         "on the probe images is below block_ratio x its noise floor (the difference between "
         "the probe's halves)",
