@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import filesystem
-from .config import Config, ConfigError, from_dict
+from .config import SELECT_METRIC, Config, ConfigError, from_dict
 
 if TYPE_CHECKING:  # torch is imported where it is used: export imports this module light
     import torch
@@ -74,6 +74,12 @@ def run_config(run_dir: str) -> Config | None:
 
     text = filesystem.read_text(filesystem.join(run_dir, CONFIG_FILE))
     return None if text is None else from_dict(yaml.safe_load(text) or {})
+
+
+def select_metric_of(run_dir: str) -> str:
+    """The run's ``train.select_metric`` from its ``config.yaml`` (the default without one)."""
+    cfg = run_config(run_dir)
+    return SELECT_METRIC if cfg is None else cfg.train.select_metric
 
 
 def check_run_dir(output: str, cfg: Config) -> None:

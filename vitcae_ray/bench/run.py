@@ -36,8 +36,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from .. import filesystem
-from ..config import SELECT_METRIC, Config
-from ..outputs import METRICS_FILE, run_config
+from ..config import Config
+from ..outputs import METRICS_FILE, select_metric_of
 from .common import BenchError, machine_info, progress, round_orders, table
 
 NAME = "run"
@@ -117,12 +117,6 @@ def read_history(text: str) -> list[dict[str, Any]]:
             raise
         by_epoch[int(record["epoch"])] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def select_metric_of(run_dir: str) -> str:
-    """The run's ``train.select_metric`` from its ``config.yaml`` (the default without one)."""
-    cfg = run_config(run_dir)
-    return SELECT_METRIC if cfg is None else cfg.train.select_metric
 
 
 def _finite(v: Any) -> float | None:

@@ -72,13 +72,12 @@ def _select_metric(run_dir: str) -> str:
     """The run's ``train.select_metric`` (from its config.yaml), or the default."""
     import yaml
 
-    from ..outputs import run_config
+    from ..outputs import select_metric_of
 
     try:
-        cfg = run_config(run_dir)
-    except (ConfigError, yaml.YAMLError):
-        cfg = None
-    return getattr(getattr(cfg, "train", None), "select_metric", SELECT_METRIC)
+        return select_metric_of(run_dir)
+    except (ConfigError, yaml.YAMLError):  # a damaged config.yaml: rank by the default
+        return SELECT_METRIC
 
 
 def _digest(folder: str, name: str) -> str | None:
