@@ -294,3 +294,24 @@ def test_the_convolutional_head_starts_as_the_linear_head():
     h = torch.randn(2, model.num_patches, model.cfg.dec_dim)
     linear = model.unpatchify(model.dec_pred(h))[:, :1]
     torch.testing.assert_close(model.output_head(h), linear)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_unpatchify_puts_each_tokens_pixels_in_its_patch(channels):
+    """Token n = (row, col) of the patch grid holds its patch's p x p pixels, each with C
+    values, in (pixel row, pixel column, channel) order; the maps come back in channels-last
+    memory order and equal to a loop over patches."""
+    cfg = build_config({"model": {"dec_conv": 4}}).model
+    model = build_model(cfg, 16, channels)
+    p, g = cfg.patch_size, model.grid
+    C = channels + cfg.dec_conv
+    h = torch.randn(2, g * g, p * p * C)
+    got = model.unpatchify(h)
+    want = torch.empty(2, C, g * p, g * p)
+    for n in range(g * g):
+        r, c = divmod(n, g)
+        want[:, :, r * p : (r + 1) * p, c * p : (c + 1) * p] = h[:, n].view(2, p, p, C).permute(0, 3, 1, 2)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # the image the head returns is plain (B, C, S, S)-contiguous
+    assert model.output_head(torch.randn(2, g * g, cfg.dec_dim)).is_contiguous()

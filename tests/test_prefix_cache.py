@@ -151,3 +151,60 @@ def test_training_with_the_cache_trains_the_same_weights_as_without():
     for (a, c), (b, d) in zip(r1, r0):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(c, d)
+
+
+def test_validation_with_the_cache_gives_the_uncached_metrics():
+    """The validation rows' cache: val/elbo, val/mse and every other term as without it, in
+    the first epoch (filled) and the next (served), with the prefix run once per image."""
+    from vitcae_ray.engine import evaluate
+
+    images = torch.rand(20, 1, 16, 16)
+    data = TensorDataset(images, torch.zeros(20))
+    cfg, model = _model(blocks=4)
+    plain = evaluate(model, DataLoader(data, batch_size=8), 5, cfg, CPU)
+    cache = PrefixCache(20, 64, readout=False)
+    indexed = DataLoader(Indexed(data), batch_size=8)
+    for computed in (20, 0):
+        assert evaluate(model, indexed, 5, cfg, CPU, cache=cache) == plain
+        assert cache.take_computed() == computed
+    # a wrong key (another image's tokens) moves the metrics: the comparison can fail
+    with torch.no_grad():
+        cache.tokens[:10] = cache.tokens[10:].clone()
+    assert evaluate(model, indexed, 5, cfg, CPU, cache=cache)["val/mse"] != plain["val/mse"]
+    # it holds the tokens alone: validation runs with the readout off
+    assert cache.readout is None and cache.nbytes() == cache_bytes(model, 20, 4, readout=False)
+    assert cache_bytes(model, 20, 4, readout=False) < cache_bytes(model, 20, 4)
+
+
+def test_the_probe_pass_is_reused_only_once_the_whole_encoder_is_frozen():
+    from vitcae_ray.engine import head_statistics
+
+    probe = torch.rand(6, 1, 16, 16)
+    odd = torch.arange(6) % 2 == 1
+    x = torch.rand(4, 1, 16, 16)
+
+    def stats(model, memo):
+        model.set_readout(True)
+        model(x)
+        return head_statistics(model, probe, odd, memo)
+
+    cfg, model = _model(blocks=2)
+    memo = {}
+    first = stats(model, memo)
+    assert first.probe_ran and not memo  # a prefix of 2 of 4 blocks: the pass runs
+    apply_frozen(model, [list(range(cfg.model.num_heads))] * 4, 4)
+    fresh = stats(model, memo)
+    assert fresh.probe_ran and "probe_pass" in memo
+    again = stats(model, memo)
+    assert not again.probe_ran
+    # the reused maps are the ones a fresh pass computes now
+    now = stats(model, None)
+    for a, b in ((again.patch, now.patch), (again.block_maps, now.block_maps)):
+        assert torch.equal(a, b)
+    # and the epoch that reused them is charged no probe pass; the run without freezing is
+    account = FlopAccount(model, x, cfg, probe)
+    ran = account.epoch_metrics(5, 10, [])
+    reused = account.epoch_metrics(5, 10, [], probe_ran=False)
+    assert account.probe > 0
+    assert reused["flops/epoch"] == ran["flops/epoch"] - account.probe
+    assert reused["flops/epoch_unfrozen"] == ran["flops/epoch_unfrozen"]

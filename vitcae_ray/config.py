@@ -253,7 +253,8 @@ class FreezeConfig:
         1024.0,
         "MiB per worker (on its device) for keeping the frozen block prefix's output per "
         "training image, so the prefix's forward runs once per image, not every epoch; a "
-        "train split that needs more, or a streamed one, runs the prefix every step; 0 = off",
+        "train split that needs more, or a streamed one, runs the prefix every step; the "
+        "same bound applies, separately, to the validation images' cache; 0 = off",
         ge=0,
     )
     probe_size: int = key(64, "fixed validation images for the patch->patch attention (kappa)", ge=1)

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,6 +113,7 @@ class HeadStatistics:
     cls_halves: torch.Tensor  # (2, L, H, N) the readout over the even- and odd-indexed samples
     block_maps: torch.Tensor | None  # (3, L, 1 + N, D) block outputs on the probe: all, even, odd
     # half; None when a half of the probe is empty (no floor to measure)
+    probe_ran: bool = True  # False: the probe pass's result was reused (the whole encoder frozen)
 
     def args(self) -> tuple:
         return tuple(
@@ -120,7 +122,9 @@ class HeadStatistics:
 
 
 @torch.no_grad()
-def head_statistics(model, probe: torch.Tensor, probe_odd: torch.Tensor) -> HeadStatistics:
+def head_statistics(
+    model, probe: torch.Tensor, probe_odd: torch.Tensor, memo: dict[str, Any] | None = None
+) -> HeadStatistics:
     """The epoch's statistics for the convergence controller, summed over every rank:
 
     - mean CLS->patch attention per (layer, head), (L, H, N): the readout accumulated during
@@ -130,12 +134,23 @@ def head_statistics(model, probe: torch.Tensor, probe_odd: torch.Tensor) -> Head
       half): the mean patch->patch attention per (layer, head), (L, H, N, N), for kappa, and
       each encoder block's mean output over the whole probe and over each half.
     Call after a training epoch run with ``model.set_readout(True)``.
+
+    With ``memo`` (a dict kept across epochs) and the whole encoder frozen, the probe pass runs
+    once and later epochs reuse its result: the probe images, the frozen weights and the
+    frozen heads' temperature factors are fixed, so it would compute the same maps again.
     """
     cls_sum, _ = model.cls_attention()  # (L, H, 1 + N); means come from renormalising sums
     cls_odd = model.cls_attention_odd()
     L, H, T = cls_sum.shape
-    if len(probe):
+    fixed = memo is not None and model.frozen_blocks == len(model.blocks)
+    ran = True
+    if fixed and "probe_pass" in memo:
+        maps, blocks = memo["probe_pass"]
+        ran = False
+    elif len(probe):
         maps, blocks = model.probe_pass(probe, probe_odd)
+        if fixed:
+            memo["probe_pass"] = (maps, blocks)
     else:
         maps = cls_sum.new_zeros(L, H, T, T)
         blocks = cls_sum.new_zeros(2, L, T, model.cfg.embed_dim)
@@ -155,6 +170,7 @@ def head_statistics(model, probe: torch.Tensor, probe_odd: torch.Tensor) -> Head
         (patch / patch.sum(-1, keepdim=True)).float().cpu(),
         halves.float().cpu(),
         means.float().cpu() if bool((counts > 0).all()) else None,
+        ran and len(probe) > 0,
     )
 
 
@@ -275,6 +291,7 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     seed: int = 0,
+    cache: PrefixCache | None = None,
 ) -> dict[str, float]:
     """Deterministic validation, every draw from a generator seeded with ``seed``:
 
@@ -283,20 +300,33 @@ def evaluate(
     - ``val/mse`` (and ``val/psnr`` = 10 log10(1 / val/mse) for images in [0, 1]) and the
       other terms (``val/loss``, ``val/recon``, the KLs, ``val/discrepancy``): at the
       posterior means, MMD against prior samples.
+
+    The loader yields ``(x, y)`` or ``(x, y, row index)``; with the index and a ``cache`` (of
+    the validation rows, not the training cache) the frozen prefix's output comes from it:
+    the same numbers, the prefix's forward run once per image instead of twice per epoch.
     """
     model.eval()
     inner = unwrap(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
-    for x, _ in loader:
-        x = x.to(device, non_blocking=True)
+    for batch in loader:
+        x = batch[0].to(device, non_blocking=True)
+        index = batch[2] if len(batch) > 2 else None
         with autocast(device, amp_dtype):
+            prefix = cache.prefix(inner, x, index) if cache is not None else None
             # the module itself, not its DDP wrapper: DDP's forward broadcasts buffers, a
             # collective, and the ranks' shares of the validation split may differ in batches
-            out = inner(x, sample=False, decode_prior=decode_prior(cfg))
+            out = inner(x, sample=False, decode_prior=decode_prior(cfg), prefix=prefix)
         terms = vitcae_loss(out, x, epoch, cfg.loss, generator=gen)
         with autocast(device, amp_dtype):
-            nelbo = elbo(inner, x, cfg.loss.elbo_samples, recon_weight=cfg.loss.recon_weight, generator=gen)
+            nelbo = elbo(
+                inner,
+                x,
+                cfg.loss.elbo_samples,
+                recon_weight=cfg.loss.recon_weight,
+                generator=gen,
+                prefix=prefix,
+            )
         terms["elbo"] = nelbo.mean()
         n = x.shape[0]
         sums[:-1] += torch.stack([terms[k].double() for k in TERMS]) * n

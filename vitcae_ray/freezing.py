@@ -219,7 +219,7 @@ class FlopAccount:
     frozen set changes; with the prefix cache serving, without the prefix's forward, which
     ``prefix_image`` counts per image the cache fills), the same step with nothing frozen
     (``unfrozen``: the run without freezing, readout included, the baseline), and the
-    epoch's probe pass (in both)."""
+    epoch's probe pass (in both, unless the whole encoder is frozen and the epoch reused it)."""
 
     def __init__(
         self,
@@ -249,16 +249,20 @@ class FlopAccount:
         history: list[dict[str, Any]],
         prefix_images: int = 0,
         masked: tuple[int, float, float] = (0, 0.0, 0.0),
+        probe_ran: bool = True,
     ) -> dict[str, float]:
         """``flops/*`` of an epoch of ``steps`` steps trained with the current frozen set (call
         before the epoch's decision changes it), ``prefix_images`` of them filling the prefix
         cache; ``masked``: (masked steps among them, the sum of their encoder token counts,
         the sum of the squares; :func:`vitcae_ray.engine.train_one_epoch` returns them);
-        cumulative over ``history`` (earlier epochs)."""
+        ``probe_ran`` False: the epoch reused the probe pass of an earlier one (the whole
+        encoder frozen), which the run without freezing runs every epoch; cumulative over
+        ``history`` (earlier epochs)."""
         phase = mmd_active(epoch, self.cfg)
         trained = self.step[phase]
         n_masked = masked[0]
-        spent = (steps - n_masked) * trained + round(prefix_images * self.prefix_image) + self.probe
+        probe = self.probe if probe_ran else 0
+        spent = (steps - n_masked) * trained + round(prefix_images * self.prefix_image) + probe
         unfrozen = (steps - n_masked) * self.unfrozen[phase] + self.probe
         if n_masked:
             spent += masked_flops(self.masked[phase], *masked)

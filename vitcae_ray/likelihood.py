@@ -87,17 +87,20 @@ def elbo(
     *,
     recon_weight: float,
     generator: torch.Generator | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The negative ELBO in nats per image, (B,): the mean over k posterior draws of
     -log p(x | z) + sum over groups of the analytic KL(q(z_g | x, z_<g) || p(z_g | z_<g)),
     each group's KL at the draws before it. Same expectation as the mean of -log w, lower
-    variance."""
+    variance. ``prefix``: the output of the model's frozen encoder prefix for ``x``, passed
+    on to its ``latent_groups`` (a ViTCAE's prefix cache)."""
     _check_k(k)
     x = x.float()
     pixels = x[0].numel()
     total = x.new_zeros(x.shape[0])
+    extra = {} if prefix is None else {"prefix": prefix}
     for _ in range(k):
-        x_hat, groups = model.latent_groups(x, generator)
+        x_hat, groups = model.latent_groups(x, generator, **extra)
         sse = _per_image((x_hat.float() - x).pow(2))
         total = total + gaussian_nll(sse, pixels, recon_weight)
         for _z, q_mu, q_logvar, p_mu, p_logvar in groups:

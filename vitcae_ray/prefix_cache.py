@@ -15,6 +15,10 @@ Memory, on the training device: ``rows x (1 + N) x D`` token values plus ``rows 
 (1 + N)`` readout values, fp32 counted, and a flag per row. A train split that does not fit
 ``freeze.cache_mb`` runs the prefix every step, as does a streamed one (Ray Data shards carry
 no row index).
+
+Validation keeps a second cache of its own, over each rank's validation images and without
+readout rows (validation runs with the readout off): its prefix then runs once per image,
+not at every epoch's validation.
 """
 
 from __future__ import annotations
@@ -38,22 +42,25 @@ class Indexed(Dataset):
         return (*self.dataset[i], i)
 
 
-def cache_bytes(model: ViTCAE, rows: int, depth: int) -> int:
+def cache_bytes(model: ViTCAE, rows: int, depth: int, readout: bool = True) -> int:
     """Bytes the cache of a ``depth``-block prefix holds for ``rows`` images, fp32 counted,
-    with a one-byte flag per row."""
+    with a one-byte flag per row; ``readout`` False: without the readout rows."""
     tokens = model.num_patches + 1
-    per_row = tokens * model.cfg.embed_dim + depth * model.cfg.num_heads * tokens
+    per_row = tokens * model.cfg.embed_dim + readout * depth * model.cfg.num_heads * tokens
     return rows * (4 * per_row + 1)
 
 
 class PrefixCache:
     """Args:
-    rows: the train split's length (the loader yields each image's index in it).
+    rows: the split's length (the loader yields each image's index in it): the train split,
+        or a rank's share of the validation split.
     limit_mb: the most memory the cache may take, MiB; 0 turns it off.
+    readout: keep the prefix layers' CLS readout rows (training); False for validation, which
+        runs with the readout off.
     """
 
-    def __init__(self, rows: int, limit_mb: float) -> None:
-        self.rows, self.limit = rows, limit_mb * 2**20
+    def __init__(self, rows: int, limit_mb: float, readout: bool = True) -> None:
+        self.rows, self.limit, self.keeps_readout = rows, limit_mb * 2**20, readout
         self.depth = 0
         self.tokens: torch.Tensor | None = None  # (rows, 1 + N, D)
         self.readout: torch.Tensor | None = None  # (rows, depth, H, 1 + N)
@@ -63,7 +70,7 @@ class PrefixCache:
     def serves(self, model: ViTCAE) -> bool:
         """Whether steps of ``model`` (its current prefix) read their prefix from the cache."""
         k = model.frozen_blocks
-        return k > 0 and self.limit > 0 and cache_bytes(model, self.rows, k) <= self.limit
+        return k > 0 and self.limit > 0 and cache_bytes(model, self.rows, k, self.keeps_readout) <= self.limit
 
     def nbytes(self) -> int:
         """Bytes the cache holds now."""
@@ -87,14 +94,19 @@ class PrefixCache:
         index = index.to(x.device)
         miss = torch.ones_like(index, dtype=torch.bool) if self.valid is None else ~self.valid[index]
         if bool(miss.any()):
-            tokens, rows = model.forward_prefix(x[miss], with_rows=True)
+            if self.keeps_readout:
+                tokens, rows = model.forward_prefix(x[miss], with_rows=True)
+            else:
+                tokens, rows = model.forward_prefix(x[miss]), None
             if self.valid is None:
                 self.tokens = tokens.new_empty(self.rows, *tokens.shape[1:])
-                self.readout = rows.new_empty(self.rows, *rows.shape[1:])
+                self.readout = None if rows is None else rows.new_empty(self.rows, *rows.shape[1:])
                 self.valid = torch.zeros(self.rows, dtype=torch.bool, device=x.device)
             self.tokens[index[miss]] = tokens
-            self.readout[index[miss]] = rows
+            if rows is not None:
+                self.readout[index[miss]] = rows
             self.valid[index[miss]] = True
             self.computed += int(miss.sum())
-        model.record_prefix_readout(self.readout[index])
+        if self.readout is not None:
+            model.record_prefix_readout(self.readout[index])
         return self.tokens[index]

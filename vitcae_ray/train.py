@@ -15,7 +15,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,6 +93,8 @@ class Worker:
     evaluator: Any = None
     fail_metrics: dict[str, float] | None = None
     cache: PrefixCache | None = None  # the frozen prefix's outputs per training image
+    val_cache: PrefixCache | None = None  # the same per validation image of this rank
+    probe_memo: dict[str, Any] = field(default_factory=dict)  # the probe pass, once the encoder is frozen
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -137,6 +139,11 @@ def setup(loop_config: dict[str, Any]) -> Worker:
     state = _latest_state(local_ckpts, device, rank)
     # a streamed split carries no row index to key the cache by
     cache = None if loop_config.get("stream") else PrefixCache(len(train_set), cfg.freeze.cache_mb)
+    val_cache = (
+        None
+        if loop_config.get("stream")
+        else PrefixCache(len(val_loader.dataset), cfg.freeze.cache_mb, readout=False)
+    )
     probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
     probe_odd = (torch.arange(len(probe)) % 2 == 1)[rank::world].to(device)
     probe = probe[rank::world].to(device)
@@ -158,6 +165,7 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         local_checkpoints=local_ckpts,
         fail_metrics=loop_config.get("fail_metrics"),
         cache=cache,
+        val_cache=val_cache,
     )
     if rank == 0:
         _setup_rank0(w, train_set, val_set)
@@ -269,7 +277,7 @@ def _loaders(cfg: Config, stream: dict[str, int] | None, rank: int, world: int, 
     # every validation image once, on one rank: no sampler padding, so the all-reduced
     # validation metrics are those of the split whatever the number of workers
     val_loader = DataLoader(
-        val_shard(val_set, rank, world),
+        Indexed(val_shard(val_set, rank, world)),  # (x, y, row of the shard): the validation cache's key
         batch_size=t.batch_size,
         shuffle=False,
         num_workers=cfg.data.loader_workers,
@@ -326,18 +334,31 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, Any] | None:
         ray.train.report({"epoch": epoch, EPOCHS_DONE: epoch + 1, **failed})
         return None
     steps_s = metrics["time/epoch_s"]
-    stats = head_statistics(model, w.probe, w.probe_odd)
+    stats = head_statistics(model, w.probe, w.probe_odd, w.probe_memo)
     decision = w.heads.update(epoch, *stats.args()) if w.rank == 0 else None
     decision = share_decision(decision, w.world)
     w.head_rows.extend(head_rows(model, decision, factors_used))
     prefix_images = w.cache.take_computed() if w.cache is not None else 0
     masked = tuple(metrics.get(f"train/masked_{k}", 0) for k in ("steps", "tokens", "tokens_sq"))
-    flops = tr.flops.epoch_metrics(epoch, len(w.train_loader), w.history, prefix_images, masked)
+    flops = tr.flops.epoch_metrics(
+        epoch, len(w.train_loader), w.history, prefix_images, masked, probe_ran=stats.probe_ran
+    )
     applied = time.perf_counter()
     spread = apply_decision(tr, decision, cfg, len(w.train_loader), w.world)
     applied = time.perf_counter() - applied
     # validation sees the model exactly as the checkpoint stores it
-    metrics.update(evaluate(tr.wrapped, w.val_loader, epoch, cfg, w.device, w.amp_dtype, seed=cfg.train.seed))
+    metrics.update(
+        evaluate(
+            tr.wrapped,
+            w.val_loader,
+            epoch,
+            cfg,
+            w.device,
+            w.amp_dtype,
+            seed=cfg.train.seed,
+            cache=w.val_cache,
+        )
+    )
     return {
         "epoch": epoch,
         EPOCHS_DONE: epoch + 1,
