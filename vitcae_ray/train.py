@@ -137,13 +137,10 @@ def setup(loop_config: dict[str, Any]) -> Worker:
         else None
     )
     state = _latest_state(local_ckpts, device, rank)
-    # a streamed split carries no row index to key the cache by
-    cache = None if loop_config.get("stream") else PrefixCache(len(train_set), cfg.freeze.cache_mb)
-    val_cache = (
-        None
-        if loop_config.get("stream")
-        else PrefixCache(len(val_loader.dataset), cfg.freeze.cache_mb, readout=False)
-    )
+    cache = val_cache = None  # a streamed split carries no row index to key the caches by
+    if not loop_config.get("stream"):
+        cache = PrefixCache(len(train_set), cfg.freeze.cache_mb)
+        val_cache = PrefixCache(len(val_loader.dataset), cfg.freeze.cache_mb, readout=False)
     probe = torch.stack([val_set[i][0] for i in range(min(cfg.freeze.probe_size, len(val_set)))])
     probe_odd = (torch.arange(len(probe)) % 2 == 1)[rank::world].to(device)
     probe = probe[rank::world].to(device)
